@@ -74,7 +74,8 @@ class ModelCard:
         if isinstance(self.normalization, dict):
             self.normalization = Normalization(**self.normalization)
         if not self.colors:
-            self.colors = [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(len(self.classes))]
+            n = len(DEFAULT_COLORS)
+            self.colors = [DEFAULT_COLORS[i % n] for i in range(len(self.classes))]
         if len(self.colors) != len(self.classes):
             raise UserError(f"model card {self.name!r}: {len(self.colors)} colours for "
                             f"{len(self.classes)} classes")
