@@ -1,0 +1,104 @@
+"""`idgbr-geo refine` and `idgbr-geo batch`: thin wrappers over the engine and batch API."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ._common import user_errors
+
+
+def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter("give 1-based band numbers separated by commas, e.g. 1,2,3"
+                                 ) from None
+
+
+def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by refine and batch."""
+    opts = [
+        click.option("--model", "-m", default="buildings", show_default=True,
+                     help="Bundled model name (buildings, roads, landcover) or a model card path."),
+        click.option("--coarse-only", is_flag=True, help="Skip refinement: write the coarse map."),
+        click.option("--bands", callback=_bands, help="Input bands to use, e.g. 1,2,3."),
+        click.option("--tile-size", type=int, help="Window size in model pixels [card]."),
+        click.option("--overlap", type=int, help="Window overlap in model pixels [card]."),
+        click.option("--steps", type=int, help="Diffusion sampling steps [card]."),
+        click.option("--batch-size", type=int, default=4, show_default=True,
+                     help="Windows per forward pass."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Diffusion noise seed (same seed, same output, bit for bit)."),
+        click.option("--gsd", type=float,
+                     help="Input ground sample distance in metres (overrides the file)."),
+        click.option("--confidence", is_flag=True, help="Add a confidence band (max probability)."),
+        click.option("--cog", is_flag=True, help="Write Cloud-Optimized GeoTIFFs."),
+        click.option("--overwrite", is_flag=True, help="Replace existing outputs."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _show_warnings(quiet: bool) -> None:
+    """Warnings as one 'Warning: ...' line each (rasterio's own georeferencing one is ours)."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+    if quiet:
+        warnings.simplefilter("ignore")
+    warnings.showwarning = lambda msg, *a, **k: click.echo(f"Warning: {msg}", err=True)
+
+
+@click.command()
+@click.argument("input", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("output", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--coarse", type=click.Path(path_type=str),
+              help="Refine this coarse class raster (any model's) instead of running ours.")
+@click.option("--probabilities", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write per-class probabilities (uint8 0..255) to this GeoTIFF.")
+@engine_options
+@user_errors
+def refine(input: str, output: str, quiet: bool, **kwargs: Any) -> None:
+    """Refine INPUT (a GeoTIFF of any size) into a georeferenced class raster OUTPUT."""
+    from ..engine import refine_raster
+
+    _show_warnings(quiet)
+    summary = refine_raster(input, output, quiet=quiet, **kwargs)
+    if not quiet:
+        click.echo(summary.line(), err=True)
+
+
+@click.command()
+@click.argument("in_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--pattern", default="*.tif", show_default=True, help="Glob for input scenes.")
+@engine_options
+@user_errors
+def batch(in_dir: str, out_dir: str, pattern: str, quiet: bool, **kwargs: Any) -> None:
+    """Refine every raster in IN_DIR matching --pattern into OUT_DIR (same options as refine).
+
+    Existing outputs are skipped unless --overwrite. A failing scene does not stop the batch;
+    a JSON summary is written to OUT_DIR and the exit code is 1 if any scene failed.
+    """
+    from ..batch import run_batch
+
+    _show_warnings(quiet)
+    result = run_batch(in_dir, out_dir, pattern=pattern, quiet=quiet, **kwargs)
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(result.counts().items()))
+    if not quiet:
+        click.echo(f"{len(result.scenes)} scenes: {counts}; summary: {result.summary_path}",
+                   err=True)
+    for s in result.failed:
+        click.echo(f"Failed: {s.scene}: {s.error}", err=True)
+    if result.failed:
+        raise SystemExit(1)

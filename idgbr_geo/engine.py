@@ -1,0 +1,376 @@
+"""The raster engine: stream a scene of any size through segmentor and refiner.
+
+Reading (a background thread), the models (the calling thread, where torch releases the
+GIL) and blending + writing (a second background thread) overlap, so I/O hides behind the
+network. Outputs are written atomically: nothing appears under the output name unless the
+whole run succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from tqdm import tqdm
+
+from .errors import InputError, UserError
+from .files import atomic_output, check_output, temporary_path
+from .interfaces import Model
+from .registry import load_model
+from .stitching import RowStitcher, window_weights
+from .tiling import (
+    Source,
+    Tile,
+    clip,
+    model_extent,
+    open_coarse,
+    open_source,
+    plan_tiles,
+    read_tile,
+)
+from .writing import BLOCK, ResultWriter, to_cog
+
+_DONE = object()
+
+
+@dataclass
+class RefineSummary:
+    """What a run did; ``line()`` is the one-line summary the CLI prints."""
+
+    output: str
+    windows: int = 0
+    skipped: int = 0
+    refined: int = 0
+    seconds: float = 0.0
+    megapixels: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def mp_per_s(self) -> float:
+        return self.megapixels / self.seconds if self.seconds > 0 else float("nan")
+
+    def line(self) -> str:
+        return (f"{self.output}: {self.windows} windows, {self.skipped} skipped (nodata), "
+                f"{self.refined} refined, {self.megapixels:.2f} MP in {self.seconds:.1f} s "
+                f"({self.mp_per_s:.2f} MP/s)")
+
+
+@dataclass
+class _Item:
+    tile: Tile
+    data: np.ndarray  # raw pixels (bands, mh, mw), model grid
+    mask: np.ndarray  # (mh, mw) bool
+    coarse: np.ndarray | None  # (K, mh, mw) float32 probabilities from a user's map
+
+
+def _coarse_probs(ds: Any, tile: Tile, src: Source, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read a user's coarse map for a tile: one class-id band -> one-hot, or K probability
+    bands (uint8 0..255 or float 0..1). Returns (probabilities, valid)."""
+    win = clip(tile.window, src.width, src.height)
+    out = model_extent(tile, win, src.factor)
+    try:
+        if ds.count == 1:
+            ids = ds.read(1, window=win, out_shape=out, resampling=Resampling.nearest)
+            valid = ds.read_masks(1, window=win, out_shape=out) > 0
+            if np.issubdtype(ids.dtype, np.floating):
+                raise InputError("coarse map is a float raster; give class ids (integers) or "
+                                 f"{k} probability bands")
+            bad = valid & ((ids < 0) | (ids >= k))
+            if bad.any():
+                raise InputError(f"coarse map has class id {int(ids[bad].max())} but the model "
+                                 f"knows {k} classes (0..{k - 1})")
+            onehot = np.zeros((k, *out), np.float32)
+            idx = np.where(valid, ids, 0).astype(np.int64)
+            np.put_along_axis(onehot, idx[None], 1.0, axis=0)
+            return onehot, valid
+        if ds.count != k:
+            raise InputError(f"coarse map has {ds.count} bands: give 1 class-id band or {k} "
+                             "probability bands")
+        p = ds.read(window=win, out_shape=(k, *out), resampling=Resampling.bilinear)
+        valid = ds.dataset_mask(window=win, out_shape=out) > 0
+        p = p.astype(np.float32) / (255.0 if p.dtype == np.uint8 else 1.0)
+        return p, valid
+    except RasterioError as exc:
+        raise InputError(f"failed to read the coarse map: {exc}") from None
+
+
+def _reader(src: Source, tiles: Sequence[Tile], coarse_ds: Any, k: int,
+            out: queue.Queue, stop: threading.Event) -> None:
+    """Background reader: windows in order onto ``out``, then _DONE (or the exception)."""
+    try:
+        for tile in tiles:
+            if stop.is_set():
+                return
+            data, mask = read_tile(src, tile)
+            coarse = None
+            if coarse_ds is not None:
+                coarse, cvalid = _coarse_probs(coarse_ds, tile, src, k)
+                mask = mask & cvalid
+            out.put(_Item(tile, data, mask, coarse))
+        out.put(_DONE)
+    except BaseException as exc:  # forwarded to the consumer
+        out.put(exc)
+
+
+def _batches(q: queue.Queue, batch_size: int) -> Iterator[list[_Item]]:
+    """Group consecutive same-shape items into batches."""
+    batch: list[_Item] = []
+    while True:
+        item = q.get()
+        if item is _DONE:
+            break
+        if isinstance(item, BaseException):
+            raise item
+        if batch and (len(batch) >= batch_size or item.tile.model_size != batch[0].tile.model_size):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def _has_boundary(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per window: does the coarse map hold more than one class over valid pixels?"""
+    ids = probs.argmax(1)
+    big = torch.iinfo(ids.dtype).max
+    lo = torch.where(valid, ids, big).flatten(1).amin(1)
+    hi = torch.where(valid, ids, -1).flatten(1).amax(1)
+    return hi > lo
+
+
+class _Writer(threading.Thread):
+    """Background blending + writing of finished row strips."""
+
+    def __init__(self, stitcher: RowStitcher, src: Source, overlap_px: float) -> None:
+        super().__init__(daemon=True)
+        self.q: queue.Queue = queue.Queue(maxsize=8)
+        self.stitcher, self.src, self.overlap_px = stitcher, src, overlap_px
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        row = -1
+        try:
+            while True:
+                item = self.q.get()
+                if item is _DONE:
+                    break
+                tile, probs, valid = item
+                win = clip(tile.window, self.src.width, self.src.height)
+                if tile.row != row:
+                    self.stitcher.finish_before(int(win.row_off))
+                    row = tile.row
+                if probs is None:
+                    continue
+                r0, c0, h, w = int(win.row_off), int(win.col_off), int(win.height), int(win.width)
+                weight = window_weights(r0, c0, h, w, self.src.height, self.src.width,
+                                        self.overlap_px)
+                self.stitcher.add(r0, c0, probs, weight, valid)
+            self.stitcher.close()
+        except BaseException as exc:
+            self.error = exc
+
+    def put(self, item: Any) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+
+def _to_input_grid(probs: torch.Tensor, mh: int, mw: int, h: int, w: int) -> torch.Tensor:
+    """Crop network output to the valid part and resample it onto the input window."""
+    p = probs[:, :, :mh, :mw]
+    if (mh, mw) != (h, w):
+        p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+    return p
+
+
+def refine_raster(
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str] | Model = "buildings",
+    coarse: str | os.PathLike[str] | None = None,
+    coarse_only: bool = False,
+    bands: Sequence[int] | None = None,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    steps: int | None = None,
+    batch_size: int = 4,
+    device: str = "auto",
+    seed: int = 0,
+    gsd: float | None = None,
+    probabilities: str | os.PathLike[str] | None = None,
+    probabilities_dtype: str = "uint8",
+    confidence: bool = False,
+    cog: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> RefineSummary:
+    """Refine a scene: coarse segmentation (or a user's coarse map), diffusion refinement of
+    windows that hold a boundary, seamless stitching, georeferenced class raster output.
+
+    ``probabilities_dtype="float32"`` writes unquantised probabilities (Python API only).
+    """
+    start = time.perf_counter()
+    out_path = check_output(output, overwrite)
+    prob_path = check_output(probabilities, overwrite) if probabilities else None
+    if prob_path is not None and prob_path.resolve() == out_path.resolve():
+        raise UserError("--probabilities must name a different file than the output")
+    m = model if isinstance(model, Model) else load_model(model, device)
+    card = m.card
+    tile_size = tile_size or card.tile_size
+    overlap = card.overlap if overlap is None else overlap
+    steps = card.steps if steps is None else steps
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if coarse is None and m.segmentor is None:
+        raise UserError(f"model {card.name!r} has no segmentor: give a coarse map with --coarse")
+    use_refiner = not coarse_only and m.refiner is not None and steps > 0
+    src = open_source(input, model_bands=card.bands, bands=bands, model_gsd=card.gsd, gsd=gsd)
+    with contextlib.ExitStack() as stack:
+        stack.callback(src.ds.close)
+        coarse_ds = None
+        if coarse is not None:
+            coarse_ds = open_coarse(coarse, src.ds)
+            stack.callback(coarse_ds.close)
+        tiles = plan_tiles(src.width, src.height, tile_size=tile_size, overlap=overlap,
+                           factor=src.factor, multiple=card.stride_multiple)
+        summary = RefineSummary(output=str(out_path), windows=len(tiles),
+                                megapixels=src.width * src.height / 1e6,
+                                warnings=list(src.warnings))
+        main_tmp = stack.enter_context(atomic_output(out_path, overwrite))
+        prob_tmp = stack.enter_context(atomic_output(prob_path, overwrite)) if prob_path else None
+        write_main = temporary_path(out_path) if cog else main_tmp
+        write_prob = (temporary_path(prob_path) if cog and prob_tmp else prob_tmp)
+        try:
+            _run(src, m, tiles, coarse_ds, summary, write_main, write_prob,
+                 use_refiner=use_refiner, steps=steps, seed=seed, batch_size=batch_size,
+                 overlap=overlap, confidence=confidence, quiet=quiet,
+                 prob_dtype=probabilities_dtype,
+                 tags={"IDGBR_MODEL": card.name, "IDGBR_STEPS": steps if use_refiner else 0,
+                       "IDGBR_SEED": seed})
+            if cog:
+                to_cog(write_main, main_tmp, categorical=True)
+                if write_prob is not None:
+                    to_cog(write_prob, prob_tmp, categorical=False)
+        finally:
+            if cog:
+                for p in (write_main, write_prob):
+                    if p is not None and Path(p).exists():
+                        Path(p).unlink()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: RefineSummary,
+         out_path: Path, prob_path: Path | None, *, use_refiner: bool, steps: int, seed: int,
+         batch_size: int, overlap: int, confidence: bool, quiet: bool, prob_dtype: str,
+         tags: dict[str, Any]) -> None:
+    card = m.card
+    k = card.num_classes
+    writer_out = ResultWriter(out_path, src.ds, card.classes, card.colors,
+                              confidence=confidence, probabilities=prob_path,
+                              prob_dtype=prob_dtype, tags=tags)
+    tile_rows_in = math.ceil(max(t.window.height for t in tiles))
+    stitcher = RowStitcher(src.width, src.height, k, capacity=tile_rows_in + 2 * BLOCK,
+                           block=BLOCK, flush=writer_out.write)
+    writer = _Writer(stitcher, src, overlap * src.factor)
+    writer.start()
+    q: queue.Queue = queue.Queue(maxsize=max(4, 2 * batch_size))
+    stop = threading.Event()
+    reader = threading.Thread(target=_reader, args=(src, tiles, coarse_ds, k, q, stop),
+                              daemon=True)
+    reader.start()
+    bar = tqdm(total=len(tiles), unit="win", disable=quiet, desc=Path(src.path).name,
+               leave=False)
+    try:
+        with torch.inference_mode():
+            for batch in _batches(q, batch_size):
+                _process(batch, m, src, writer, summary, use_refiner=use_refiner, steps=steps,
+                         seed=seed)
+                bar.update(len(batch))
+        writer.put(_DONE)
+        writer.join()
+        if writer.error is not None:
+            raise writer.error
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        bar.close()
+        while reader.is_alive():  # drain so the reader can finish and release the file
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        writer_out.close()
+
+
+def _process(batch: list[_Item], m: Model, src: Source, writer: _Writer, summary: RefineSummary,
+             *, use_refiner: bool, steps: int, seed: int) -> None:
+    """Run one batch of same-shape windows through the models and hand results to the writer."""
+    card, dev = m.card, m.device
+    live = [it for it in batch if it.mask.any()]
+    summary.skipped += len(batch) - len(live)
+    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if live:
+        th, tw = live[0].tile.model_size
+        img = np.zeros((len(live), card.bands, th, tw), np.float32)
+        valid = np.zeros((len(live), th, tw), bool)
+        inside = np.zeros((len(live), 1, th, tw), np.float32)  # 0 where a window overhangs
+        for i, it in enumerate(live):
+            mh, mw = it.mask.shape
+            x = card.normalization.apply(it.data, src.dtype)
+            x[:, ~it.mask] = 0.0
+            img[i, :, :mh, :mw] = x
+            valid[i, :mh, :mw] = it.mask
+            inside[i, :, :mh, :mw] = 1.0
+        image = torch.from_numpy(img).to(dev)
+        if live[0].coarse is not None:
+            cp = np.zeros((len(live), card.num_classes, th, tw), np.float32)
+            for i, it in enumerate(live):
+                cp[i, :, : it.mask.shape[0], : it.mask.shape[1]] = it.coarse
+            probs = torch.from_numpy(cp).to(dev)
+        else:
+            probs = m.segmentor.predict(image).float()
+        if use_refiner:
+            need = _has_boundary(probs, torch.from_numpy(valid).to(dev))
+            idx = need.nonzero().flatten().tolist()
+            if idx:
+                sel = torch.tensor(idx, device=dev)
+                # outside the raster the refiner sees zeros, as for the image
+                guide = probs[sel] * torch.from_numpy(inside).to(dev)[sel]
+                refined = m.refiner.refine(image[sel], guide, steps=steps, seed=seed,
+                                           origins=[live[i].tile.origin for i in idx]).float()
+                probs = probs.clone()
+                probs[sel] = refined
+                summary.refined += len(idx)
+        for i, it in enumerate(live):
+            win = clip(it.tile.window, src.width, src.height)
+            mh, mw = it.mask.shape
+            p = _to_input_grid(probs[i:i + 1], mh, mw, int(win.height), int(win.width))[0]
+            v = it.mask
+            if v.shape != p.shape[1:]:
+                vt = torch.from_numpy(v[None, None].astype(np.float32))
+                v = F.interpolate(vt, size=p.shape[1:], mode="nearest")[0, 0].numpy() > 0.5
+            results[it.tile.index] = (p.cpu().numpy(), v)
+    for it in batch:
+        probs_np, v = results.get(it.tile.index, (None, None))
+        writer.put((it.tile, probs_np, v))

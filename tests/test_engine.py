@@ -1,0 +1,211 @@
+"""The raster engine: seamless stitching, GSD, nodata, outputs, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from synth import conv_model, synthetic_scene, write_raster
+
+from idgbr_geo.engine import refine_raster
+from idgbr_geo.registry import load_model
+
+
+def whole_image(model_path, data: np.ndarray, valid: np.ndarray | None = None, *,
+                refine: bool = False, steps: int = 2, seed: int = 0) -> np.ndarray:
+    """Reference: the model run once on the whole (normalised) image."""
+    m = load_model(model_path, "cpu")
+    x = m.card.normalization.apply(data, data.dtype)
+    if valid is not None:
+        x[:, ~valid] = 0
+    img = torch.from_numpy(x)[None]
+    with torch.inference_mode():
+        p = m.segmentor.predict(img)
+        if refine:
+            p = m.refiner.refine(img, p, steps=steps, seed=seed, origins=[(0, 0)])
+    return p[0].numpy()
+
+
+def read_probs(path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read()
+
+
+@pytest.mark.parametrize("shape", [(150, 170), (64, 64), (203, 97), (40, 300)])
+def test_stitched_equals_whole_image_coarse(tmp_path, shape):
+    model = conv_model(tmp_path / "m", kernel=9, tile_size=80, overlap=32)
+    data = synthetic_scene(*shape, seed=shape[0])
+    src = write_raster(tmp_path / "in.tif", data)
+    refine_raster(src, tmp_path / "out.tif", model=model, coarse_only=True,
+                  probabilities=tmp_path / "p.tif", probabilities_dtype="float32", quiet=True,
+                  device="cpu")
+    got = read_probs(tmp_path / "p.tif")
+    ref = whole_image(model, data)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    with rasterio.open(tmp_path / "out.tif") as ds:
+        assert (ds.read(1) == ref.argmax(0)).mean() > 0.999  # ties aside
+
+
+def test_stitched_equals_whole_image_with_refiner(tmp_path):
+    model = conv_model(tmp_path / "m", kernel=7, tile_size=80, overlap=32)
+    data = synthetic_scene(181, 149, seed=3)
+    data[:, ::16, :] = 250  # stripes: every window holds a boundary, so all are refined
+    src = write_raster(tmp_path / "in.tif", data)
+    summary = refine_raster(src, tmp_path / "out.tif", model=model, steps=2, seed=7,
+                            probabilities=tmp_path / "p.tif", probabilities_dtype="float32",
+                            quiet=True, device="cpu")
+    assert summary.refined == summary.windows > 1
+    ref = whole_image(model, data, refine=True, steps=2, seed=7)
+    np.testing.assert_allclose(read_probs(tmp_path / "p.tif"), ref, atol=1e-5, rtol=0)
+
+
+def test_same_seed_same_output_bit_for_bit(tmp_path, toy_model, scene):
+    outs = []
+    for i, seed in enumerate([1, 1, 2]):
+        out = tmp_path / f"o{i}.tif"
+        refine_raster(scene, out, model=toy_model, seed=seed, probabilities=tmp_path / f"p{i}.tif",
+                      quiet=True, device="cpu")
+        outs.append(read_probs(tmp_path / f"p{i}.tif"))
+    assert np.array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], outs[2])
+
+
+def test_output_is_georeferenced_with_classes_and_colours(tmp_path, toy_model, scene):
+    out = tmp_path / "out.tif"
+    refine_raster(scene, out, model=toy_model, confidence=True, quiet=True, device="cpu")
+    with rasterio.open(scene) as a, rasterio.open(out) as b:
+        assert b.crs == a.crs and b.transform == a.transform
+        assert (b.width, b.height) == (a.width, a.height)
+        assert b.count == 2 and b.dtypes == ("uint8", "uint8")
+        assert b.nodata == 255
+        assert b.profile["tiled"] and b.compression is not None
+        assert json.loads(b.tags()["IDGBR_CLASSES"]) == ["background", "building"]
+        assert b.colormap(1)[1][:3] != b.colormap(1)[0][:3]
+        assert b.descriptions[1] == "confidence"
+        conf = b.read(2)
+        assert conf.min() >= 127  # max of two probabilities is >= 0.5
+
+
+def test_cog_output(tmp_path, toy_model):
+    src = write_raster(tmp_path / "big.tif", synthetic_scene(700, 650))
+    out = tmp_path / "cog.tif"
+    refine_raster(src, out, model=toy_model, cog=True, probabilities=tmp_path / "p.tif",
+                  quiet=True, device="cpu")
+    with rasterio.open(out) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert ds.overviews(1)
+        assert ds.colormap(1)[1][:3] != (0, 0, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif", "cog.tif", "model", "p.tif"]
+
+
+def test_nodata_is_respected_and_nodata_windows_skipped(tmp_path, toy_model):
+    data = synthetic_scene(200, 200)
+    data[:, :, 100:] = 0
+    src = write_raster(tmp_path / "in.tif", data, nodata=0)
+    out = tmp_path / "out.tif"
+    s = refine_raster(src, out, model=toy_model, quiet=True, device="cpu")
+    assert s.skipped > 0
+    with rasterio.open(out) as ds:
+        ids = ds.read(1)
+    assert (ids[:, 100:] == 255).all()
+    assert (ids[:, :90] != 255).all()
+
+
+def test_internal_mask_is_respected(tmp_path, toy_model):
+    path = write_raster(tmp_path / "in.tif", synthetic_scene(100, 120))
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as ds:
+        mask = np.full((100, 120), 255, np.uint8)
+        mask[:30] = 0
+        ds.write_mask(mask)
+    refine_raster(path, tmp_path / "out.tif", model=toy_model, quiet=True, device="cpu")
+    with rasterio.open(tmp_path / "out.tif") as ds:
+        ids = ds.read(1)
+    assert (ids[:30] == 255).all() and (ids[30:] != 255).all()
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_other_dtypes_are_normalised_like_uint8(tmp_path, dtype):
+    model = conv_model(tmp_path / "m", refiner=False)
+    base = synthetic_scene(90, 90)
+    conv = base.astype(np.float64) / 255.0
+    data = (conv * 65535).round().astype(np.uint16) if dtype == np.uint16 else conv.astype(dtype)
+    for name, arr in (("a", base), ("b", data)):
+        refine_raster(write_raster(tmp_path / f"{name}.tif", arr), tmp_path / f"{name}_o.tif",
+                      model=model, probabilities=tmp_path / f"{name}_p.tif",
+                      probabilities_dtype="float32", quiet=True, device="cpu")
+    np.testing.assert_allclose(read_probs(tmp_path / "a_p.tif"), read_probs(tmp_path / "b_p.tif"),
+                               atol=1e-4)
+
+
+def test_band_selection(tmp_path):
+    model = conv_model(tmp_path / "m", refiner=False)
+    rgb = synthetic_scene(80, 80)
+    five = np.concatenate([np.zeros((1, 80, 80), np.uint8), rgb[::-1], rgb[:1]])
+    write_raster(tmp_path / "rgb.tif", rgb)
+    write_raster(tmp_path / "five.tif", five)
+    kw = dict(model=model, probabilities_dtype="float32", quiet=True, device="cpu")
+    refine_raster(tmp_path / "rgb.tif", tmp_path / "a.tif", probabilities=tmp_path / "pa.tif", **kw)
+    refine_raster(tmp_path / "five.tif", tmp_path / "b.tif", probabilities=tmp_path / "pb.tif",
+                  bands=[4, 3, 2], **kw)
+    np.testing.assert_array_equal(read_probs(tmp_path / "pa.tif"), read_probs(tmp_path / "pb.tif"))
+
+
+def test_gsd_resampling_writes_on_input_grid(tmp_path):
+    model = conv_model(tmp_path / "m", gsd=0.6, refiner=False)
+    low = np.full((3, 60, 70), 60, np.uint8)  # piecewise-constant scene at 0.6 m
+    low[:, 10:30, 5:25] = 200
+    low[:, 35:55, 30:62] = 140
+    data = np.kron(low, np.ones((1, 2, 2), np.uint8))  # the same scene at 0.3 m
+    fine = write_raster(tmp_path / "fine.tif", data, res=0.3)
+    coarse = write_raster(tmp_path / "coarse.tif", data[:, ::2, ::2], res=0.6)
+    kw = dict(model=model, coarse_only=True, quiet=True, device="cpu",
+              probabilities_dtype="float32")
+    refine_raster(fine, tmp_path / "f.tif", probabilities=tmp_path / "fp.tif", **kw)
+    refine_raster(coarse, tmp_path / "c.tif", probabilities=tmp_path / "cp.tif", **kw)
+    with rasterio.open(tmp_path / "f.tif") as f:
+        assert (f.width, f.height) == (140, 120) and f.transform.a == pytest.approx(0.3)
+    # the resampled run agrees with the native-GSD run, upsampled (interior, away from edges)
+    a = read_probs(tmp_path / "fp.tif")[1, 4:-4, 4:-4]
+    b = np.kron(read_probs(tmp_path / "cp.tif")[1], np.ones((2, 2)))[4:-4, 4:-4]
+    assert np.abs(a - b).mean() < 0.05, np.abs(a - b).mean()
+    # --gsd overrides what the file says: claiming 0.6 m means no resampling
+    refine_raster(fine, tmp_path / "g.tif", gsd=0.6, **kw)
+    with rasterio.open(tmp_path / "g.tif") as g:
+        assert g.width == 140
+
+
+def test_user_coarse_map_is_refined(tmp_path, toy_model, scene):
+    with rasterio.open(scene) as ds:
+        prof = ds.profile
+    coarse = np.zeros((prof["height"], prof["width"]), np.uint8)
+    coarse[40:90, 30:120] = 1
+    cpath = write_raster(tmp_path / "coarse.tif", coarse)
+    out = tmp_path / "out.tif"
+    s = refine_raster(scene, out, model=toy_model, coarse=cpath, quiet=True, device="cpu")
+    assert s.refined > 0
+    # coarse only with a user map reproduces it exactly
+    refine_raster(scene, tmp_path / "same.tif", model=toy_model, coarse=cpath, coarse_only=True,
+                  quiet=True, device="cpu")
+    with rasterio.open(tmp_path / "same.tif") as ds:
+        np.testing.assert_array_equal(ds.read(1), coarse)
+
+
+def test_windows_without_boundary_keep_coarse(tmp_path):
+    model = conv_model(tmp_path / "m", kernel=1)  # no border effects on a flat image
+    data = np.full((3, 128, 128), 60, np.uint8)
+    src = write_raster(tmp_path / "flat.tif", data)
+    s = refine_raster(src, tmp_path / "o.tif", model=model, quiet=True, device="cpu")
+    assert s.refined == 0 and s.windows > 1
+
+
+def test_no_crs_warns_and_continues(tmp_path, toy_model):
+    src = write_raster(tmp_path / "nocrs.tif", synthetic_scene(70, 70), crs=None)
+    with pytest.warns(UserWarning, match="no CRS"):
+        s = refine_raster(src, tmp_path / "o.tif", model=toy_model, quiet=True, device="cpu")
+    assert s.windows >= 1
+    with rasterio.open(tmp_path / "o.tif") as ds:
+        assert ds.crs is None and ds.width == 70
