@@ -96,7 +96,7 @@ def run_batch(in_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     m = model if isinstance(model, Model) else load_model(model, device)
     kwargs = dict(refine_kwargs, overwrite=overwrite, quiet=True)
     result = BatchSummary()
-    for scene in tqdm(scenes, unit="scene", disable=quiet, desc="scenes"):
+    for scene in tqdm(scenes, unit="scene", disable=True if quiet else None, desc="scenes"):
         target = output_for(scene, out)
         if target.exists() and not overwrite:
             result.scenes.append(SceneResult(str(scene), str(target), "skipped"))

@@ -298,8 +298,8 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
     reader = threading.Thread(target=_reader, args=(src, tiles, coarse_ds, k, q, stop),
                               daemon=True)
     reader.start()
-    bar = tqdm(total=len(tiles), unit="win", disable=quiet, desc=Path(src.path).name,
-               leave=False)
+    bar = tqdm(total=len(tiles), unit="win", disable=True if quiet else None,
+               desc=Path(src.path).name, leave=False)
     try:
         with torch.inference_mode():
             for batch in _batches(q, batch_size):

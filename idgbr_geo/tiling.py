@@ -44,7 +44,12 @@ def open_raster(path: str | os.PathLike[str], what: str = "input") -> rasterio.D
 
 
 def _short(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    """First line of an error, preferring GDAL's own cause over rasterio's wrapper text."""
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and "previous exception" in str(exc):
+        exc = cause
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def ground_gsd(ds: rasterio.DatasetReader) -> float | None:

@@ -1,0 +1,167 @@
+"""`idgbr-geo refine` / `batch` from the command line, including every user error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+from synth import synthetic_scene, write_raster
+
+from idgbr_geo.cli import main
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    """Run the real console entry point in a subprocess (stderr separated)."""
+    p = subprocess.run([sys.executable, "-c", "from idgbr_geo.cli import main; main()", *args],
+                       capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_refine_cli_writes_output_and_summary(tmp_path, toy_model, scene):
+    out = tmp_path / "out.tif"
+    code, _, err = run("refine", str(scene), str(out), "--model", str(toy_model),
+                       "--probabilities", str(tmp_path / "p.tif"), "--confidence", "--seed", "3")
+    assert code == 0, err
+    assert "windows" in err and "refined" in err and "MP/s" in err
+    with rasterio.open(out) as ds:
+        assert ds.count == 2
+    with rasterio.open(tmp_path / "p.tif") as ds:
+        assert ds.count == 2 and ds.descriptions == ("background", "building")
+
+
+def _assert_clean_error(code: int, err: str, tmp_path: Path, must: str) -> None:
+    assert code != 0
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert must.lower() in lines[0].lower(), lines[0]
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") or p.name == "out.tif"]
+
+
+def test_missing_input(tmp_path, toy_model):
+    code, _, err = run("refine", str(tmp_path / "nope.tif"), str(tmp_path / "out.tif"),
+                       "--model", str(toy_model))
+    _assert_clean_error(code, err, tmp_path, "does not exist")
+
+
+def test_not_a_raster(tmp_path, toy_model):
+    bad = tmp_path / "notes.tif"
+    bad.write_text("this is not a GeoTIFF")
+    code, _, err = run("refine", str(bad), str(tmp_path / "out.tif"), "--model", str(toy_model))
+    _assert_clean_error(code, err, tmp_path, "not a readable raster")
+
+
+def test_truncated_tiff(tmp_path, toy_model):
+    good = write_raster(tmp_path / "good.tif", synthetic_scene(300, 300), tiled=True,
+                        blockxsize=64, blockysize=64, compress="deflate")
+    data = good.read_bytes()
+    bad = tmp_path / "trunc.tif"
+    bad.write_bytes(data[: len(data) // 2])
+    code, _, err = run("refine", str(bad), str(tmp_path / "out.tif"), "--model", str(toy_model))
+    _assert_clean_error(code, err, tmp_path, "trunc.tif")
+
+
+def test_wrong_band_count(tmp_path, toy_model):
+    one = write_raster(tmp_path / "one.tif", synthetic_scene(50, 50, bands=1))
+    code, _, err = run("refine", str(one), str(tmp_path / "out.tif"), "--model", str(toy_model))
+    _assert_clean_error(code, err, tmp_path, "band")
+    code, _, err = run("refine", str(one), str(tmp_path / "out.tif"), "--model", str(toy_model),
+                       "--bands", "1,2,3")
+    _assert_clean_error(code, err, tmp_path, "--bands")
+
+
+def test_missing_crs_warns_and_continues(tmp_path, toy_model):
+    src = write_raster(tmp_path / "nocrs.tif", synthetic_scene(60, 60), crs=None)
+    code, _, err = run("refine", str(src), str(tmp_path / "out.tif"), "--model", str(toy_model))
+    assert code == 0, err
+    assert "Warning:" in err and "no CRS" in err and "Traceback" not in err
+    assert (tmp_path / "out.tif").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path, toy_model, scene):
+    out = tmp_path / "out.tif"
+    out.write_bytes(b"precious")
+    code, _, err = run("refine", str(scene), str(out), "--model", str(toy_model))
+    assert code != 0 and "already exists" in err and "Traceback" not in err
+    assert out.read_bytes() == b"precious"
+    code, _, err = run("refine", str(scene), str(out), "--model", str(toy_model), "--overwrite")
+    assert code == 0, err
+    with rasterio.open(out) as ds:
+        assert ds.count == 1
+
+
+def test_output_folder_missing(tmp_path, toy_model, scene):
+    code, _, err = run("refine", str(scene), str(tmp_path / "nowhere" / "out.tif"),
+                       "--model", str(toy_model))
+    assert code != 0 and "does not exist" in err and "Traceback" not in err
+
+
+def test_window_not_larger_than_twice_overlap(tmp_path, toy_model, scene):
+    code, _, err = run("refine", str(scene), str(tmp_path / "out.tif"), "--model", str(toy_model),
+                       "--tile-size", "64", "--overlap", "32")
+    _assert_clean_error(code, err, tmp_path, "twice the overlap")
+
+
+def test_unknown_model(tmp_path, scene):
+    code, _, err = run("refine", str(scene), str(tmp_path / "out.tif"), "--model", "nosuchmodel")
+    _assert_clean_error(code, err, tmp_path, "unknown model")
+
+
+def test_failed_run_leaves_no_output(tmp_path, toy_model, monkeypatch):
+    """A crash in the middle of writing leaves neither the output nor a temporary file."""
+    import idgbr_geo.writing as writing
+    from idgbr_geo.engine import refine_raster
+
+    src = write_raster(tmp_path / "in.tif", synthetic_scene(400, 400))
+    calls = {"n": 0}
+    orig = writing.ResultWriter.write
+
+    def boom(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk on fire")
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(writing.ResultWriter, "write", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        refine_raster(src, tmp_path / "out.tif", model=toy_model, quiet=True, device="cpu",
+                      probabilities=tmp_path / "p.tif")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "model"]
+
+
+def test_batch_skips_existing_and_survives_failures(tmp_path, toy_model):
+    ind, outd = tmp_path / "in", tmp_path / "out"
+    ind.mkdir()
+    outd.mkdir()
+    for i in range(3):
+        write_raster(ind / f"s{i}.tif", synthetic_scene(70, 90, seed=i))
+    (ind / "broken.tif").write_text("not a raster")
+    (outd / "s0.tif").write_bytes(b"existing")
+    runner = CliRunner()
+    res = runner.invoke(main, ["batch", str(ind), str(outd), "--model", str(toy_model), "-q"])
+    assert res.exit_code == 1
+    summary = json.loads((outd / "idgbr_batch_summary.json").read_text())
+    status = {Path(s["scene"]).name: s["status"] for s in summary["scenes"]}
+    assert status == {"broken.tif": "failed", "s0.tif": "skipped", "s1.tif": "done",
+                      "s2.tif": "done"}
+    err = {Path(s["scene"]).name: s["error"] for s in summary["scenes"]}
+    assert "not a readable raster" in err["broken.tif"]
+    assert (outd / "s0.tif").read_bytes() == b"existing"
+    # batch output equals a single refine of the same scene
+    single = tmp_path / "single.tif"
+    runner.invoke(main, ["refine", str(ind / "s1.tif"), str(single), "--model", str(toy_model),
+                         "-q"])
+    with rasterio.open(single) as a, rasterio.open(outd / "s1.tif") as b:
+        assert np.array_equal(a.read(), b.read())
+    # --overwrite redoes the existing one
+    res = runner.invoke(main, ["batch", str(ind), str(outd), "--model", str(toy_model), "-q",
+                               "--overwrite", "--pattern", "s*.tif"])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(outd / "s0.tif") as ds:
+        assert ds.count == 1
