@@ -1,0 +1,174 @@
+"""Engine benchmark: end-to-end MP/s and peak RSS at ~4 MP and ~64 MP, vs the bare model.
+
+    python benchmarks/engine.py [--model buildings] [--sizes 2048,8192] [--threads 2]
+
+For each generated scene and mode (``--coarse-only`` and full refine) a fresh subprocess runs
+``refine_raster`` and reports its wall time and peak RSS (so runs do not share memory
+high-water marks). The bare model throughput runs the same model on the same windows held
+in memory (no reading, blending or writing), with the same refine-only-where-a-boundary-is
+decision, and is extrapolated from a sample of windows to the whole scene.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+
+def make_scene(path: Path, size: int, seed: int = 0, block: int = 512) -> None:
+    """A city-like RGB uint8 GeoTIFF (roofs, roads, vegetation, noise), written block by block."""
+    profile = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8",
+                   crs="EPSG:32633", transform=from_origin(500000, 4000000, 0.3, 0.3),
+                   tiled=True, blockxsize=512, blockysize=512, compress="deflate")
+    with rasterio.open(path, "w", **profile) as dst:
+        for r in range(0, size, block):
+            for c in range(0, size, block):
+                h, w = min(block, size - r), min(block, size - c)
+                rng = np.random.default_rng((seed, r, c))
+                img = np.empty((3, h, w), np.float32)
+                img[:] = rng.normal(90, 12, size=(3, 1, 1))
+                img += rng.normal(0, 8, size=(3, h, w))
+                yy, xx = np.mgrid[r:r + h, c:c + w]
+                road = ((yy % 240) < 14) | ((xx % 300) < 12)
+                img[:, road] = 120
+                for _ in range(rng.integers(8, 20)):
+                    y0, x0 = rng.integers(0, h), rng.integers(0, w)
+                    bh, bw = rng.integers(12, 60, size=2)
+                    img[:, y0:y0 + bh, x0:x0 + bw] = rng.integers(140, 240, size=(3, 1, 1))
+                dst.write(np.clip(img, 0, 255).astype(np.uint8), window=Window(c, r, w, h))
+
+
+def _child(args: argparse.Namespace) -> None:
+    """Run one refine in this (fresh) process and print wall time and peak RSS as JSON."""
+    import torch
+
+    from idgbr_geo.engine import refine_raster
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    s = refine_raster(args.input, args.output, model=args.model, coarse_only=args.coarse_only,
+                      overwrite=True, quiet=True, device=args.device, batch_size=args.batch_size)
+    wall = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    print(json.dumps({"seconds": wall, "rss_mb": rss, "windows": s.windows, "refined": s.refined,
+                      "skipped": s.skipped, "mp": s.megapixels}))
+
+
+def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, device: str,
+               batch_size: int, sample: int = 48) -> float:
+    """Seconds the model alone would need for all windows of the scene (sampled)."""
+    import torch
+
+    from idgbr_geo.engine import _has_boundary
+    from idgbr_geo.registry import load_model
+    from idgbr_geo.tiling import open_source, plan_tiles, read_tile
+
+    torch.set_num_threads(threads)
+    m = load_model(model_name, device)
+    card = m.card
+    src = open_source(path, model_bands=card.bands, bands=None, model_gsd=card.gsd)
+    tiles = plan_tiles(src.width, src.height, tile_size=card.tile_size, overlap=card.overlap,
+                       factor=src.factor, multiple=card.stride_multiple)
+    rng = np.random.default_rng(0)
+    chosen = sorted(rng.choice(len(tiles), size=min(sample, len(tiles)), replace=False))
+    shape = tiles[0].model_size
+    chosen = [i for i in chosen if tiles[i].model_size == shape]
+    batches = []
+    for i in range(0, len(chosen), batch_size):
+        group = [tiles[j] for j in chosen[i:i + batch_size]]
+        x = np.zeros((len(group), card.bands, *shape), np.float32)
+        for b, t in enumerate(group):
+            data, _ = read_tile(src, t)
+            x[b, :, :data.shape[1], :data.shape[2]] = card.normalization.apply(data, src.dtype)
+        batches.append((torch.from_numpy(x).to(m.device), [t.origin for t in group]))
+    src.ds.close()
+    with torch.inference_mode():
+        m.segmentor.predict(batches[0][0][:1])  # warm-up
+        t0 = time.perf_counter()
+        for x, origins in batches:
+            p = m.segmentor.predict(x)
+            if not coarse_only and m.refiner is not None:
+                need = _has_boundary(p, torch.ones_like(p[:, 0], dtype=torch.bool))
+                idx = need.nonzero().flatten()
+                if len(idx):
+                    m.refiner.refine(x[idx], p[idx], steps=card.steps, seed=0,
+                                     origins=[origins[i] for i in idx.tolist()])
+            if m.device.type == "cuda":
+                torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+    return elapsed / len(chosen) * len(tiles)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="buildings")
+    ap.add_argument("--sizes", default="2048,8192", help="scene sides in pixels (4.2 and 67 MP)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--input", help=argparse.SUPPRESS)
+    ap.add_argument("--output", help=argparse.SUPPRESS)
+    ap.add_argument("--coarse-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child(args)
+        return
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="idgbr-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        scene = work / f"scene_{size}.tif"
+        if not scene.exists():
+            t0 = time.perf_counter()
+            make_scene(scene, size)
+            print(f"generated {scene} ({size * size / 1e6:.1f} MP) in "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        for coarse_only in (True, False):
+            cmd = [sys.executable, __file__, "--child", "--input", str(scene), "--output",
+                   str(work / f"out_{size}.tif"), "--model", args.model, "--threads",
+                   str(args.threads), "--device", args.device, "--batch-size",
+                   str(args.batch_size)] + (["--coarse-only"] if coarse_only else [])
+            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                            env=dict(os.environ, PYTHONWARNINGS="ignore")
+                                            ).stdout.strip().splitlines()[-1])
+            bare = bare_model(scene, args.model, coarse_only, args.threads, args.device,
+                              args.batch_size)
+            mp = res["mp"]
+            rows.append({"MP": mp, "mode": "coarse-only" if coarse_only else "refine",
+                         "windows": res["windows"], "refined": res["refined"],
+                         "seconds": res["seconds"], "MP/s": mp / res["seconds"],
+                         "bare MP/s": mp / bare, "efficiency": bare / res["seconds"],
+                         "peak RSS MB": res["rss_mb"]})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    print(f"\nmodel {args.model}, {args.threads} threads, device {args.device}, "
+          f"batch {args.batch_size}\n")
+    print("| scene MP | mode | windows | refined | s | MP/s | bare model MP/s | end-to-end / bare "
+          "| peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['MP']:.1f} | {r['mode']} | {r['windows']} | {r['refined']} | "
+              f"{r['seconds']:.1f} | {r['MP/s']:.2f} | {r['bare MP/s']:.2f} | "
+              f"{r['efficiency']:.0%} | {r['peak RSS MB']:.0f} |")
+    for mode in ("coarse-only", "refine"):
+        sel = [r for r in rows if r["mode"] == mode]
+        if len(sel) >= 2:
+            print(f"\n{mode}: peak RSS ratio largest/smallest scene = "
+                  f"{sel[-1]['peak RSS MB'] / sel[0]['peak RSS MB']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
