@@ -136,7 +136,8 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
         src = Source(ds=ds, path=os.fspath(path), bands=chosen, gsd=gsd or ground_gsd(ds))
         if ds.crs is None:
             msg = (f"{src.path} has no CRS: continuing in pixel space (the output has no CRS "
-                   "either)")
+                   "either" + (", and its GSD is assumed to be the model's; set --gsd)"
+                               if gsd is None else ")"))
             src.warnings.append(msg)
             warnings.warn(msg, NoCRSWarning, stacklevel=2)
         if model_gsd and src.gsd:
