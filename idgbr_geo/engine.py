@@ -220,12 +220,17 @@ def refine_raster(
     probabilities_dtype: str = "uint8",
     confidence: bool = False,
     cog: bool = False,
+    vector: str | os.PathLike[str] | None = None,
+    vector_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     quiet: bool = False,
 ) -> RefineSummary:
     """Refine a scene: coarse segmentation (or a user's coarse map), diffusion refinement of
     windows that hold a boundary, seamless stitching, georeferenced class raster output.
 
+    ``vector`` also writes the refined map as polygons to a GeoPackage
+    (:func:`idgbr_geo.vectorize.vectorize_raster` with ``vector_options``), before the
+    raster outputs are renamed into place: a failed vectorization leaves no output at all.
     ``probabilities_dtype="float32"`` writes unquantised probabilities (Python API only).
     """
     start = time.perf_counter()
@@ -233,6 +238,10 @@ def refine_raster(
     prob_path = check_output(probabilities, overwrite) if probabilities else None
     if prob_path is not None and prob_path.resolve() == out_path.resolve():
         raise UserError("--probabilities must name a different file than the output")
+    if vector is not None:
+        from .vectorize import check_gpkg_output
+
+        check_gpkg_output(vector, overwrite)
     m = model if isinstance(model, Model) else load_model(model, device)
     card = m.card
     tile_size = tile_size or card.tile_size
@@ -270,6 +279,12 @@ def refine_raster(
                 to_cog(write_main, main_tmp, categorical=True)
                 if write_prob is not None:
                     to_cog(write_prob, prob_tmp, categorical=False)
+            if vector is not None:
+                from .vectorize import vectorize_raster
+
+                vectorize_raster(main_tmp, vector, probabilities=prob_tmp, overwrite=overwrite,
+                                 scene=Path(input).stem, progress=not quiet,
+                                 **(vector_options or {}))
         finally:
             if cog:
                 for p in (write_main, write_prob):

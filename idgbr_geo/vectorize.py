@@ -652,6 +652,14 @@ class GeoPackageWriter:
             self._crs.setdefault(name, gdf.crs)
 
 
+def check_gpkg_output(path: str | Path, overwrite: bool) -> Path:
+    """Validate a GeoPackage output path early (exists, folder, suffix)."""
+    out = check_output(path, overwrite)
+    if out.suffix.lower() != ".gpkg":
+        raise OutputError(f"{out} must end in .gpkg (GeoPackage)")
+    return out
+
+
 def vectorize_raster(
     class_raster: str | Path,
     out_gpkg: str | Path | GeoPackageWriter,
@@ -672,9 +680,7 @@ def vectorize_raster(
     e.g. to merge several scenes with a ``scene`` attribute). Returns a summary:
     ``{"output", "scene", "layers": {name: feature count}}``. See :func:`vectorize_layers`."""
     if not isinstance(out_gpkg, GeoPackageWriter):
-        out = check_output(out_gpkg, overwrite)  # fail before the expensive part
-        if out.suffix.lower() != ".gpkg":
-            raise OutputError(f"{out} must end in .gpkg (GeoPackage)")
+        out = check_gpkg_output(out_gpkg, overwrite)  # fail before the expensive part
     layers = vectorize_layers(class_raster, probabilities=probabilities, simplify=simplify,
                               min_area=min_area, fill_holes=fill_holes, regularize=regularize,
                               centerlines=centerlines, spur_length=spur_length,

@@ -165,3 +165,32 @@ def test_batch_skips_existing_and_survives_failures(tmp_path, toy_model):
     assert res.exit_code == 0, res.output
     with rasterio.open(outd / "s0.tif") as ds:
         assert ds.count == 1
+
+
+def test_refine_with_vector_output(tmp_path, toy_model, scene):
+    import geopandas as gpd
+    import pyogrio
+
+    out, gpkg = tmp_path / "out.tif", tmp_path / "out.gpkg"
+    code, _, err = run("refine", str(scene), str(out), "--model", str(toy_model), "--confidence",
+                       "--vector", str(gpkg), "--min-area", "0", "--fill-holes", "0",
+                       "--simplify", "0")
+    assert code == 0, err
+    layers = dict(pyogrio.list_layers(gpkg))
+    assert "buildings" in layers
+    df = gpd.read_file(gpkg, layer="buildings")
+    assert len(df) > 0 and df.crs.to_epsg() == 32633
+    assert df.geometry.is_valid.all()
+    assert (df["scene"] == "scene").all() and df["mean_confidence"].notna().all()
+    with rasterio.open(out) as ds:
+        built = (ds.read(1) == 1).sum() * 0.3 * 0.3
+    assert df["area_m2"].sum() == pytest.approx(built, rel=1e-6)
+
+
+def test_refine_vector_existing_output_fails_before_work(tmp_path, toy_model, scene):
+    gpkg = tmp_path / "out.gpkg"
+    gpkg.write_bytes(b"x")
+    code, _, err = run("refine", str(scene), str(tmp_path / "out.tif"), "--model", str(toy_model),
+                       "--vector", str(gpkg))
+    assert code != 0 and "already exists" in err and "Traceback" not in err
+    assert not (tmp_path / "out.tif").exists()

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ._common import user_errors
+from .vectorize import pop_vector_options, vector_options
 
 
 def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -67,13 +68,17 @@ def _show_warnings(quiet: bool) -> None:
 @click.option("--probabilities", type=click.Path(dir_okay=False, path_type=str),
               help="Also write per-class probabilities (uint8 0..255) to this GeoTIFF.")
 @engine_options
+@click.option("--vector", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the refined map as polygons to this GeoPackage (.gpkg).")
+@vector_options
 @user_errors
 def refine(input: str, output: str, quiet: bool, **kwargs: Any) -> None:
     """Refine INPUT (a GeoTIFF of any size) into a georeferenced class raster OUTPUT."""
     from ..engine import refine_raster
 
     _show_warnings(quiet)
-    summary = refine_raster(input, output, quiet=quiet, **kwargs)
+    vopts = pop_vector_options(kwargs)
+    summary = refine_raster(input, output, quiet=quiet, vector_options=vopts, **kwargs)
     if not quiet:
         click.echo(summary.line(), err=True)
 
@@ -82,13 +87,22 @@ def refine(input: str, output: str, quiet: bool, **kwargs: Any) -> None:
 @click.argument("in_dir", type=click.Path(file_okay=False, path_type=str))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
 @click.option("--pattern", default="*.tif", show_default=True, help="Glob for input scenes.")
+@click.option("--scheduler", metavar="tcp://HOST:PORT",
+              help="Run one task per scene on this existing Dask cluster.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Start a local Dask cluster of N worker processes (1 thread each).")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Extra tries for a scene whose worker died or that hit a transient error.")
 @engine_options
 @user_errors
 def batch(in_dir: str, out_dir: str, pattern: str, quiet: bool, **kwargs: Any) -> None:
     """Refine every raster in IN_DIR matching --pattern into OUT_DIR (same options as refine).
 
-    Existing outputs are skipped unless --overwrite. A failing scene does not stop the batch;
-    a JSON summary is written to OUT_DIR and the exit code is 1 if any scene failed.
+    IN_DIR may also be a URL that fsspec can list (s3://, http://...). Scenes run in this
+    process, or one Dask task each with --workers N or --scheduler. A manifest in OUT_DIR
+    records each scene's state: re-running the command skips finished scenes and redoes the
+    rest. Existing outputs are skipped unless --overwrite. A failing scene does not stop the
+    batch; a JSON summary is written to OUT_DIR and the exit code is 1 if any scene failed.
     """
     from ..batch import run_batch
 
@@ -96,8 +110,8 @@ def batch(in_dir: str, out_dir: str, pattern: str, quiet: bool, **kwargs: Any) -
     result = run_batch(in_dir, out_dir, pattern=pattern, quiet=quiet, **kwargs)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(result.counts().items()))
     if not quiet:
-        click.echo(f"{len(result.scenes)} scenes: {counts}; summary: {result.summary_path}",
-                   err=True)
+        click.echo(f"{len(result.scenes)} scenes: {counts}; summary: {result.summary_path}; "
+                   f"manifest: {result.manifest_path}", err=True)
     for s in result.failed:
         click.echo(f"Failed: {s.scene}: {s.error}", err=True)
     if result.failed:
