@@ -1,17 +1,30 @@
-"""Batch processing: every matching scene of a folder, one at a time on this machine.
+"""Batch processing: every matching scene of a folder, on this machine or on a Dask cluster.
 
-A failing scene does not stop the batch; the run writes a JSON summary (per scene: status,
-seconds, error) into the output folder and reports failure through its return value.
+A failing scene does not stop the batch. Two files in the output folder record what
+happened:
+
+* ``idgbr_batch_summary.json``: what this run did (per scene: status, seconds, error);
+* ``idgbr_manifest.json``: the cumulative state of every scene (pending, running, done,
+  failed, skipped), rewritten atomically after every change, so that re-running the same
+  command after a crash or Ctrl-C skips the finished scenes and redoes the others.
+
+Outputs are written atomically by the engine, and leftover ``.partial-*`` files of a run that
+died are removed before a scene is redone, so nothing that looks complete is ever half done.
+With ``workers=N`` or ``scheduler="tcp://host:port"`` (or a ``client``) the scenes run as one
+Dask task each (see :mod:`idgbr_geo.distributed`); otherwise they run one by one in-process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tqdm import tqdm
@@ -19,25 +32,34 @@ from tqdm import tqdm
 from .errors import UserError
 from .files import atomic_output
 from .interfaces import Model
-from .registry import load_model
+from .registry import load_model, resolve_card
 
 SUMMARY_NAME = "idgbr_batch_summary.json"
+MANIFEST_NAME = "idgbr_manifest.json"
+#: refine options that do not change an output (so they do not invalidate finished scenes)
+_NEUTRAL_OPTIONS = {"quiet", "overwrite", "device"}
 
 
 @dataclass
 class SceneResult:
     scene: str
     output: str
-    status: str  # "done", "skipped" (output exists) or "failed"
+    status: str  # "done", "skipped" (output exists or finished earlier) or "failed"
     seconds: float = 0.0
     error: str | None = None
     summary: str | None = None
+    attempts: int = 0
+    worker: str | None = None  # Dask worker address (None in-process)
+    retryable: bool = False  # failed for a reason that may pass on a second try
+    cleaned: int = 0  # leftover partial files of an earlier, dead attempt removed first
 
 
 @dataclass
 class BatchSummary:
     scenes: list[SceneResult] = field(default_factory=list)
     summary_path: str | None = None
+    manifest_path: str | None = None
+    dashboard: str | None = None
 
     @property
     def failed(self) -> list[SceneResult]:
@@ -50,60 +72,326 @@ class BatchSummary:
         return out
 
 
-def find_scenes(in_dir: str | os.PathLike[str], pattern: str = "*.tif") -> list[Path]:
-    """Matching rasters in ``in_dir`` (sorted; not recursive unless the pattern says **)."""
+@dataclass
+class Job:
+    """One scene still to do: its manifest key, input and output (strings workers can open)."""
+
+    key: str
+    scene: str
+    output: str
+
+
+def is_url(path: str | os.PathLike[str]) -> bool:
+    return "://" in os.fspath(path)
+
+
+def find_scenes(in_dir: str | os.PathLike[str], pattern: str = "*.tif") -> list[str]:
+    """Matching rasters in ``in_dir`` (sorted; not recursive unless the pattern says **).
+
+    ``in_dir`` may be a local folder or any URL an installed fsspec filesystem can list
+    (``s3://``, ``gs://``, ``http://`` index pages, ...); the scenes are then URLs that
+    rasterio opens through GDAL's virtual file systems.
+    """
+    if is_url(in_dir):
+        import fsspec
+
+        base = os.fspath(in_dir).rstrip("/")
+        try:
+            fs, root = fsspec.core.url_to_fs(base)
+            found = fs.glob(f"{root.rstrip('/')}/{pattern}")
+        except (ImportError, ValueError) as exc:
+            raise UserError(f"cannot list {base}: {exc}") from None
+        except (OSError, FileNotFoundError) as exc:
+            raise UserError(f"input folder {base} cannot be listed ({exc})") from None
+        paths = found if isinstance(found, list) else list(found)
+        return sorted(p if is_url(p) else fs.unstrip_protocol(p) for p in paths
+                      if not str(p).endswith("/"))
     d = Path(in_dir)
     if not d.is_dir():
         raise UserError(f"input folder {d} does not exist")
-    return sorted(p for p in d.glob(pattern) if p.is_file())
+    return sorted(str(p.resolve()) for p in d.glob(pattern) if p.is_file())
 
 
-def output_for(scene: Path, out_dir: Path, suffix: str = ".tif") -> Path:
-    return out_dir / f"{scene.stem}{suffix}"
+def scene_name(scene: str | os.PathLike[str]) -> str:
+    """File name of a local path or a URL."""
+    s = os.fspath(scene)
+    return PurePosixPath(s.split("?", 1)[0]).name if is_url(s) else Path(s).name
 
 
-def process_scene(scene: Path, output: Path, model: Model | str, *,
-                  refine_kwargs: dict[str, Any],
+def output_for(scene: str | os.PathLike[str], out_dir: Path, suffix: str = ".tif") -> Path:
+    return out_dir / f"{Path(scene_name(scene)).stem}{suffix}"
+
+
+def clean_partials(output: str | os.PathLike[str]) -> int:
+    """Remove temporary files a dead earlier attempt left next to ``output``; return how many.
+
+    They are the hidden ``.<stem>.partial-<random><suffix>`` siblings that
+    :func:`idgbr_geo.files.atomic_output` writes (plus GDAL side files).
+    """
+    out = Path(output)
+    n = 0
+    for p in out.parent.glob(f".{out.stem}.partial-*"):
+        try:
+            p.unlink()
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def process_scene(scene: str | os.PathLike[str], output: str | os.PathLike[str],
+                  model: Model | str, *, refine_kwargs: dict[str, Any],
                   after: Callable[[Path, Path], None] | None = None) -> SceneResult:
-    """Refine one scene; any error becomes a failed :class:`SceneResult`, never an exception."""
+    """Refine one scene; any error becomes a failed :class:`SceneResult`, never an exception.
+
+    User errors (corrupt file, wrong bands, ...) are final; I/O and runtime errors (a network
+    file system hiccup, GPU out of memory) are marked ``retryable``.
+    """
     from .engine import refine_raster
 
     t0 = time.perf_counter()
+    cleaned = clean_partials(output)
     try:
         summ = refine_raster(scene, output, model=model, **refine_kwargs)
         if after is not None:
-            after(scene, output)
+            after(scene if is_url(scene) else Path(scene), Path(output))  # type: ignore[arg-type]
         return SceneResult(str(scene), str(output), "done", time.perf_counter() - t0,
-                           summary=summ.line())
+                           summary=summ.line(), cleaned=cleaned)
     except (UserError, OSError, RuntimeError, ValueError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return SceneResult(str(scene), str(output), "failed", time.perf_counter() - t0,
-                           error=msg)
+                           error=msg, cleaned=cleaned,
+                           retryable=isinstance(exc, (OSError, RuntimeError))
+                           and not isinstance(exc, UserError))
+
+
+def options_fingerprint(model: Any, refine_kwargs: dict[str, Any]) -> str:
+    """A short hash of everything that shapes an output: a finished scene counts as finished
+    only for the same model and options."""
+    opts = {k: v for k, v in sorted(refine_kwargs.items()) if k not in _NEUTRAL_OPTIONS}
+    doc = json.dumps({"model": _model_identity(model), "options": opts}, sort_keys=True,
+                     default=str)
+    return hashlib.sha1(doc.encode()).hexdigest()[:16]
+
+
+def _model_identity(model: Any) -> Any:
+    """Card text plus the weights file's size and time: a retrained model is another model."""
+    if isinstance(model, Model):
+        return asdict(model.card)  # in-memory weights: the card is all we can compare
+    card = resolve_card(model)
+    text = card.read_text()
+    try:
+        name = json.loads(text).get("weights")
+        st = (card.parent / name).stat() if name else None
+    except (ValueError, AttributeError, OSError):
+        st = None
+    return [os.fspath(model), text, None if st is None else [st.st_size, st.st_mtime_ns]]
+
+
+@contextlib.contextmanager
+def batch_lock(out_dir: Path) -> Iterator[None]:
+    """One batch per output folder at a time: a second one would redo (and clean up the
+    temporary files of) the first one's scenes. The OS drops the lock if we die."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        yield
+        return
+    path = out_dir / ".idgbr_batch.lock"
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another idgbr-geo batch is writing to {out_dir} (lock "
+                            f"{path.name}); wait for it or give another output folder") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class Manifest:
+    """Per-scene state of a batch, kept in the output folder and rewritten atomically after
+    every change (only ever by the client, never by workers)."""
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        self.path, self.fingerprint = path, fingerprint
+        self.scenes: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            try:
+                doc = json.loads(path.read_text())
+                self.scenes = dict(doc.get("scenes", {}))
+            except (OSError, ValueError, AttributeError) as exc:
+                raise UserError(f"manifest {path} is unreadable ({exc}); delete it to start "
+                                "the batch afresh") from None
+
+    def finished(self, key: str, output: str | os.PathLike[str]) -> bool:
+        """Done earlier with the same model and options, and the output is still there."""
+        e = self.scenes.get(key)
+        return (e is not None and e.get("state") == "done"
+                and e.get("options") == self.fingerprint and Path(output).exists())
+
+    def update(self, key: str, *, save: bool = True, **fields: Any) -> None:
+        entry = self.scenes.setdefault(key, {})
+        entry.update(fields, options=self.fingerprint,
+                     updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        if save:
+            self.save()
+
+    def record(self, key: str, res: SceneResult) -> None:
+        self.update(key, state=res.status, scene=res.scene, output=res.output,
+                    attempts=res.attempts, seconds=round(res.seconds, 3), error=res.error,
+                    worker=res.worker)
+
+    def save(self) -> None:
+        doc = {"version": 1, "scenes": self.scenes}
+        with atomic_output(self.path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+class Tracker:
+    """Where both runners report: keeps results, the manifest and the scene progress bar."""
+
+    def __init__(self, manifest: Manifest, total: int, quiet: bool) -> None:
+        self.manifest = manifest
+        self.results: dict[str, SceneResult] = {}
+        self.bar = tqdm(total=total, unit="scene", desc="scenes", file=sys.stderr,
+                        disable=True if quiet else None)
+
+    def running(self, job: Job, attempt: int, worker: str | None = None) -> None:
+        self.manifest.update(job.key, state="running", attempts=attempt, worker=worker)
+
+    def finish(self, job: Job, res: SceneResult) -> None:
+        self.results[job.key] = res
+        self.manifest.record(job.key, res)
+        self.bar.update(1)
+        failed = sum(r.status == "failed" for r in self.results.values())
+        if failed:
+            self.bar.set_postfix(failed=failed, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def model_reference(model: str | os.PathLike[str] | Model) -> str:
+    """What workers load: a bundled name as is, a card path made absolute (checked here, so a
+    wrong name fails before anything is submitted)."""
+    if isinstance(model, Model):
+        raise UserError("a distributed batch needs a model name or card path that every worker "
+                        "can load, not an in-memory Model")
+    card = resolve_card(model)
+    p = Path(model)
+    return str(card.resolve()) if (p.suffix == ".json" or p.exists()) else os.fspath(model)
 
 
 def run_batch(in_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
               model: str | os.PathLike[str] | Model = "buildings", pattern: str = "*.tif",
               overwrite: bool = False, quiet: bool = False, device: str = "auto",
               after: Callable[[Path, Path], None] | None = None,
-              **refine_kwargs: Any) -> BatchSummary:
-    """Refine every scene matching ``pattern`` in ``in_dir`` into ``out_dir``."""
+              scheduler: str | None = None, workers: int | None = None, retries: int = 2,
+              client: Any = None, **refine_kwargs: Any) -> BatchSummary:
+    """Refine every scene matching ``pattern`` in ``in_dir`` into ``out_dir``.
+
+    Scenes finished by an earlier run with the same options (per the manifest) are skipped,
+    as are existing outputs unless ``overwrite``. ``scheduler`` (an address), ``workers`` (a
+    local cluster of N processes) or ``client`` (a ``distributed.Client``) run one Dask task
+    per scene; each worker loads the model once, on its own GPU when it has one
+    (``device="auto"``). A scene is tried up to ``1 + retries`` times when its worker dies or
+    it fails for a transient reason; user errors (a corrupt file) are not retried.
+    """
+    if scheduler and workers:
+        raise UserError("give either --scheduler or --workers, not both")
+    if retries < 0:
+        raise UserError("--retries must be 0 or more")
     out = Path(out_dir)
     if not out.is_dir():
         raise UserError(f"output folder {out} does not exist")
+    if not os.access(out, os.W_OK):
+        raise UserError(f"output folder {out} is not writable")
     scenes = find_scenes(in_dir, pattern)
     if not scenes:
         raise UserError(f"no file in {in_dir} matches {pattern!r}")
-    m = model if isinstance(model, Model) else load_model(model, device)
+    distributed = bool(scheduler or workers or client is not None)
+    ref: str | Model = (model if isinstance(model, Model) and not distributed
+                        else model_reference(model))
     kwargs = dict(refine_kwargs, overwrite=overwrite, quiet=True)
-    result = BatchSummary()
-    for scene in tqdm(scenes, unit="scene", disable=True if quiet else None, desc="scenes"):
+    with batch_lock(out):
+        return _run_batch(scenes, out, ref, distributed, kwargs, overwrite=overwrite,
+                          quiet=quiet, device=device, after=after, scheduler=scheduler,
+                          workers=workers, retries=retries, client=client)
+
+
+def _run_batch(scenes: list[str], out: Path, ref: str | Model, distributed: bool,
+               kwargs: dict[str, Any], *, overwrite: bool, quiet: bool, device: str,
+               after: Callable[[Path, Path], None] | None, scheduler: str | None,
+               workers: int | None, retries: int, client: Any) -> BatchSummary:
+    manifest = Manifest(out / MANIFEST_NAME, options_fingerprint(ref, kwargs))
+    result = BatchSummary(manifest_path=str(manifest.path))
+    done: dict[str, SceneResult] = {}
+    jobs: list[Job] = []
+    order: list[str] = []
+    for scene in scenes:
         target = output_for(scene, out)
-        if target.exists() and not overwrite:
-            result.scenes.append(SceneResult(str(scene), str(target), "skipped"))
+        key = scene_name(scene)
+        if key in order:
+            raise UserError(f"two scenes are named {key}: their outputs would collide")
+        order.append(key)
+        if manifest.finished(key, target) or (target.exists() and not overwrite):
+            done[key] = SceneResult(scene, str(target), "skipped")
             continue
-        result.scenes.append(process_scene(scene, target, m, refine_kwargs=kwargs, after=after))
+        jobs.append(Job(key, scene, str(target.resolve())))
+    with contextlib.ExitStack() as stack:
+        cl = None
+        if jobs and distributed:  # connect first: a wrong address must not touch OUT_DIR
+            from .distributed import dask_client, run_on_cluster
+
+            cl = stack.enter_context(dask_client(scheduler, workers, client=client,
+                                                 retries=retries, quiet=quiet))
+            result.dashboard = _dashboard(cl, quiet)
+        elif jobs and not isinstance(ref, Model):
+            ref = load_model(ref, device)
+        for key, res in done.items():
+            if not manifest.finished(key, res.output):  # an existing output, not ours
+                manifest.update(key, save=False, state="skipped", scene=res.scene,
+                                output=res.output, error=None)
+        for job in jobs:
+            manifest.update(job.key, save=False, state="pending", scene=job.scene,
+                            output=job.output, error=None)
+        manifest.save()
+        tracker = Tracker(manifest, len(jobs), quiet)
+        stack.callback(tracker.close)
+        if cl is not None:
+            run_on_cluster(cl, jobs, tracker, model=str(ref), device=device,
+                           refine_kwargs=kwargs, retries=retries, after=after)
+        elif jobs:
+            _run_here(jobs, tracker, ref, kwargs, retries, after)  # type: ignore[arg-type]
+    done.update(tracker.results)
+    result.scenes = [done[k] for k in order if k in done]
     result.summary_path = str(write_summary(result, out))
     return result
+
+
+def _dashboard(client: Any, quiet: bool) -> str | None:
+    from .distributed import dashboard_address
+
+    link = dashboard_address(client)
+    if link and not quiet:
+        tqdm.write(f"Dask dashboard: {link}", file=sys.stderr)
+    return link
+
+
+def _run_here(jobs: list[Job], tracker: Tracker, model: Model, kwargs: dict[str, Any],
+              retries: int, after: Callable[[Path, Path], None] | None) -> None:
+    """The in-process loop: one scene after the other, retrying transient failures."""
+    for job in jobs:
+        for attempt in range(1, retries + 2):
+            tracker.running(job, attempt)
+            res = process_scene(job.scene, job.output, model, refine_kwargs=kwargs, after=after)
+            res.attempts = attempt
+            if res.status == "done" or not res.retryable:
+                break
+        tracker.finish(job, res)
 
 
 def write_summary(result: BatchSummary, out_dir: Path) -> Path:
