@@ -151,8 +151,11 @@ def process_scene(scene: str | os.PathLike[str], output: str | os.PathLike[str],
 
     t0 = time.perf_counter()
     cleaned = clean_partials(output)
+    kwargs = dict(refine_kwargs)
+    if kwargs.pop("vector_per_scene", False):
+        kwargs["vector"] = Path(output).with_suffix(".gpkg")
     try:
-        summ = refine_raster(scene, output, model=model, **refine_kwargs)
+        summ = refine_raster(scene, output, model=model, **kwargs)
         if after is not None:
             after(scene if is_url(scene) else Path(scene), Path(output))  # type: ignore[arg-type]
         return SceneResult(str(scene), str(output), "done", time.perf_counter() - t0,
@@ -290,7 +293,10 @@ def run_batch(in_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
               overwrite: bool = False, quiet: bool = False, device: str = "auto",
               after: Callable[[Path, Path], None] | None = None,
               scheduler: str | None = None, workers: int | None = None, retries: int = 2,
-              client: Any = None, **refine_kwargs: Any) -> BatchSummary:
+              client: Any = None, vector: bool = False,
+              vector_merge: str | os.PathLike[str] | None = None,
+              vector_options: dict[str, Any] | None = None,
+              **refine_kwargs: Any) -> BatchSummary:
     """Refine every scene matching ``pattern`` in ``in_dir`` into ``out_dir``.
 
     Scenes finished by an earlier run with the same options (per the manifest) are skipped,
@@ -299,7 +305,15 @@ def run_batch(in_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     per scene; each worker loads the model once, on its own GPU when it has one
     (``device="auto"``). A scene is tried up to ``1 + retries`` times when its worker dies or
     it fails for a transient reason; user errors (a corrupt file) are not retried.
+
+    ``vector`` also writes ``<scene>.gpkg`` polygons beside each output; ``vector_merge``
+    writes the polygons of every finished scene into one GeoPackage with a ``scene``
+    attribute once the scenes are done (``vector_options`` shape both).
     """
+    if vector_merge is not None:
+        from .vectorize import check_gpkg_output
+
+        check_gpkg_output(vector_merge, overwrite)
     if scheduler and workers:
         raise UserError("give either --scheduler or --workers, not both")
     if retries < 0:
@@ -316,10 +330,30 @@ def run_batch(in_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     ref: str | Model = (model if isinstance(model, Model) and not distributed
                         else model_reference(model))
     kwargs = dict(refine_kwargs, overwrite=overwrite, quiet=True)
+    if vector:
+        kwargs.update(vector_per_scene=True, vector_options=vector_options or {})
     with batch_lock(out):
-        return _run_batch(scenes, out, ref, distributed, kwargs, overwrite=overwrite,
-                          quiet=quiet, device=device, after=after, scheduler=scheduler,
-                          workers=workers, retries=retries, client=client)
+        result = _run_batch(scenes, out, ref, distributed, kwargs, overwrite=overwrite,
+                            quiet=quiet, device=device, after=after, scheduler=scheduler,
+                            workers=workers, retries=retries, client=client)
+    if vector_merge is not None:
+        merge_vectors(result, vector_merge, overwrite=overwrite, quiet=quiet,
+                      **(vector_options or {}))
+    return result
+
+
+def merge_vectors(result: BatchSummary, path: str | os.PathLike[str], *, overwrite: bool,
+                  quiet: bool, **vector_options: Any) -> Path:
+    """Polygons of every scene with an output into one GeoPackage (``scene`` attribute)."""
+    from .vectorize import GeoPackageWriter, vectorize_raster
+
+    scenes = [s for s in result.scenes if s.status in ("done", "skipped")
+              and Path(s.output).exists()]
+    with GeoPackageWriter(path, overwrite) as writer:
+        for s in tqdm(scenes, unit="scene", desc="vectorize", disable=True if quiet else None):
+            vectorize_raster(s.output, writer, scene=Path(scene_name(s.scene)).stem,
+                             **vector_options)
+    return Path(path)
 
 
 def _run_batch(scenes: list[str], out: Path, ref: str | Model, distributed: bool,

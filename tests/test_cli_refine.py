@@ -194,3 +194,22 @@ def test_refine_vector_existing_output_fails_before_work(tmp_path, toy_model, sc
                        "--vector", str(gpkg))
     assert code != 0 and "already exists" in err and "Traceback" not in err
     assert not (tmp_path / "out.tif").exists()
+
+
+def test_batch_vectors_per_scene_and_merged(tmp_path, toy_model):
+    import geopandas as gpd
+
+    ind, outd = tmp_path / "in", tmp_path / "out"
+    ind.mkdir()
+    outd.mkdir()
+    for i in range(2):
+        write_raster(ind / f"s{i}.tif", synthetic_scene(70, 90, seed=i))
+    merged = tmp_path / "all.gpkg"
+    res = CliRunner().invoke(main, ["batch", str(ind), str(outd), "--model", str(toy_model), "-q",
+                                    "--vector", "--vector-merge", str(merged)])
+    assert res.exit_code == 0, res.output
+    per = [gpd.read_file(outd / f"s{i}.gpkg", layer="buildings") for i in range(2)]
+    assert all(len(df) > 0 for df in per)
+    allb = gpd.read_file(merged, layer="buildings")
+    assert sorted(set(allb["scene"])) == ["s0", "s1"]
+    assert len(allb) == sum(len(df) for df in per)

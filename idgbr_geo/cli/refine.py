@@ -94,6 +94,11 @@ def refine(input: str, output: str, quiet: bool, **kwargs: Any) -> None:
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Extra tries for a scene whose worker died or that hit a transient error.")
 @engine_options
+@click.option("--vector", is_flag=True,
+              help="Also write OUT_DIR/<scene>.gpkg polygons for every scene.")
+@click.option("--vector-merge", type=click.Path(dir_okay=False, path_type=str),
+              help="Write the polygons of all scenes into this one GeoPackage (scene attribute).")
+@vector_options
 @user_errors
 def batch(in_dir: str, out_dir: str, pattern: str, quiet: bool, **kwargs: Any) -> None:
     """Refine every raster in IN_DIR matching --pattern into OUT_DIR (same options as refine).
@@ -107,7 +112,9 @@ def batch(in_dir: str, out_dir: str, pattern: str, quiet: bool, **kwargs: Any) -
     from ..batch import run_batch
 
     _show_warnings(quiet)
-    result = run_batch(in_dir, out_dir, pattern=pattern, quiet=quiet, **kwargs)
+    vopts = pop_vector_options(kwargs)
+    result = run_batch(in_dir, out_dir, pattern=pattern, quiet=quiet, vector_options=vopts,
+                       **kwargs)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(result.counts().items()))
     if not quiet:
         click.echo(f"{len(result.scenes)} scenes: {counts}; summary: {result.summary_path}; "
