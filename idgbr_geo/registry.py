@@ -128,6 +128,7 @@ def save_model(card: ModelCard, tensors: dict[str, torch.Tensor], folder: str | 
     card.weights = f"{card.name}.safetensors"
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
               str(folder / card.weights))
+    os.chmod(folder / card.weights, 0o644)  # safetensors writes 0600; models are shared files
     path = folder / f"{card.name}.json"
     card.save(path)
     return path

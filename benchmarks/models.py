@@ -1,0 +1,75 @@
+"""Cost of the bundled models: seconds per 512x512 window, coarse model vs refiner.
+
+    .venv/bin/python benchmarks/models.py [buildings roads landcover] [--threads 2] [--repeat 10]
+
+Times ``segmentor.predict`` and ``refiner.refine`` at the card's default steps (and at 1
+and 2x steps) on one 1x3x512x512 window, on CPU with ``--threads`` threads and on a CUDA
+GPU when one is available; prints a markdown table. The refiner's guidance network runs
+once per window, the denoiser once per step, the decoder once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from idgbr_geo.registry import bundled_models, load_model
+
+
+def seconds(fn, repeat: int, sync) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench(name: str, device: str, repeat: int, size: int = 512) -> dict[str, float]:
+    m = load_model(name, device)
+    dev = m.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(1, m.card.bands, size, size, generator=g).to(dev)
+    out = {"coarse": seconds(lambda: m.segmentor.predict(img), repeat, sync)}
+    probs = m.segmentor.predict(img)
+    steps = m.card.steps
+    for s in sorted({1, steps, 2 * steps}):
+        out[f"refine_{s}"] = seconds(
+            lambda s=s: m.refiner.refine(img, probs, steps=s, seed=0, origins=[(0, 0)]),
+            repeat, sync)
+    out["steps"] = steps
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print("| model | device | coarse s/window | refiner 1 step | refiner default "
+          "(steps) | refiner 2x steps | refiner/coarse | coarse+refiner MP/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models or bundled_models():
+        for dev in devices:
+            r = bench(name, dev, args.repeat)
+            s = int(r["steps"])
+            d = r[f"refine_{s}"]
+            label = (f"cpu ({args.threads} threads)" if dev == "cpu"
+                     else torch.cuda.get_device_name())
+            mp = 512 * 512 / 1e6 / (r["coarse"] + d)
+            print(f"| {name} | {label} | {r['coarse']:.3f} | {r['refine_1']:.3f} | {d:.3f} ({s}) "
+                  f"| {r[f'refine_{2 * s}']:.3f} | {d / r['coarse']:.2f}x | {mp:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Train the bundled models' networks (developer script; the exact commands go in the cards).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_models.py coarse buildings
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_models.py refiner buildings
+    ... [--tag NAME] [--iterations N] [--config JSON] [--coarse-run NAME]
+
+Reads ``.train/<set>_train.npz`` (benchmarks/prepare_data.py), writes
+``.train/runs/<set>-<tag>/`` (checkpoint.pt, log.csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from idgbr_geo.training import segmentor_from_checkpoint, train_coarse, train_refiner
+
+ROOT = Path(__file__).resolve().parent.parent / ".train"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("stage", choices=["coarse", "refiner"])
+    ap.add_argument("set")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--iterations", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--config", default="{}")
+    ap.add_argument("--coarse-run", default="coarse", help="tag of the coarse run to learn from")
+    ap.add_argument("--no-coarse", action="store_true", help="degradations only")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tag = args.tag or args.stage
+    out = ROOT / "runs" / f"{args.set}-{tag}"
+    common = dict(iterations=args.iterations, batch_size=args.batch_size, crop=args.crop,
+                  lr=args.lr, seed=0, device="auto", resume=args.resume,
+                  config=json.loads(args.config), progress=True)
+    train = ROOT / f"{args.set}_train.npz"
+    if args.stage == "coarse":
+        path = train_coarse(train, out, val_npz=ROOT / f"{args.set}_val.npz", **common)
+    else:
+        coarse = None
+        if not args.no_coarse:
+            coarse = segmentor_from_checkpoint(
+                ROOT / "runs" / f"{args.set}-{args.coarse_run}" / "checkpoint.pt", "auto")
+        path = train_refiner(train, out, coarse=coarse, val_npz=ROOT / f"{args.set}_val.npz",
+                             **common)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Diffusion over label maps: schedule, training objective and a deterministic sampler.
+
+The diffused variable is a *scaled one-hot* label map at 1/4 resolution (the latent):
+each class channel is ``2 * p - 1`` in [-1, 1], where p is the class share of the 4x4
+block. The denoiser predicts x0 (class logits) from (x_t, t, guidance); sampling is DDIM
+with eta = 0, so the only randomness is the start noise, drawn with
+:func:`idgbr_geo.noise.batch_noise` at the windows' raster positions: results are
+bit-for-bit reproducible for a seed and identical in window overlaps.
+
+Two starting points are supported: ``"noise"`` (pure noise at t = 1, as in the paper)
+and ``"coarse"`` (the coarse map noised to an intermediate ``t_start``, SDEdit-like).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .noise import batch_noise
+
+#: resolution divisor of the latent label map (the denoiser runs at 1/4 resolution)
+LATENT_SCALE = 4
+#: noise stream of the start noise (other streams are free for future stochastic samplers)
+START_STREAM = 0
+
+
+def alpha_bar(t: torch.Tensor) -> torch.Tensor:
+    """Cosine schedule (Nichol & Dhariwal): signal fraction at continuous time t in [0, 1]."""
+    s = 0.008
+    ab = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(s / (1 + s) * math.pi / 2) ** 2
+    return ab.clamp(1e-4, 1.0 - 1e-5)
+
+
+def to_latent(probs: torch.Tensor) -> torch.Tensor:
+    """Per-class probabilities (B, K, H, W) at full resolution -> scaled one-hot at 1/4."""
+    return 2.0 * F.avg_pool2d(probs, LATENT_SCALE) - 1.0
+
+
+def labels_to_probs(labels: torch.Tensor, num_classes: int, ignore_index: int = 255
+                    ) -> torch.Tensor:
+    """(B, H, W) class ids -> one-hot (B, K, H, W); ignored pixels get a uniform 1/K."""
+    valid = labels != ignore_index
+    onehot = F.one_hot(torch.where(valid, labels, 0).long(), num_classes).permute(0, 3, 1, 2)
+    onehot = onehot.float()
+    return torch.where(valid[:, None], onehot, torch.full_like(onehot, 1.0 / num_classes))
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Forward process: x_t = sqrt(ab) x0 + sqrt(1 - ab) noise."""
+    ab = alpha_bar(t)[:, None, None, None]
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def training_loss(net, image: torch.Tensor, coarse: torch.Tensor, labels: torch.Tensor, *,
+                  ignore_index: int = 255, t_max: float = 1.0, p_uncond: float = 0.0,
+                  p_coarse_x0: float = 0.0, oneshot: bool = False
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Diffusion objective: x0-prediction with cross-entropy at 1/4 plus full-res decode.
+
+    ``coarse`` (B, K, H, W) is the coarse map the guidance sees (from a coarse model or a
+    degradation of the ground truth). ``oneshot`` trains the same networks as a plain
+    one-pass refiner (no noise, fixed t) for the ablation.
+
+    ``p_coarse_x0`` is the share of samples whose x_t is made by noising the *coarse* map's
+    latent instead of the ground truth's (the target stays the ground truth). Plain
+    diffusion training only ever shows the denoiser x_t built from perfect labels, so at
+    small t it learns to copy x_t; at sampling time x_t carries its own earlier, imperfect
+    estimate and extra steps cannot fix it (exposure bias). Noised coarse maps teach it to
+    correct an imperfect x_t at every t, which is what the iterations need - and what the
+    ``start="coarse"`` sampler starts from.
+    """
+    b, k = coarse.shape[:2]
+    g1, g2, g4 = net.guide(image, coarse)
+    if p_uncond > 0:
+        keep = (torch.rand(b, 1, 1, 1, device=image.device) >= p_uncond).float()
+        g4 = g4 * keep
+    x0 = to_latent(labels_to_probs(labels, k, ignore_index))
+    if oneshot:
+        t = torch.ones(b, device=image.device)
+        xt = torch.zeros_like(x0)
+    else:
+        t = torch.rand(b, device=image.device) * t_max
+        src = x0
+        if p_coarse_x0 > 0:
+            use = (torch.rand(b, 1, 1, 1, device=image.device) < p_coarse_x0).float()
+            src = use * to_latent(coarse) + (1 - use) * x0
+        xt = q_sample(src, t, torch.randn_like(x0))
+    logits4, h = net.denoiser(xt, t, g4)
+    target4 = (x0 + 1) / 2  # soft class shares of each 4x4 block
+    loss4 = -(target4 * F.log_softmax(logits4, 1)).sum(1).mean()
+    logits = net.decoder(h, logits4, g1, g2)
+    loss1 = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index)
+    if not torch.isfinite(loss1):  # a crop with only ignored pixels
+        loss1 = logits.sum() * 0
+    loss = loss4 + loss1
+    return loss, {"loss4": loss4.item(), "loss1": loss1.item()}
+
+
+def timesteps(steps: int, t_start: float = 1.0) -> list[float]:
+    """Evenly spaced times from t_start down to 0 (steps + 1 values)."""
+    return [t_start * (1 - i / steps) for i in range(steps + 1)]
+
+
+@torch.no_grad()
+def sample(net, image: torch.Tensor, coarse: torch.Tensor, *, steps: int, seed: int,
+           origins: Sequence[tuple[int, int]], start: str = "noise", t_start: float = 1.0,
+           guidance_scale: float = 1.0, oneshot: bool = False, x0: str = "soft",
+           average: bool = False) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) sampling -> full-resolution class logits (B, K, H, W).
+
+    Guidance features are computed once; only the denoiser runs per step, and the
+    full-resolution decode runs once at the end. ``start="coarse"`` starts from the
+    coarse map noised to ``t_start``; ``start="noise"`` from pure noise at t = 1.
+    ``guidance_scale`` != 1 applies classifier-free guidance (two denoiser passes per
+    step; only meaningful for refiners trained with ``p_uncond`` > 0). ``x0="hard"`` feeds
+    the one-hot of each step's argmax back instead of the soft probabilities (training only
+    ever shows the denoiser near-one-hot x0). ``average`` decodes every step and returns
+    the log of the mean of their probabilities (an ensemble over the trajectory).
+    """
+    b, k, h, w = coarse.shape
+    if h % LATENT_SCALE or w % LATENT_SCALE:
+        raise ValueError(f"window {h}x{w} is not a multiple of {LATENT_SCALE}")
+    g1, g2, g4 = net.guide(image, coarse)
+    dev = image.device
+    if oneshot:
+        t = torch.ones(b, device=dev)
+        logits4, hid = net.denoiser(torch.zeros(b, k, h // LATENT_SCALE, w // LATENT_SCALE,
+                                                device=dev), t, g4)
+        return net.decoder(hid, logits4, g1, g2)
+    if x0 not in ("soft", "hard"):
+        raise ValueError(f"unknown x0 mode {x0!r} (use 'soft' or 'hard')")
+    steps = max(1, int(steps))
+    noise = batch_noise(seed, origins, (k, h // LATENT_SCALE, w // LATENT_SCALE),
+                        stream=START_STREAM, scale=LATENT_SCALE, device=dev)
+    if start == "coarse":
+        t0 = float(t_start)
+        x = q_sample(to_latent(coarse), torch.full((b,), t0, device=dev), noise)
+    elif start == "noise":
+        t0 = 1.0
+        x = noise
+    else:
+        raise ValueError(f"unknown start {start!r} (use 'noise' or 'coarse')")
+    ts = timesteps(steps, t0)
+    logits4 = hid = None
+    mean_probs = None
+    for i in range(steps):
+        t = torch.full((b,), ts[i], device=dev)
+        logits4, hid = net.denoiser(x, t, g4)
+        if guidance_scale != 1.0:
+            un4, unh = net.denoiser(x, t, torch.zeros_like(g4))
+            logits4 = un4 + guidance_scale * (logits4 - un4)
+            hid = unh + guidance_scale * (hid - unh)
+        if x0 == "hard":
+            x0_hat = 2.0 * F.one_hot(logits4.argmax(1), k).permute(0, 3, 1, 2).float() - 1.0
+        else:
+            x0_hat = 2.0 * torch.softmax(logits4, 1) - 1.0
+        if average:
+            p = torch.softmax(net.decoder(hid, logits4, g1, g2), 1) / steps
+            mean_probs = p if mean_probs is None else mean_probs + p
+        ab_t = alpha_bar(t)[:, None, None, None]
+        eps = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
+        if i + 1 < steps:
+            ab_n = alpha_bar(torch.full((b,), ts[i + 1], device=dev))[:, None, None, None]
+            x = ab_n.sqrt() * x0_hat + (1 - ab_n).sqrt() * eps
+    if mean_probs is not None:
+        return torch.log(mean_probs.clamp_min(1e-8))
+    return net.decoder(hid, logits4, g1, g2)

@@ -1,0 +1,496 @@
+"""Training loops for the coarse segmentor and the diffusion refiner (torch + numpy only).
+
+They read the compact ``.npz`` chip arrays of :mod:`idgbr_geo.datasets` (``images``
+(N, bands, T, T) uint8/uint16, ``labels`` (N, T, T) uint8 with 255 = ignore, ``classes``,
+``gsd``, ``source``) and import nothing from the geospatial stack, so training runs on
+any machine with torch, including a GPU box. Augmentation: random scale (0.7-1.4x, since
+the scenes users refine come from other sensors and GSDs), flips/rot90 and colour
+jitter. Every ``checkpoint_every`` iterations the full training state goes to
+``out_dir/checkpoint.pt`` (resumable with ``resume=True``) and a row to
+``out_dir/log.csv``. Seeds fix the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cards import ModelCard, Normalization
+from .degrade import degrade
+from .diffusion import training_loss
+from .errors import UserError
+from .networks import CoarseSegmentor, DiffusionRefiner, build_coarse_net, build_refiner_net
+from .registry import resolve_device, save_model
+
+DEFAULT_COARSE = {"widths": [16, 32, 64, 96], "output_stride": 4}
+DEFAULT_REFINER = {"c1": 8, "c2": 16, "c4": 32, "c8": 48, "ch": 32, "blocks": 2,
+                   "use_coarse": True, "mode": "diffusion", "t_max": 1.0, "p_uncond": 0.0,
+                   "start": "noise", "t_start": 1.0, "p_model": 0.5,
+                   "p_coarse_x0": 0.5, "coarse_perturb": 0.0}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_npz(path: str | Path) -> dict[str, Any]:
+    """Read a training array file (fails with one clear line if it is not one)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read training arrays {path}: {exc}") from None
+    for key in ("images", "labels", "classes"):
+        if key not in data:
+            raise UserError(f"{path} is not a training array file (no {key!r})")
+    im, lb = data["images"], data["labels"]
+    if im.ndim != 4 or lb.ndim != 3 or im.shape[0] != lb.shape[0] or im.shape[2:] != lb.shape[1:]:
+        raise UserError(f"{path}: images {im.shape} and labels {lb.shape} do not match")
+    data["classes"] = [str(c) for c in data["classes"]]
+    return data
+
+
+def fit_normalization(images: np.ndarray) -> Normalization:
+    """Per-band mean/std of the training chips (deterministic: same data -> same numbers)."""
+    norm = Normalization()
+    div = norm.divisor(images.dtype)
+    sub = images[:: max(1, len(images) // 256)].astype(np.float64) / div
+    return Normalization(mean=[float(v) for v in sub.mean(axis=(0, 2, 3))],
+                         std=[float(max(v, 1e-3)) for v in sub.std(axis=(0, 2, 3))],
+                         value_range=norm.value_range)
+
+
+class ChipSampler:
+    """Random augmented crops from the chip arrays, as normalised torch batches."""
+
+    def __init__(self, data: dict[str, Any], norm: Normalization, crop: int,
+                 rng: np.random.Generator, scale: tuple[float, float] = (0.7, 1.4),
+                 colour: bool = True) -> None:
+        self.images, self.labels = data["images"], data["labels"]
+        self.div = norm.divisor(self.images.dtype)
+        self.mean = torch.tensor(norm.mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(norm.std, dtype=torch.float32)[:, None, None]
+        self.crop, self.rng, self.scale, self.colour = crop, rng, scale, colour
+        valid = (self.labels != 255).reshape(len(self.labels), -1).mean(1)
+        self.candidates = np.flatnonzero(valid > 0.05)
+        if len(self.candidates) == 0:
+            raise UserError("the training arrays hold no labelled pixels")
+
+    def sample(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        imgs, labs = [], []
+        t = self.images.shape[-1]
+        for i in self.rng.choice(self.candidates, size=batch):
+            s = self.rng.uniform(*self.scale)
+            src = int(min(t, max(8, round(self.crop / s))))
+            r, c = self.rng.integers(0, t - src + 1, size=2)
+            img = torch.from_numpy(self.images[i, :, r:r + src, c:c + src].astype(np.float32))
+            lab = torch.from_numpy(self.labels[i, r:r + src, c:c + src].astype(np.int64))
+            if src != self.crop:
+                img = F.interpolate(img[None], size=(self.crop, self.crop), mode="bilinear",
+                                    antialias=src > self.crop, align_corners=False)[0]
+                lab = F.interpolate(lab[None, None].float(), size=(self.crop, self.crop),
+                                    mode="nearest")[0, 0].long()
+            k = int(self.rng.integers(4))
+            img, lab = torch.rot90(img, k, (1, 2)), torch.rot90(lab, k, (0, 1))
+            if self.rng.random() < 0.5:
+                img, lab = img.flip(2), lab.flip(1)
+            img = img / self.div
+            if self.colour:
+                img = self._jitter(img)
+            imgs.append((img - self.mean) / self.std)
+            labs.append(lab)
+        return torch.stack(imgs), torch.stack(labs)
+
+    def _jitter(self, img: torch.Tensor) -> torch.Tensor:
+        """Brightness, contrast, saturation and per-band gain jitter on [0, 1] values."""
+        rng = self.rng
+        gray = img.mean(0, keepdim=True)
+        img = gray + (img - gray) * rng.uniform(0.7, 1.3)  # saturation
+        img = (img - img.mean()) * rng.uniform(0.75, 1.25) + img.mean()  # contrast
+        gains = torch.from_numpy(rng.uniform(0.92, 1.08, size=(img.shape[0], 1, 1)))
+        img = img * gains.float() + rng.uniform(-0.1, 0.1)  # brightness / white balance
+        return img.clamp(0, 1)
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _soft_dice(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """1 - mean soft Dice over classes present in the batch (helps thin, rare classes)."""
+    valid = (labels != 255)
+    p = torch.softmax(logits, 1) * valid[:, None]
+    onehot = F.one_hot(torch.where(valid, labels, 0), k).permute(0, 3, 1, 2).float()
+    onehot = onehot * valid[:, None]
+    inter = (p * onehot).sum((0, 2, 3))
+    denom = p.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    present = onehot.sum((0, 2, 3)) > 0
+    if not present.any():
+        return logits.sum() * 0
+    dice = (2 * inter + 1) / (denom + 1)
+    return 1 - dice[present].mean()
+
+
+def _lr_at(it: int, iterations: int, lr: float, warmup: int = 100) -> float:
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, iterations - warmup)))
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _miou(pred: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    valid = labels != 255
+    ious = []
+    for c in range(k):
+        p, t = (pred == c) & valid, (labels == c) & valid
+        union = (p | t).sum().item()
+        if (t.sum().item()) > 0:
+            ious.append((p & t).sum().item() / union)
+    return float(np.mean(ious)) if ious else float("nan")
+
+
+def _val_batches(val: dict[str, Any], norm: Normalization, limit: int = 48):
+    n = len(val["images"])
+    idx = np.linspace(0, n - 1, min(n, limit)).round().astype(int)
+    mean = torch.tensor(norm.mean)[:, None, None]
+    std = torch.tensor(norm.std)[:, None, None]
+    div = norm.divisor(val["images"].dtype)
+    for j in range(0, len(idx), 8):
+        sel = idx[j:j + 8]
+        img = (torch.from_numpy(val["images"][sel].astype(np.float32)) / div - mean) / std
+        yield img, torch.from_numpy(val["labels"][sel].astype(np.int64))
+
+
+class _Run:
+    """Shared bookkeeping: device, seeds, resume, checkpoints, CSV log, progress bar."""
+
+    def __init__(self, kind: str, out_dir: str | Path, train_npz: str | Path, *, seed: int,
+                 device: str, resume: bool, normalization: Normalization | None,
+                 config: dict[str, Any]) -> None:
+        self.kind = kind
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt = self.out / "checkpoint.pt"
+        self.log = self.out / "log.csv"
+        self.device = resolve_device(device)
+        self.data = load_npz(train_npz)
+        self.classes = self.data["classes"]
+        self.norm = normalization or fit_normalization(self.data["images"])
+        torch.manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+        self.config = {"in_channels": int(self.data["images"].shape[1]),
+                       "num_classes": len(self.classes), **config}
+        self.start = 0
+        self.state: dict[str, Any] | None = None
+        if resume and self.ckpt.is_file():
+            self.state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+            if self.state.get("kind") != kind:
+                raise UserError(f"{self.ckpt} is a {self.state.get('kind')} checkpoint, "
+                                f"not {kind}")
+            self.config = self.state["config"]
+            self.norm = Normalization(**self.state["normalization"])
+            self.start = int(self.state["iteration"])
+            self.rng.bit_generator.state = self.state["numpy_rng"]
+            torch.set_rng_state(self.state["torch_rng"])
+        elif self.log.exists():
+            self.log.unlink()
+
+    def restore(self, net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        if self.state is not None:
+            net.load_state_dict(self.state["model"])
+            opt.load_state_dict(self.state["optimizer"])
+
+    def save(self, net: torch.nn.Module, opt: torch.optim.Optimizer, it: int,
+             arch: str) -> None:
+        _save_atomic({
+            "kind": self.kind, "arch": arch, "config": self.config,
+            "normalization": asdict(self.norm), "classes": self.classes,
+            "gsd": float(self.data.get("gsd", np.nan)),
+            "source": str(self.data.get("source", "")),
+            "model": net.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
+            "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+        }, self.ckpt)
+
+    def write_log(self, row: dict[str, Any]) -> None:
+        new = not self.log.exists()
+        with open(self.log, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def progress(self, iterations: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        return tqdm(range(self.start, iterations), initial=self.start, total=iterations,
+                    desc=f"train {self.kind}", disable=not enabled)
+
+
+# -------------------------------------------------------------------------- coarse
+
+
+def train_coarse(
+    train_npz: str | Path,
+    out_dir: str | Path,
+    *,
+    val_npz: str | Path | None = None,
+    iterations: int = 3000,
+    batch_size: int = 8,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: str = "auto",
+    resume: bool = False,
+    config: dict[str, Any] | None = None,
+    progress: bool = True,
+    crop: int = 128,
+    normalization: Normalization | None = None,
+    checkpoint_every: int = 250,
+) -> Path:
+    """Train the coarse segmentor (cross-entropy + soft Dice); return the checkpoint path.
+
+    ``config`` overrides :data:`DEFAULT_COARSE` (``widths``, ``output_stride``).
+    """
+    run = _Run("coarse", out_dir, train_npz, seed=seed, device=device, resume=resume,
+               normalization=normalization, config={**DEFAULT_COARSE, **(config or {})})
+    k = len(run.classes)
+    net = build_coarse_net(run.config).to(run.device)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    run.restore(net, opt)
+    sampler = ChipSampler(run.data, run.norm, crop, run.rng)
+    val = load_npz(val_npz) if val_npz else None
+    t0, acc = time.time(), []
+    for it in run.progress(iterations, progress):
+        net.train()
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(it, iterations, lr)
+        img, lab = sampler.sample(batch_size)
+        img, lab = img.to(run.device), lab.to(run.device)
+        logits = net(img)
+        ce = F.cross_entropy(logits, lab, ignore_index=255)
+        loss = (ce if torch.isfinite(ce) else logits.sum() * 0) + 0.5 * _soft_dice(logits, lab, k)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        acc.append(loss.item())
+        if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
+            row = {"iteration": it + 1, "loss": float(np.mean(acc)),
+                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
+            if val is not None:
+                row.update(_validate_coarse(net, val, run.norm, k, run.device))
+            run.write_log(row)
+            run.save(net, opt, it + 1, "idgbr-coarse")
+            acc = []
+    return run.ckpt
+
+
+@torch.no_grad()
+def _validate_coarse(net, val, norm, k, device) -> dict[str, float]:
+    net.eval()
+    losses, preds, labs = [], [], []
+    for img, lab in _val_batches(val, norm):
+        logits = net(img.to(device))
+        losses.append(float(F.cross_entropy(logits, lab.to(device), ignore_index=255)))
+        preds.append(logits.argmax(1).cpu())
+        labs.append(lab)
+    return {"val_loss": float(np.nanmean(losses)),
+            "val_miou": _miou(torch.cat(preds), torch.cat(labs), k)}
+
+
+def segmentor_from_checkpoint(path: str | Path, device: str = "auto") -> CoarseSegmentor:
+    """A Segmentor from a coarse training checkpoint (e.g. to train a refiner on its maps)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("kind") != "coarse":
+        raise UserError(f"{path} is not a coarse-model checkpoint")
+    net = build_coarse_net(state["config"])
+    net.load_state_dict(state["model"])
+    return CoarseSegmentor(net, resolve_device(device))
+
+
+# ------------------------------------------------------------------------- refiner
+
+
+def train_refiner(
+    train_npz: str | Path,
+    out_dir: str | Path,
+    *,
+    coarse: Any = None,
+    val_npz: str | Path | None = None,
+    iterations: int = 3000,
+    batch_size: int = 8,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: str = "auto",
+    resume: bool = False,
+    config: dict[str, Any] | None = None,
+    progress: bool = True,
+    degradation: bool = True,
+    crop: int = 128,
+    normalization: Normalization | None = None,
+    checkpoint_every: int = 250,
+) -> Path:
+    """Train the guidance network + denoiser; return the checkpoint path.
+
+    Each sample's coarse map comes from ``coarse`` (any Segmentor, fed the same normalised
+    crops - so it must use the same normalisation) with probability ``config["p_model"]``,
+    otherwise from a random degradation of the ground truth (:func:`idgbr_geo.degrade`).
+    ``config`` overrides :data:`DEFAULT_REFINER`; ``use_coarse=False`` trains the
+    image-only ('no rough') ablation and ``mode="oneshot"`` the non-iterative one.
+    """
+    if coarse is None and not degradation:
+        raise UserError("the refiner needs coarse maps: give a coarse model or keep degradation")
+    run = _Run("refiner", out_dir, train_npz, seed=seed, device=device, resume=resume,
+               normalization=normalization, config={**DEFAULT_REFINER, **(config or {})})
+    cfg = run.config
+    k = len(run.classes)
+    if coarse is not None and int(getattr(coarse, "num_classes", k)) != k:
+        raise UserError(f"the coarse model predicts {coarse.num_classes} classes, the training "
+                        f"arrays have {k}")
+    net = build_refiner_net(cfg).to(run.device)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    run.restore(net, opt)
+    sampler = ChipSampler(run.data, run.norm, crop, run.rng)
+    gen = torch.Generator().manual_seed(seed + run.start)
+    p_model = float(cfg.get("p_model", 0.5)) if coarse is not None else 0.0
+    if not degradation:
+        p_model = 1.0
+    val = load_npz(val_npz) if val_npz else None
+    t0, acc = time.time(), []
+    for it in run.progress(iterations, progress):
+        net.train()
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(it, iterations, lr)
+        img, lab = sampler.sample(batch_size)
+        img, lab = img.to(run.device), lab.to(run.device)
+        probs = _coarse_maps(img, lab, k, coarse, p_model, gen, run.rng,
+                             perturb=float(cfg.get("coarse_perturb", 0.0)))
+        loss, parts = training_loss(net, img, probs, lab, t_max=float(cfg.get("t_max", 1.0)),
+                                    p_uncond=float(cfg.get("p_uncond", 0.0)),
+                                    p_coarse_x0=float(cfg.get("p_coarse_x0", 0.0)),
+                                    oneshot=cfg.get("mode") == "oneshot")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        acc.append(loss.item())
+        if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
+            row = {"iteration": it + 1, "loss": float(np.mean(acc)), **parts,
+                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
+            if val is not None:
+                row.update(_validate_refiner(net, val, run.norm, k, run.device, coarse, cfg))
+            run.write_log(row)
+            run.save(net, opt, it + 1, "idgbr-refiner")
+            acc = []
+    return run.ckpt
+
+
+@torch.no_grad()
+def _validate_refiner(net, val, norm, k, device, coarse, cfg) -> dict[str, float]:
+    """mIoU of the coarse maps (coarse model, else fixed degradations) and of their refinement."""
+    from .diffusion import sample
+
+    net.eval()
+    gen = torch.Generator().manual_seed(1)
+    cs, rs, labs = [], [], []
+    for img, lab in _val_batches(val, norm, limit=24):
+        img = img.to(device)
+        probs = (coarse.predict(img).float() if coarse is not None
+                 else degrade(lab, k, generator=gen).to(device))
+        logits = sample(net, img, probs, steps=int(cfg.get("steps", 4)), seed=0,
+                        origins=[(0, 0)] * len(img), start=cfg.get("start", "noise"),
+                        t_start=float(cfg.get("t_start", 1.0)),
+                        oneshot=cfg.get("mode") == "oneshot")
+        cs.append(probs.argmax(1).cpu())
+        rs.append(logits.argmax(1).cpu())
+        labs.append(lab)
+    lab = torch.cat(labs)
+    return {"val_miou_coarse": _miou(torch.cat(cs), lab, k),
+            "val_miou_refined": _miou(torch.cat(rs), lab, k)}
+
+
+@torch.no_grad()
+def _coarse_maps(img: torch.Tensor, lab: torch.Tensor, k: int, coarse: Any, p_model: float,
+                 gen: torch.Generator, rng: np.random.Generator, perturb: float = 0.0
+                 ) -> torch.Tensor:
+    """Per sample: the coarse model's map (prob p_model) or a degraded ground truth.
+
+    On its own training chips the coarse model is nearly perfect, unlike on new scenes;
+    ``perturb`` > 0 feeds it a corrupted copy of the image (noise, blur, colour shift; the
+    refiner still sees the clean one) so that its maps carry the uncertain, partly wrong
+    semantics it produces on unseen imagery.
+    """
+    use_model = rng.random(len(img)) < p_model
+    out = torch.empty(len(img), k, *img.shape[-2:], device=img.device)
+    if use_model.any():
+        sel = torch.from_numpy(np.flatnonzero(use_model)).to(img.device)
+        x = img[sel]
+        if perturb > 0:
+            from .degrade import gaussian_blur
+
+            n = len(x)
+            x = gaussian_blur(x, float(rng.uniform(0, 2.0 * perturb)))
+            shift = torch.from_numpy(rng.normal(0, 0.4 * perturb, (n, x.shape[1], 1, 1)))
+            sigma = torch.from_numpy(rng.uniform(0, 0.6 * perturb, (n, 1, 1, 1)))
+            noise = torch.randn(x.shape, generator=gen).to(x.device)
+            x = x + shift.float().to(x.device) + sigma.float().to(x.device) * noise
+        out[sel] = coarse.predict(x).to(img.device).float()
+    if (~use_model).any():
+        sel = torch.from_numpy(np.flatnonzero(~use_model)).to(img.device)
+        out[sel] = degrade(lab[sel].cpu(), k, generator=gen).to(img.device)
+    return out
+
+
+# -------------------------------------------------------------------------- export
+
+
+def export_model(coarse_ckpt: str | Path | None, refiner_ckpt: str | Path | None,
+                 card: ModelCard, folder: str | Path) -> Path:
+    """Write ``card`` + one safetensors file with both networks into ``folder``.
+
+    Fills the card's segmentor/refiner sections, classes and normalisation from the
+    checkpoints (the networks were trained with that normalisation).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, path, arch in (("segmentor.", coarse_ckpt, "idgbr-coarse"),
+                               ("refiner.", refiner_ckpt, "idgbr-refiner")):
+        if path is None:
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("arch") != arch:
+            raise UserError(f"{path} is not a {arch} checkpoint")
+        if list(state["classes"]) != list(card.classes):
+            raise UserError(f"{path} was trained for classes {state['classes']}, the card "
+                            f"says {card.classes}")
+        cfg = {k: v for k, v in state["config"].items() if k not in ("in_channels", "num_classes")}
+        section = {"arch": arch, "config": cfg}
+        if prefix == "segmentor.":
+            card.segmentor = section
+        else:
+            card.refiner = section
+        card.normalization = Normalization(**state["normalization"])
+        tensors.update({prefix + k: v for k, v in state["model"].items()})
+    if not tensors:
+        raise UserError("export_model needs at least one checkpoint")
+    return save_model(card, tensors, folder)
+
+
+def refiner_from_checkpoint(path: str | Path, device: str = "auto") -> DiffusionRefiner:
+    """A Refiner from a refiner training checkpoint (for validation before export)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("kind") != "refiner":
+        raise UserError(f"{path} is not a refiner checkpoint")
+    net = build_refiner_net(state["config"])
+    net.load_state_dict(state["model"])
+    return DiffusionRefiner(net, state["config"], resolve_device(device))

@@ -1,0 +1,122 @@
+"""The IDGBR networks behind the Segmentor / Refiner interfaces, and their registry round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from idgbr_geo.cards import ModelCard
+from idgbr_geo.errors import UserError
+from idgbr_geo.interfaces import Refiner, Segmentor
+from idgbr_geo.networks import (
+    CoarseNet,
+    CoarseSegmentor,
+    DiffusionRefiner,
+    RefinerNet,
+    build_coarse_net,
+    build_refiner_net,
+)
+from idgbr_geo.registry import load_model, save_model
+
+
+@pytest.mark.parametrize("stride", [4, 8, 16])
+def test_coarse_net_predicts_full_resolution_probabilities(stride):
+    torch.manual_seed(0)
+    seg = CoarseSegmentor(CoarseNet(num_classes=3, output_stride=stride))
+    probs = seg.predict(torch.randn(2, 3, 64, 96))
+    assert probs.shape == (2, 3, 64, 96)
+    assert torch.allclose(probs.sum(1), torch.ones(2, 64, 96), atol=1e-5)
+    assert isinstance(seg, Segmentor)
+
+
+def test_blurrier_stride_gives_smoother_maps():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 128, 128)
+    fine, coarse = CoarseNet(output_stride=4).eval(), CoarseNet(output_stride=16).eval()
+    coarse.load_state_dict(fine.state_dict())
+    with torch.no_grad():
+        tv = [float((m(x)[:, :, 1:] - m(x)[:, :, :-1]).abs().mean()) for m in (fine, coarse)]
+    assert tv[1] < tv[0]
+
+
+def test_guidance_injection_starts_at_zero():
+    """Zero-initialised injection: an untrained denoiser ignores the guidance entirely."""
+    torch.manual_seed(0)
+    net = RefinerNet(num_classes=2).eval()
+    x = torch.randn(1, 2, 16, 16)
+    t = torch.full((1,), 0.5)
+    with torch.no_grad():
+        g = net.guide(torch.randn(1, 3, 64, 64), torch.rand(1, 2, 64, 64))[2]
+        a, _ = net.denoiser(x, t, g)
+        b, _ = net.denoiser(x, t, torch.randn_like(g) * 10)
+        c, _ = net.denoiser(x, t, None)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    with torch.no_grad():  # once the injection has weights, guidance matters
+        net.denoiser.inject[0].weight.fill_(0.1)
+        d, _ = net.denoiser(x, t, g)
+    assert not torch.allclose(a, d)
+
+
+def test_no_rough_refiner_ignores_the_coarse_map():
+    torch.manual_seed(0)
+    net = RefinerNet(num_classes=2, use_coarse=False)
+    for p in net.parameters():  # make every path live
+        torch.nn.init.normal_(p, std=0.1)
+    ref = DiffusionRefiner(net, {})
+    img = torch.randn(1, 3, 64, 64)
+    a = ref.refine(img, torch.rand(1, 2, 64, 64), steps=2, seed=0, origins=[(0, 0)])
+    b = ref.refine(img, torch.rand(1, 2, 64, 64), steps=2, seed=0, origins=[(0, 0)])
+    assert torch.equal(a, b)
+
+
+def _card(k: int = 2, **over) -> ModelCard:
+    return ModelCard(name="tiny", classes=[f"c{i}" for i in range(k)], **over)
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_registry_round_trip(tmp_path, k):
+    torch.manual_seed(0)
+    coarse, refiner = build_coarse_net({"num_classes": k}), build_refiner_net({"num_classes": k})
+    card = _card(k, segmentor={"arch": "idgbr-coarse", "config": {}},
+                 refiner={"arch": "idgbr-refiner", "config": {"start": "noise"}})
+    tensors = {**{f"segmentor.{n}": v for n, v in coarse.state_dict().items()},
+               **{f"refiner.{n}": v for n, v in refiner.state_dict().items()}}
+    path = save_model(card, tensors, tmp_path)
+    model = load_model(path, "cpu")
+    assert isinstance(model.segmentor, Segmentor) and isinstance(model.refiner, Refiner)
+    assert model.segmentor.num_classes == k and model.refiner.num_classes == k
+    img = torch.randn(2, 3, 64, 64)
+    probs = model.segmentor.predict(img)
+    with torch.no_grad():
+        expected = torch.softmax(coarse.eval()(img), 1)
+    assert torch.allclose(probs, expected, atol=1e-5)
+    out = model.refiner.refine(img, probs, steps=2, seed=3, origins=[(0, 0), (64, 0)])
+    assert out.shape == (2, k, 64, 64)
+    assert torch.allclose(out.sum(1), torch.ones(2, 64, 64), atol=1e-5)
+
+
+def test_mismatched_weights_are_a_user_error(tmp_path):
+    coarse = build_coarse_net({"num_classes": 2, "widths": [8, 16, 24, 32]})
+    card = _card(2, segmentor={"arch": "idgbr-coarse", "config": {}})
+    path = save_model(card, {f"segmentor.{n}": v for n, v in coarse.state_dict().items()},
+                      tmp_path)
+    with pytest.raises(UserError, match="do not match"):
+        load_model(path, "cpu")
+
+
+def test_boundary_band_limits_refiner_changes_to_coarse_boundaries():
+    from idgbr_geo.networks import boundary_band
+
+    probs = torch.zeros(1, 2, 64, 64)
+    probs[:, 0] = 1
+    probs[:, :, 16:48, 16:48] = torch.tensor([0.0, 1.0])[:, None, None]
+    band = boundary_band(probs, 4)
+    assert band[0, 0, 16, 30] == 1 and band[0, 0, 2, 2] == 0 and band[0, 0, 32, 32] == 0
+    torch.manual_seed(0)
+    net = RefinerNet(num_classes=2)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    ref = DiffusionRefiner(net, {"band": 4})
+    out = ref.refine(torch.randn(1, 3, 64, 64), probs, steps=1, seed=0, origins=[(0, 0)])
+    assert torch.equal(out[0, :, 2, 2], probs[0, :, 2, 2])
+    assert not torch.equal(out[0, :, 16, 30], probs[0, :, 16, 30])

@@ -1,0 +1,120 @@
+"""Training loops on tiny generated arrays: logs, checkpoints, resume, export, errors."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from idgbr_geo.cards import ModelCard
+from idgbr_geo.errors import UserError
+from idgbr_geo.registry import load_model
+from idgbr_geo.training import (
+    export_model,
+    fit_normalization,
+    load_npz,
+    refiner_from_checkpoint,
+    segmentor_from_checkpoint,
+    train_coarse,
+    train_refiner,
+)
+
+TINY = {"widths": [4, 8, 8, 8]}
+TINY_REF = {"c1": 4, "c2": 4, "c4": 8, "c8": 8, "ch": 8, "blocks": 1, "steps": 2}
+
+
+@pytest.fixture
+def npz(tmp_path):
+    """Six 64 px chips: bright squares are class 1, a stripe class 2, a corner ignored."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 60, size=(6, 3, 64, 64)).astype(np.uint8)
+    labels = np.zeros((6, 64, 64), np.uint8)
+    for i in range(6):
+        r, c = rng.integers(4, 36, size=2)
+        labels[i, r:r + 20, c:c + 20] = 1
+        labels[i, 50:56] = 2
+        labels[i, :4, :4] = 255
+    images[:, :, labels[0] == 1] += 150
+    path = tmp_path / "chips.npz"
+    np.savez(path, images=images, labels=labels, classes=np.array(["bg", "sq", "st"]),
+             gsd=np.float64(0.5), source=np.array("generated"))
+    return path
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_coarse_logs_checkpoints_and_resumes(npz, tmp_path):
+    out = tmp_path / "coarse"
+    kw = dict(batch_size=2, crop=32, config=TINY, progress=False, checkpoint_every=3,
+              device="cpu")
+    ckpt = train_coarse(npz, out, val_npz=npz, iterations=6, **kw)
+    assert ckpt == out / "checkpoint.pt" and ckpt.is_file()
+    rows = _rows(out / "log.csv")
+    assert [r["iteration"] for r in rows] == ["3", "6"]
+    assert {"loss", "lr", "val_loss", "val_miou"} <= set(rows[0])
+    train_coarse(npz, out, iterations=9, resume=True, **kw)
+    assert [r["iteration"] for r in _rows(out / "log.csv")] == ["3", "6", "9"]
+    state = torch.load(ckpt, weights_only=False)
+    assert state["iteration"] == 9 and state["classes"] == ["bg", "sq", "st"]
+    seg = segmentor_from_checkpoint(ckpt, "cpu")
+    assert seg.predict(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_same_seed_same_weights(npz, tmp_path):
+    kw = dict(iterations=3, batch_size=2, crop=32, config=TINY, progress=False, device="cpu")
+    a = torch.load(train_coarse(npz, tmp_path / "a", **kw), weights_only=False)["model"]
+    b = torch.load(train_coarse(npz, tmp_path / "b", **kw), weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_refiner_and_export_a_loadable_model(npz, tmp_path):
+    kw = dict(batch_size=2, crop=32, progress=False, device="cpu")
+    cc = train_coarse(npz, tmp_path / "c", iterations=2, config=TINY, **kw)
+    seg = segmentor_from_checkpoint(cc, "cpu")
+    rc = train_refiner(npz, tmp_path / "r", coarse=seg, val_npz=npz, iterations=4,
+                       checkpoint_every=2, config=TINY_REF, **kw)
+    rows = _rows(tmp_path / "r" / "log.csv")
+    assert len(rows) == 2 and {"loss4", "loss1", "val_miou_refined"} <= set(rows[0])
+    ref = refiner_from_checkpoint(rc, "cpu")
+    assert ref.refine(torch.zeros(1, 3, 32, 32), torch.full((1, 3, 32, 32), 1 / 3), steps=2,
+                      seed=0, origins=[(0, 0)]).shape == (1, 3, 32, 32)
+    card = ModelCard(name="tiny", classes=["bg", "sq", "st"], steps=2)
+    path = export_model(cc, rc, card, tmp_path / "models")
+    model = load_model(path, "cpu")
+    norm = fit_normalization(load_npz(npz)["images"])
+    assert model.card.normalization.mean == pytest.approx(norm.mean)
+    assert model.card.refiner["arch"] == "idgbr-refiner"
+    img = torch.randn(1, 3, 32, 32)
+    probs = model.segmentor.predict(img)
+    out = model.refiner.refine(img, probs, steps=2, seed=0, origins=[(0, 0)])
+    assert out.shape == (1, 3, 32, 32)
+
+
+def test_degradation_only_refiner_and_ablation_modes(npz, tmp_path):
+    kw = dict(iterations=2, batch_size=2, crop=32, progress=False, device="cpu")
+    for name, cfg in (("plain", {}), ("norough", {"use_coarse": False}),
+                      ("oneshot", {"mode": "oneshot"})):
+        ckpt = train_refiner(npz, tmp_path / name, coarse=None, config={**TINY_REF, **cfg}, **kw)
+        assert torch.load(ckpt, weights_only=False)["config"]["num_classes"] == 3
+
+
+def test_user_errors(npz, tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((2, 3, 8, 8), np.uint8))
+    with pytest.raises(UserError, match="not a training array"):
+        train_coarse(bad, tmp_path / "x", iterations=1, progress=False)
+    with pytest.raises(UserError, match="cannot read"):
+        load_npz(tmp_path / "missing.npz")
+    with pytest.raises(UserError, match="needs coarse maps"):
+        train_refiner(npz, tmp_path / "y", coarse=None, degradation=False, progress=False)
+    cc = train_coarse(npz, tmp_path / "c", iterations=1, batch_size=2, crop=32, config=TINY,
+                      progress=False, device="cpu")
+    with pytest.raises(UserError, match="trained for classes"):
+        export_model(cc, None, ModelCard(name="t", classes=["a", "b"]), tmp_path / "m")
+    with pytest.raises(UserError, match="not a refiner"):
+        refiner_from_checkpoint(cc, "cpu")
