@@ -55,10 +55,12 @@ def _child(args: argparse.Namespace) -> None:
     import torch
 
     from idgbr_geo.engine import refine_raster
+    from idgbr_geo.registry import load_model
 
     torch.set_num_threads(args.threads)
+    model = load_model(args.model, args.device)  # loading the weights is not part of the run
     t0 = time.perf_counter()
-    s = refine_raster(args.input, args.output, model=args.model, coarse_only=args.coarse_only,
+    s = refine_raster(args.input, args.output, model=model, coarse_only=args.coarse_only,
                       overwrite=True, quiet=True, device=args.device, batch_size=args.batch_size)
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
@@ -71,7 +73,6 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
     """Seconds the model alone would need for all windows of the scene (sampled)."""
     import torch
 
-    from idgbr_geo.engine import _has_boundary
     from idgbr_geo.registry import load_model
     from idgbr_geo.tiling import open_source, plan_tiles, read_tile
 
@@ -95,20 +96,31 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
         batches.append((torch.from_numpy(x).to(m.device), [t.origin for t in group]))
     src.ds.close()
     with torch.inference_mode():
-        m.segmentor.predict(batches[0][0][:1])  # warm-up
-        t0 = time.perf_counter()
-        for x, origins in batches:
-            p = m.segmentor.predict(x)
-            if not coarse_only and m.refiner is not None:
-                need = _has_boundary(p, torch.ones_like(p[:, 0], dtype=torch.bool))
-                idx = need.nonzero().flatten()
-                if len(idx):
-                    m.refiner.refine(x[idx], p[idx], steps=card.steps, seed=0,
-                                     origins=[origins[i] for i in idx.tolist()])
-            if m.device.type == "cuda":
-                torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-    return elapsed / len(chosen) * len(tiles)
+        m.segmentor.predict(batches[0][0])  # warm-up
+        best = float("inf")
+        for _ in range(2):  # best of two passes: the machine may be busy
+            t0 = time.perf_counter()
+            _model_pass(m, batches, coarse_only)
+            best = min(best, time.perf_counter() - t0)
+    return best / len(chosen) * len(tiles)
+
+
+def _model_pass(m, batches, coarse_only: bool) -> None:
+    """The model alone over pre-read batches, with the engine's refine-where-needed rule."""
+    import torch
+
+    from idgbr_geo.engine import _has_boundary
+
+    for x, origins in batches:
+        p = m.segmentor.predict(x)
+        if not coarse_only and m.refiner is not None:
+            need = _has_boundary(p, torch.ones_like(p[:, 0], dtype=torch.bool))
+            idx = need.nonzero().flatten()
+            if len(idx):
+                m.refiner.refine(x[idx], p[idx], steps=m.card.steps, seed=0,
+                                 origins=[origins[i] for i in idx.tolist()])
+        if m.device.type == "cuda":
+            torch.cuda.synchronize()
 
 
 def main() -> None:

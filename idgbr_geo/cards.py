@@ -43,10 +43,12 @@ class Normalization:
 
     def apply(self, data: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
         """Normalise a (bands, H, W) array of raw values to float32 network input."""
-        x = data.astype(np.float32) / np.float32(self.divisor(dtype))
-        mean = np.asarray(self.mean, np.float32)[:, None, None]
-        std = np.asarray(self.std, np.float32)[:, None, None]
-        return (x - mean) / std
+        std = np.asarray(self.std, np.float64)
+        scale = (1.0 / (self.divisor(dtype) * std)).astype(np.float32)[:, None, None]
+        offset = (-np.asarray(self.mean, np.float64) / std).astype(np.float32)[:, None, None]
+        out = np.multiply(data, scale, dtype=np.float32)  # two passes: it runs per window
+        out += offset
+        return out
 
 
 @dataclass

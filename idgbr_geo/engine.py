@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 import torch
 import torch.nn.functional as F
 from rasterio.enums import Resampling
@@ -44,6 +45,8 @@ from .tiling import (
 from .writing import BLOCK, ResultWriter, to_cog
 
 _DONE = object()
+#: GDAL block cache during a run (MB), unless GDAL_CACHEMAX is set in the environment
+GDAL_CACHE_MB = 64
 
 
 @dataclass
@@ -252,8 +255,13 @@ def refine_raster(
     if coarse is None and m.segmentor is None:
         raise UserError(f"model {card.name!r} has no segmentor: give a coarse map with --coarse")
     use_refiner = not coarse_only and m.refiner is not None and steps > 0
-    src = open_source(input, model_bands=card.bands, bands=bands, model_gsd=card.gsd, gsd=gsd)
     with contextlib.ExitStack() as stack:
+        # each block is read and written once: GDAL's default cache (5% of RAM) would only
+        # keep the decompressed scene around and make memory grow with the scene
+        if "GDAL_CACHEMAX" not in os.environ:
+            stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
+        src = open_source(input, model_bands=card.bands, bands=bands, model_gsd=card.gsd,
+                          gsd=gsd)
         stack.callback(src.ds.close)
         coarse_ds = None
         if coarse is not None:
@@ -304,7 +312,7 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
                               confidence=confidence, probabilities=prob_path,
                               prob_dtype=prob_dtype, tags=tags)
     tile_rows_in = math.ceil(max(t.window.height for t in tiles))
-    stitcher = RowStitcher(src.width, src.height, k, capacity=tile_rows_in + 2 * BLOCK,
+    stitcher = RowStitcher(src.width, src.height, k, capacity=tile_rows_in + BLOCK,
                            block=BLOCK, flush=writer_out.write)
     writer = _Writer(stitcher, src, overlap * src.factor)
     writer.start()
@@ -353,7 +361,8 @@ def _process(batch: list[_Item], m: Model, src: Source, writer: _Writer, summary
         for i, it in enumerate(live):
             mh, mw = it.mask.shape
             x = card.normalization.apply(it.data, src.dtype)
-            x[:, ~it.mask] = 0.0
+            if not it.mask.all():
+                x[:, ~it.mask] = 0.0
             img[i, :, :mh, :mw] = x
             valid[i, :mh, :mw] = it.mask
             inside[i, :, :mh, :mw] = 1.0

@@ -90,10 +90,12 @@ class RowStitcher:
 
     def _flush_to(self, end: int) -> None:
         n = end - self.base
-        wsum = self.wsum[:n]
-        covered = (wsum > 0) & self.valid[:n]
-        probs = self.acc[:, :n] / np.where(wsum > 0, wsum, 1.0)
-        self.flush(self.base, end, probs, covered)
+        for r in range(0, n, self.block):  # block by block: small temporaries on wide rasters
+            r1 = min(r + self.block, n)
+            wsum = self.wsum[r:r1]
+            covered = (wsum > 0) & self.valid[r:r1]
+            probs = self.acc[:, r:r1] / np.where(wsum > 0, wsum, 1.0)
+            self.flush(self.base + r, self.base + r1, probs, covered)
         keep = self.capacity - n
         if keep > 0:
             self.acc[:, :keep] = self.acc[:, n:]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import rasterio
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -97,6 +97,12 @@ class Source:
     @property
     def height(self) -> int:
         return self.ds.height
+
+    @property
+    def all_valid(self) -> bool:
+        """No nodata value, mask or alpha on the used bands: skip reading masks."""
+        flags = [self.ds.mask_flag_enums[b - 1] for b in self.bands]
+        return all(f == [MaskFlags.all_valid] for f in flags)
 
     @property
     def dtype(self) -> str:
@@ -232,6 +238,8 @@ def read_tile(src: Source, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
     try:
         data = src.ds.read(src.bands, window=win, out_shape=(len(src.bands), *out),
                            resampling=resampling)
+        if src.all_valid:
+            return data, np.ones(out, bool)
         mask = src.ds.dataset_mask(window=win, out_shape=out, resampling=Resampling.nearest)
     except RasterioError as exc:
         raise InputError(f"failed to read {src.path} at window {win.col_off},{win.row_off}: "
