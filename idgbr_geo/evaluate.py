@@ -44,20 +44,14 @@ def _short(exc: BaseException) -> str:
 
 def open_class_raster(path: str | os.PathLike[str], what: str) -> Any:
     """Open a single-band-or-more class raster, or raise one clear :class:`InputError`."""
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from .tiling import open_raster
 
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{what} {p} does not exist")
-    if p.is_dir():
-        raise InputError(f"{what} {p} is a folder, not a raster")
-    try:
-        with warnings.catch_warnings():  # plain PNG masks are fine when both sides are
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            ds = rasterio.open(p)
-    except RasterioError as exc:
-        raise InputError(f"{what} {p} is not a readable raster ({_short(exc)})") from None
+    with warnings.catch_warnings():  # plain PNG masks are fine when both sides are
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        ds = open_raster(p, what)
     if np.dtype(ds.dtypes[0]).kind == "f" and what != "TRUTH":
         ds.close()
         raise InputError(f"{what} {p} has float pixels; expected class ids (integers)")

@@ -247,19 +247,13 @@ def render_preview(
 
 
 def _open_image(path: str | os.PathLike[str]) -> Any:
-    import rasterio
-    from rasterio.errors import RasterioError
+    """:func:`~idgbr_geo.tiling.open_raster`, with a hint for folders (they need --html)."""
+    from .tiling import open_raster
 
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"INPUT {p} does not exist")
     if p.is_dir():
         raise InputError(f"INPUT {p} is a folder, not a raster (use --html for folders)")
-    try:
-        return rasterio.open(p)
-    except RasterioError as exc:
-        raise InputError(f"INPUT {p} is not a readable raster "
-                         f"({str(exc).strip().splitlines()[0][:200]})") from None
+    return open_raster(p, "INPUT")
 
 
 def _same_grid(img_ds: Any, ds: Any, what: str) -> None:

@@ -60,3 +60,37 @@ def conv_model(folder: Path, *, classes=("background", "building"), bands: int =
         tensors["refiner.weight"] = torch.randn(k, bands + k, 3, 3, generator=g) * 0.3
         card.refiner = {"arch": "conv-refiner", "config": {"noise_scale": 0.05}}
     return save_model(card, tensors, folder)
+
+
+def class_blobs(shape: tuple[int, int], seed: int, classes: int = 2,
+                sigma: float = 4) -> np.ndarray:
+    """Smooth random class map (uint8 ids 0..classes-1) with real boundaries, for metrics."""
+    from scipy import ndimage
+
+    r = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), sigma)
+    edges = np.quantile(r, np.linspace(0, 1, classes + 1)[1:-1])
+    return np.digitize(r, edges).astype(np.uint8)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dict -> {"a.b.c": value}, to compare metric results key by key."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    """Two metric results agree key by key (floats to 1e-9 relative, the rest exactly)."""
+    import pytest
+
+    fa, fb = flatten(a), flatten(b)
+    assert fa.keys() == fb.keys()
+    for key, value in fa.items():
+        if isinstance(value, float):
+            assert fb[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        else:
+            assert fb[key] == value, key

@@ -12,7 +12,7 @@ import rasterio
 import shapely
 from click.testing import CliRunner
 from rasterio.transform import from_origin
-from scipy import ndimage
+from synth import assert_same, class_blobs
 
 from idgbr_geo.cli import main
 from idgbr_geo.errors import InputError
@@ -35,37 +35,11 @@ def write_map(path: Path, data: np.ndarray, *, names: list[str] | None = None,
     return path
 
 
-def blobs(shape: tuple[int, int], seed: int, classes: int = 2) -> np.ndarray:
-    r = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), 4)
-    edges = np.quantile(r, np.linspace(0, 1, classes + 1)[1:-1])
-    return np.digitize(r, edges).astype(np.uint8)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def assert_same(a: dict, b: dict) -> None:
-    fa, fb = flatten(a), flatten(b)
-    assert fa.keys() == fb.keys()
-    for key, value in fa.items():
-        if isinstance(value, float):
-            assert fb[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
-        else:
-            assert fb[key] == value, key
-
-
 @pytest.fixture
 def scene(tmp_path):
-    truth = blobs((90, 110), 1)
+    truth = class_blobs((90, 110), 1)
     truth[:8, :20] = 255
-    pred, coarse = blobs((90, 110), 2), blobs((90, 110), 3)
+    pred, coarse = class_blobs((90, 110), 2), class_blobs((90, 110), 3)
     return dict(
         truth=truth, pred=pred, coarse=coarse,
         truth_path=write_map(tmp_path / "truth.tif", truth),
@@ -88,7 +62,7 @@ def test_rasters_stream_to_the_array_result(scene):
 
 
 def test_missing_tag_falls_back_to_generic_names(tmp_path):
-    truth = blobs((40, 40), 1, classes=3)
+    truth = class_blobs((40, 40), 1, classes=3)
     write_map(tmp_path / "t.tif", truth)
     write_map(tmp_path / "p.tif", truth)
     r = evaluate_scene(tmp_path / "p.tif", tmp_path / "t.tif")
@@ -97,7 +71,7 @@ def test_missing_tag_falls_back_to_generic_names(tmp_path):
 
 
 def test_truth_nodata_value_of_the_raster_is_ignored(tmp_path):
-    truth = blobs((40, 40), 1)
+    truth = class_blobs((40, 40), 1)
     pred = truth.copy()
     truth_nd = truth.copy()
     truth_nd[:10] = 9
@@ -156,7 +130,7 @@ def test_folders_are_matched_by_name_and_pooled(tmp_path):
         (tmp_path / sub).mkdir()
     arrays = {}
     for i, name in enumerate(("a", "b")):
-        t, p, c = blobs((50, 60), i), blobs((50, 60), i + 10), blobs((50, 60), i + 20)
+        t, p, c = (class_blobs((50, 60), i + offset) for offset in (0, 10, 20))
         arrays[name] = (t, p)
         write_map(tmp_path / "truth" / f"{name}.tif", t)
         write_map(tmp_path / "pred" / f"{name}.tif", p, names=NAMES)

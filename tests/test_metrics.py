@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
+from synth import assert_same, class_blobs, flatten
 
 from idgbr_geo.errors import InputError
 from idgbr_geo.metrics import MetricAccumulator, evaluate_arrays
@@ -26,23 +27,6 @@ def square(row: int, col: int, side: int = 4, size: int = 12) -> np.ndarray:
     a = np.zeros((size, size), np.uint8)
     a[row:row + side, col:col + side] = 1
     return a
-
-
-def blobs(shape: tuple[int, int], seed: int, classes: int = 2, sigma: float = 4) -> np.ndarray:
-    """Smooth random class map with real boundaries."""
-    r = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), sigma)
-    edges = np.quantile(r, np.linspace(0, 1, classes + 1)[1:-1])
-    return np.digitize(r, edges).astype(np.uint8)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def test_half_plane_shifted_by_one_pixel():
@@ -94,7 +78,7 @@ def test_square_shifted_by_two_pixels():
 
 
 def test_perfect_prediction_scores_one_everywhere():
-    truth = blobs((40, 50), 3, classes=3)
+    truth = class_blobs((40, 50), 3, classes=3)
     r = evaluate_arrays(truth, truth, 3)
     for key, value in flatten(r).items():
         if key not in ("pixels", "classes"):
@@ -129,7 +113,7 @@ def idgbr_band(labels: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_wfm_matches_reference_formula(seed):
     # images small enough that every pixel is within the 32 px distance cap of a band
-    truth, pred = blobs((48, 40), seed), blobs((48, 40), seed + 10)
+    truth, pred = class_blobs((48, 40), seed), class_blobs((48, 40), seed + 10)
     r = evaluate_arrays(pred, truth, NAMES)
     expected = margolin_wfm(idgbr_band(pred), idgbr_band(truth))
     assert r["wfm"]["building"] == pytest.approx(expected, rel=1e-9)
@@ -160,7 +144,7 @@ def test_class_predicted_but_absent_from_truth():
 
 def test_all_ignored_truth_gives_nulls_not_errors():
     truth = np.full((20, 20), 255, np.uint8)
-    pred = blobs((20, 20), 1)
+    pred = class_blobs((20, 20), 1)
     r = evaluate_arrays(pred, truth, NAMES, coarse=pred)
     assert r["pixels"] == 0
     assert r["pixel_accuracy"] is None
@@ -233,23 +217,17 @@ def test_perfect_coarse_map_has_no_false_region():
 
 @pytest.mark.parametrize("window", [16, 37, 64])
 def test_windowed_equals_whole(window):
-    truth = blobs((150, 130), 1, classes=3)
+    truth = class_blobs((150, 130), 1, classes=3)
     truth[10:30, 100:125] = 255
-    pred, coarse = blobs((150, 130), 2, classes=3), blobs((150, 130), 3, classes=3)
+    pred, coarse = class_blobs((150, 130), 2, classes=3), class_blobs((150, 130), 3, classes=3)
     pred[0, 0] = 255
-    whole = flatten(evaluate_arrays(pred, truth, 3, coarse=coarse))
-    windowed = flatten(evaluate_arrays(pred, truth, 3, coarse=coarse, window=window))
-    assert whole.keys() == windowed.keys()
-    for key, value in whole.items():
-        if isinstance(value, float):
-            assert windowed[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
-        else:
-            assert windowed[key] == value, key
+    whole = evaluate_arrays(pred, truth, 3, coarse=coarse)
+    assert_same(whole, evaluate_arrays(pred, truth, 3, coarse=coarse, window=window))
 
 
 def test_accumulators_pool_like_one_scene():
-    a_t, a_p = blobs((40, 30), 1), blobs((40, 30), 2)
-    b_t, b_p = blobs((40, 30), 3), blobs((40, 30), 4)
+    a_t, a_p = class_blobs((40, 30), 1), class_blobs((40, 30), 2)
+    b_t, b_p = class_blobs((40, 30), 3), class_blobs((40, 30), 4)
     pooled = MetricAccumulator(NAMES)
     for p, t in ((a_p, a_t), (b_p, b_t)):
         one = MetricAccumulator(NAMES)
