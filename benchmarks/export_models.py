@@ -89,6 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sets", nargs="+")
     ap.add_argument("--out", type=Path, default=REPO / "models")
+    ap.add_argument("--refiner-tag", default="refiner", help="training run of the refiner")
     args = ap.parse_args()
     log = json.loads((REPO / "benchmarks" / "training_commands.json").read_text())
     for name in args.sets:
@@ -111,17 +112,18 @@ def main() -> None:
             card.extra["validation"] = {
                 "split": "held-out areas (see training_data.dataset)",
                 "refiner_defaults": {"steps": steps, "start": val["start"],
-                                     "t_start": val["t_start"]},
+                                     "t_start": val["t_start"], "band": int(val.get("band", 0))},
                 "table_markdown": (TRAIN / f"val-{name}.md").read_text(),
                 "notes": NOTES[name],
                 "rows": [{k: v for k, v in r.items() if k != "raw"} for r in val["rows"]],
             }
         path = export_model(TRAIN / "runs" / f"{name}-coarse" / "checkpoint.pt",
-                            TRAIN / "runs" / f"{name}-refiner" / "checkpoint.pt", card, args.out)
+                            TRAIN / "runs" / f"{name}-{args.refiner_tag}" / "checkpoint.pt", card,
+                            args.out)
         card = ModelCard.load(path)
         if val:
             card.refiner["config"].update(start=val["start"], t_start=val["t_start"],
-                                          steps=steps)
+                                          steps=steps, band=int(val.get("band", 0)))
             card.save(path)
         print(path, (args.out / f"{name}.safetensors").stat().st_size // 1024, "KiB")
     parts = ["# Validation of the bundled models\n",

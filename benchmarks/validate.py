@@ -116,13 +116,14 @@ class Blurred:
 
 class Validator:
     def __init__(self, name: str, limit: int | None, steps: int, start: str, t_start: float,
-                 device: str = "cpu", x0: str = "soft") -> None:
+                 device: str = "cpu", x0: str = "soft", band: int = 0) -> None:
         from idgbr_geo.training import load_npz  # noqa: F401  (keeps import errors early)
 
         self.name = name
         self.scenes = load_scenes(name, limit)
         self.truths = [lab for _, lab in self.scenes]
         self.steps, self.start, self.t_start, self.x0 = steps, start, t_start, x0
+        self.band = band
         self.device = device
         self.rows: list[dict[str, Any]] = []
 
@@ -140,6 +141,7 @@ class Validator:
         kw.setdefault("start", self.start)
         kw.setdefault("t_start", self.t_start)
         kw.setdefault("x0", self.x0)
+        kw.setdefault("band", getattr(self, "band", 0))
         return [sliding(lambda x, e, o: ref.refine(x, e, steps=steps, seed=0, origins=[o], **kw),
                         im, k, cm) for im, cm in zip(self.images(norm), coarse, strict=True)]
 
@@ -191,10 +193,14 @@ def main() -> None:
     ap.add_argument("--t-start", type=float, default=1.0)
     ap.add_argument("--x0", default="soft", choices=["soft", "hard"])
     ap.add_argument("--only", default=None, help="comma list of extra refine variants as JSON")
+    ap.add_argument("--band", type=int, default=0,
+                    help="keep the coarse map farther than this many px from its boundaries")
     ap.add_argument("--limit", type=int, default=None, help="first N scenes only")
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--refiner-tag", default="refiner")
     ap.add_argument("--coarse-tag", default="coarse")
+    ap.add_argument("--norough-tag", default="refiner-norough")
+    ap.add_argument("--oneshot-tag", default="refiner-oneshot")
     ap.add_argument("--steps-ablation", action="store_true", help="only the steps ablation")
     ap.add_argument("--no-crf", action="store_true")
     ap.add_argument("--crf", default="{}", help="JSON keyword arguments of dense_crf")
@@ -211,7 +217,8 @@ def main() -> None:
     state = torch.load(ckpt(args.coarse_tag), map_location="cpu", weights_only=False)
     norm = Normalization(**state["normalization"])
     classes = list(state["classes"])
-    v = Validator(args.set, args.limit, args.steps, args.start, args.t_start, x0=args.x0)
+    v = Validator(args.set, args.limit, args.steps, args.start, args.t_start, x0=args.x0,
+                  band=args.band)
     seg = segmentor_from_checkpoint(ckpt(args.coarse_tag), "cpu")
     ref = refiner_from_checkpoint(ckpt(args.refiner_tag), "cpu")
     sources = {"coarse": seg}
@@ -227,7 +234,8 @@ def main() -> None:
              "coarse2": f"second coarse ({describe('coarse2')}, trained separately)"
              if ckpt("coarse2").is_file() else
              "second coarse (shipped one blurred: probs pooled 8x, upsampled)"}
-    default = f"IDGBR refiner ({args.steps} steps, start={args.start}, x0={args.x0})"
+    default = f"IDGBR refiner ({args.steps} steps, start={args.start}, x0={args.x0}" + (
+        f", band {args.band} px)" if args.band else ")")
     if args.only:  # quick comparison of sampler settings on our coarse maps only
         cm = v.coarse_maps(seg, norm)
         v.add(label["coarse"], "coarse (no refinement)", cm, None, classes, 0.0)
@@ -258,8 +266,8 @@ def main() -> None:
             v.add(label[src], f"refiner, start={other}" + (" t=0.5" if other == "coarse" else ""),
                   v.refine_maps(ref, norm, cm, start=other, t_start=0.5), cm, classes,
                   time.time() - t)
-            for tag, what in (("refiner-norough", "no coarse map (image-only guidance)"),
-                              ("refiner-oneshot", "one-shot refiner, same size")):
+            for tag, what in ((args.norough_tag, "no coarse map (image-only guidance)"),
+                              (args.oneshot_tag, "one-shot refiner, same size")):
                 if ckpt(tag).is_file():
                     r2 = refiner_from_checkpoint(ckpt(tag), "cpu")
                     t = time.time()
@@ -274,7 +282,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"set": args.set, "steps": args.steps,
                                          "start": args.start, "t_start": args.t_start,
-                                         "rows": v.rows}, indent=1))
+                                         "band": args.band, "rows": v.rows}, indent=1))
 
 
 if __name__ == "__main__":

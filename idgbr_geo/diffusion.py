@@ -23,6 +23,8 @@ from .noise import batch_noise
 
 #: resolution divisor of the latent label map (the denoiser runs at 1/4 resolution)
 LATENT_SCALE = 4
+#: smallest coarse probability of the residual parameterisation (log -> about -6.9)
+RESIDUAL_FLOOR = 1e-3
 #: noise stream of the start noise (other streams are free for future stochastic samplers)
 START_STREAM = 0
 
@@ -46,6 +48,37 @@ def labels_to_probs(labels: torch.Tensor, num_classes: int, ignore_index: int = 
     onehot = F.one_hot(torch.where(valid, labels, 0).long(), num_classes).permute(0, 3, 1, 2)
     onehot = onehot.float()
     return torch.where(valid[:, None], onehot, torch.full_like(onehot, 1.0 / num_classes))
+
+
+def _log_coarse(coarse: torch.Tensor) -> torch.Tensor:
+    """Coarse probabilities as logits, clamped so that a confident map is still correctable."""
+    return torch.log(coarse.clamp_min(RESIDUAL_FLOOR))
+
+
+def denoise(net, x: torch.Tensor, t: torch.Tensor, g4: torch.Tensor | None,
+            coarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One denoiser pass -> (x0 logits at 1/4, features).
+
+    With ``net.residual`` the denoiser predicts a *correction* to the coarse map's logits:
+    its output is added to log(coarse) at 1/4, so "keep the coarse map" is what an
+    untrained correction does, and the refiner has to learn a reason to change a pixel.
+    """
+    logits4, h = net.denoiser(x, t, g4)
+    if getattr(net, "residual", False):
+        logits4 = logits4 + _log_coarse(F.avg_pool2d(coarse, LATENT_SCALE))
+    return logits4, h
+
+
+def decode(net, h: torch.Tensor, logits4: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
+           coarse: torch.Tensor) -> torch.Tensor:
+    """Full-resolution decode; residual refiners add the correction to the full-res
+    log(coarse) instead of to the upsampled 1/4 estimate (which would blur the coarse map)."""
+    logits = net.decoder(h, logits4, g1, g2)
+    if getattr(net, "residual", False):
+        base4 = _log_coarse(F.avg_pool2d(coarse, LATENT_SCALE))
+        logits = logits - F.interpolate(base4, size=logits.shape[-2:], mode="bilinear",
+                                        align_corners=False) + _log_coarse(coarse)
+    return logits
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -88,10 +121,10 @@ def training_loss(net, image: torch.Tensor, coarse: torch.Tensor, labels: torch.
             use = (torch.rand(b, 1, 1, 1, device=image.device) < p_coarse_x0).float()
             src = use * to_latent(coarse) + (1 - use) * x0
         xt = q_sample(src, t, torch.randn_like(x0))
-    logits4, h = net.denoiser(xt, t, g4)
+    logits4, h = denoise(net, xt, t, g4, coarse)
     target4 = (x0 + 1) / 2  # soft class shares of each 4x4 block
     loss4 = -(target4 * F.log_softmax(logits4, 1)).sum(1).mean()
-    logits = net.decoder(h, logits4, g1, g2)
+    logits = decode(net, h, logits4, g1, g2, coarse)
     loss1 = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index)
     if not torch.isfinite(loss1):  # a crop with only ignored pixels
         loss1 = logits.sum() * 0
@@ -127,9 +160,9 @@ def sample(net, image: torch.Tensor, coarse: torch.Tensor, *, steps: int, seed: 
     dev = image.device
     if oneshot:
         t = torch.ones(b, device=dev)
-        logits4, hid = net.denoiser(torch.zeros(b, k, h // LATENT_SCALE, w // LATENT_SCALE,
-                                                device=dev), t, g4)
-        return net.decoder(hid, logits4, g1, g2)
+        logits4, hid = denoise(net, torch.zeros(b, k, h // LATENT_SCALE, w // LATENT_SCALE,
+                                                device=dev), t, g4, coarse)
+        return decode(net, hid, logits4, g1, g2, coarse)
     if x0 not in ("soft", "hard"):
         raise ValueError(f"unknown x0 mode {x0!r} (use 'soft' or 'hard')")
     steps = max(1, int(steps))
@@ -148,9 +181,9 @@ def sample(net, image: torch.Tensor, coarse: torch.Tensor, *, steps: int, seed: 
     mean_probs = None
     for i in range(steps):
         t = torch.full((b,), ts[i], device=dev)
-        logits4, hid = net.denoiser(x, t, g4)
+        logits4, hid = denoise(net, x, t, g4, coarse)
         if guidance_scale != 1.0:
-            un4, unh = net.denoiser(x, t, torch.zeros_like(g4))
+            un4, unh = denoise(net, x, t, torch.zeros_like(g4), coarse)
             logits4 = un4 + guidance_scale * (logits4 - un4)
             hid = unh + guidance_scale * (hid - unh)
         if x0 == "hard":
@@ -158,7 +191,7 @@ def sample(net, image: torch.Tensor, coarse: torch.Tensor, *, steps: int, seed: 
         else:
             x0_hat = 2.0 * torch.softmax(logits4, 1) - 1.0
         if average:
-            p = torch.softmax(net.decoder(hid, logits4, g1, g2), 1) / steps
+            p = torch.softmax(decode(net, hid, logits4, g1, g2, coarse), 1) / steps
             mean_probs = p if mean_probs is None else mean_probs + p
         ab_t = alpha_bar(t)[:, None, None, None]
         eps = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
@@ -167,4 +200,4 @@ def sample(net, image: torch.Tensor, coarse: torch.Tensor, *, steps: int, seed: 
             x = ab_n.sqrt() * x0_hat + (1 - ab_n).sqrt() * eps
     if mean_probs is not None:
         return torch.log(mean_probs.clamp_min(1e-8))
-    return net.decoder(hid, logits4, g1, g2)
+    return decode(net, hid, logits4, g1, g2, coarse)

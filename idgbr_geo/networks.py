@@ -203,14 +203,19 @@ class RefinerNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, use_coarse: bool = True,
                  c1: int = 8, c2: int = 16, c4: int = 32, c8: int = 48, ch: int = 32,
-                 blocks: int = 2) -> None:
+                 blocks: int = 2, residual: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.use_coarse = use_coarse
+        #: predict a correction to the coarse logits (see idgbr_geo.diffusion.denoise)
+        self.residual = bool(residual) and use_coarse
         gin = in_channels + (num_classes if use_coarse else 0)
         self.guidance = GuidanceNet(gin, c1, c2, c4, c8)
         self.denoiser = Denoiser(num_classes, ch, c4, blocks=blocks)
         self.decoder = Decoder(num_classes, ch, c1, c2)
+        if self.residual:  # the correction starts at nothing: "keep the coarse map"
+            nn.init.zeros_(self.denoiser.out.weight)
+            nn.init.zeros_(self.denoiser.out.bias)
 
     def guide(self, image: torch.Tensor, coarse: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -287,7 +292,7 @@ class DiffusionRefiner:
 
 COARSE_KEYS = ("in_channels", "num_classes", "widths", "output_stride")
 REFINER_KEYS = ("in_channels", "num_classes", "use_coarse", "c1", "c2", "c4", "c8", "ch",
-                "blocks")
+                "blocks", "residual")
 
 
 def build_coarse_net(config: dict[str, Any]) -> CoarseNet:

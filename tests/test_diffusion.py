@@ -127,3 +127,24 @@ def test_noised_coarse_training_feeds_the_coarse_map_into_x_t():
             training_loss(net, img, coarse, lab, p_coarse_x0=p)
     assert torch.equal(seen[0], seen[1])
     assert not torch.allclose(seen[2], seen[3])
+
+
+def test_residual_refiner_starts_as_the_identity_and_its_correction_changes_it():
+    torch.manual_seed(1)
+    k, n = 3, 32
+    image = torch.randn(2, 3, n, n)
+    coarse = torch.softmax(3 * torch.randn(2, k, n, n), 1)
+    net = RefinerNet(num_classes=k, residual=True).eval()
+    for steps in (1, 3):
+        out = sample(net, image, coarse, steps=steps, seed=0, origins=[(0, 0), (0, 32)])
+        # untrained: the correction is zero, so the refined map is the coarse map
+        assert torch.equal(out.argmax(1), coarse.argmax(1))
+        assert torch.allclose(torch.softmax(out, 1), coarse, atol=5e-3)
+    torch.nn.init.normal_(net.denoiser.out.weight, std=1.0)
+    torch.nn.init.normal_(net.decoder.out.weight, std=1.0)
+    out = sample(net, image, coarse, steps=1, seed=0, origins=[(0, 0), (0, 32)])
+    assert not torch.equal(out.argmax(1), coarse.argmax(1))
+    loss, _ = training_loss(net.train(), image, coarse, coarse.argmax(1))
+    loss.backward()
+    assert net.denoiser.out.weight.grad.abs().sum() > 0
+    assert not RefinerNet(num_classes=k, residual=True, use_coarse=False).residual

@@ -1,0 +1,70 @@
+"""Pick refiner options (band, steps) WITHOUT looking at the validation split.
+
+Scores coarse vs refined on chips of the *training* areas (``.train/<set>_train.npz``;
+every ``--every``-th training scene), so that sampler options are chosen on data from the
+training side of the area split only, and the validation split is used once, for the
+reported table (benchmarks/validate.py).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/select_options.py buildings \
+        --variants '[{"band": 0}, {"band": 4}, {"band": 8}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from validate import ROOT, Validator  # noqa: I001  (benchmarks/ is on sys.path when run)
+
+from idgbr_geo.cards import Normalization
+
+
+def main() -> None:
+    from idgbr_geo.training import refiner_from_checkpoint, segmentor_from_checkpoint
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("set")
+    ap.add_argument("--variants", default='[{"band": 0}]', help="JSON list of refine kwargs")
+    ap.add_argument("--refiner-tag", default="refiner")
+    ap.add_argument("--coarse-tag", default="coarse")
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--every", type=int, default=4, help="use every N-th training scene")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    runs = ROOT / "runs"
+
+    def ckpt(tag: str) -> Path:
+        return runs / f"{args.set}-{tag}" / "checkpoint.pt"
+
+    with np.load(ROOT / f"{args.set}_train.npz") as z:
+        scenes = z["scene"]
+        keep = sorted(set(scenes.tolist()))[:: args.every]
+        idx = np.flatnonzero(np.isin(scenes, keep))
+        images, labels = z["images"], z["labels"]  # read each array once
+    chips = [(images[i], labels[i]) for i in idx]
+    state = torch.load(ckpt(args.coarse_tag), map_location="cpu", weights_only=False)
+    norm = Normalization(**state["normalization"])
+    classes = list(state["classes"])
+    v = Validator.__new__(Validator)
+    v.name, v.scenes, v.truths = args.set, chips, [lab for _, lab in chips]
+    v.steps, v.start, v.t_start, v.x0, v.device, v.rows = args.steps, "noise", 1.0, "soft", \
+        "cpu", []
+    print(f"selection: {len(chips)} training chips from {len(keep)} training scenes")
+    seg = segmentor_from_checkpoint(ckpt(args.coarse_tag), "cpu")
+    cm = v.coarse_maps(seg, norm)
+    v.add("selection", "coarse", cm, None, classes, 0.0)
+    for tag in args.refiner_tag.split(","):
+        ref = refiner_from_checkpoint(ckpt(tag), "cpu")
+        for kw in json.loads(args.variants):
+            t = time.time()
+            v.add("selection", f"{tag} {json.dumps(kw)}", v.refine_maps(ref, norm, cm, **kw), cm,
+                  classes, time.time() - t)
+
+
+if __name__ == "__main__":
+    main()
