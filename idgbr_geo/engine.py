@@ -259,7 +259,7 @@ def refine_raster(
         # each block is read and written once: GDAL's default cache (5% of RAM) would only
         # keep the decompressed scene around and make memory grow with the scene
         if "GDAL_CACHEMAX" not in os.environ:
-            stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
+            stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20))  # bytes
         src = open_source(input, model_bands=card.bands, bands=bands, model_gsd=card.gsd,
                           gsd=gsd)
         stack.callback(src.ds.close)

@@ -193,7 +193,8 @@ def vectorize_layers(
     """
     # every block is read once (plus centerline halos): GDAL's default block cache (5 % of RAM)
     # would only keep the whole decompressed scene in memory
-    cache = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB}
+    # (rasterio.Env takes GDAL_CACHEMAX in bytes)
+    cache = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB * 2**20}
     with rasterio.Env(**cache):
         src = _open(class_raster)
         prob = _open(probabilities) if probabilities is not None else None
