@@ -46,7 +46,7 @@ from .writing import BLOCK, ResultWriter, to_cog
 
 _DONE = object()
 #: GDAL block cache during a run (MB), unless GDAL_CACHEMAX is set in the environment
-GDAL_CACHE_MB = 64
+GDAL_CACHE_MB = 32
 
 
 @dataclass

@@ -17,6 +17,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+#: rows handed to the writer at a time (finished block rows are emitted in such strips)
+FLUSH_ROWS = 64
+
 #: flush(row0, row1, probabilities (K, h, W), covered (h, W) bool) for finished rows
 FlushFn = Callable[[int, int, np.ndarray, np.ndarray], None]
 
@@ -90,8 +93,8 @@ class RowStitcher:
 
     def _flush_to(self, end: int) -> None:
         n = end - self.base
-        for r in range(0, n, self.block):  # block by block: small temporaries on wide rasters
-            r1 = min(r + self.block, n)
+        for r in range(0, n, FLUSH_ROWS):  # in short strips: small temporaries on wide rasters
+            r1 = min(r + FLUSH_ROWS, n)
             wsum = self.wsum[r:r1]
             covered = (wsum > 0) & self.valid[r:r1]
             probs = self.acc[:, r:r1] / np.where(wsum > 0, wsum, 1.0)
