@@ -50,6 +50,19 @@ def make_scene(path: Path, size: int, seed: int = 0, block: int = 512) -> None:
                 dst.write(np.clip(img, 0, 255).astype(np.uint8), window=Window(c, r, w, h))
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS. VmHWM, not ru_maxrss: on Linux ru_maxrss carries the
+    parent's high-water mark across fork+exec, which would charge the benchmark's own memory
+    to the measured run."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _child(args: argparse.Namespace) -> None:
     """Run one refine in this (fresh) process and print wall time and peak RSS as JSON."""
     import torch
@@ -63,7 +76,7 @@ def _child(args: argparse.Namespace) -> None:
     s = refine_raster(args.input, args.output, model=model, coarse_only=args.coarse_only,
                       overwrite=True, quiet=True, device=args.device, batch_size=args.batch_size)
     wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    rss = _peak_rss_mb()
     print(json.dumps({"seconds": wall, "rss_mb": rss, "windows": s.windows, "refined": s.refined,
                       "skipped": s.skipped, "mp": s.megapixels}))
 

@@ -20,8 +20,30 @@ import numpy as np
 #: rows handed to the writer at a time (finished block rows are emitted in such strips)
 FLUSH_ROWS = 64
 
-#: flush(row0, row1, probabilities (K, h, W), covered (h, W) bool) for finished rows
-FlushFn = Callable[[int, int, np.ndarray, np.ndarray], None]
+class Strip:
+    """Finished rows: weighted sums and weights. Class ids need only the argmax of the sums,
+    so the division into probabilities is done only when something asks for them."""
+
+    def __init__(self, acc: np.ndarray, wsum: np.ndarray, covered: np.ndarray) -> None:
+        self.acc, self.wsum, self.covered = acc, wsum, covered
+        self._probs: np.ndarray | None = None
+
+    @property
+    def probs(self) -> np.ndarray:
+        """Blended probabilities (K, h, W)."""
+        if self._probs is None:
+            self._probs = self.acc / np.where(self.wsum > 0, self.wsum, 1.0)
+        return self._probs
+
+    def class_ids(self) -> np.ndarray:
+        """Argmax class per pixel (uint8), without forming probabilities."""
+        if self.acc.shape[0] == 2:
+            return (self.acc[1] > self.acc[0]).astype(np.uint8)
+        return self.acc.argmax(axis=0).astype(np.uint8)
+
+
+#: flush(row0, row1, strip) for finished rows
+FlushFn = Callable[[int, int, Strip], None]
 
 
 def taper(length: int, start: int, total: int, overlap: float) -> np.ndarray:
@@ -97,8 +119,7 @@ class RowStitcher:
             r1 = min(r + FLUSH_ROWS, n)
             wsum = self.wsum[r:r1]
             covered = (wsum > 0) & self.valid[r:r1]
-            probs = self.acc[:, r:r1] / np.where(wsum > 0, wsum, 1.0)
-            self.flush(self.base + r, self.base + r1, probs, covered)
+            self.flush(self.base + r, self.base + r1, Strip(self.acc[:, r:r1], wsum, covered))
         keep = self.capacity - n
         if keep > 0:
             self.acc[:, :keep] = self.acc[:, n:]

@@ -20,6 +20,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from .cards import hex_to_rgb
+from .stitching import Strip
 
 NODATA = 255
 BLOCK = 256
@@ -74,22 +75,27 @@ class ResultWriter:
                 self.prob.set_band_description(i + 1, name)
             self.prob.update_tags(IDGBR_CLASSES=json.dumps(classes))
 
-    def write(self, row0: int, row1: int, probs: np.ndarray, covered: np.ndarray) -> None:
-        """Write rows ``row0..row1`` from blended probabilities (K, h, W)."""
-        win = Window(0, row0, probs.shape[2], row1 - row0)
-        ids = probs.argmax(axis=0).astype(np.uint8)
-        ids[~covered] = NODATA
+    def write(self, row0: int, row1: int, strip: Strip) -> None:
+        """Write rows ``row0..row1`` of a finished strip (class ids, confidence, probabilities)."""
+        covered = strip.covered
+        full = bool(covered.all())
+        win = Window(0, row0, covered.shape[1], row1 - row0)
+        ids = strip.class_ids()
+        if not full:
+            ids[~covered] = NODATA
         self.ds.write(ids, 1, window=win)
         if self.confidence:
-            conf = np.rint(probs.max(axis=0) * 255).astype(np.uint8)
-            conf[~covered] = 0
+            conf = np.rint(strip.probs.max(axis=0) * 255).astype(np.uint8)
+            if not full:
+                conf[~covered] = 0
             self.ds.write(conf, 2, window=win)
         if self.prob is not None:
             if self.prob_dtype == np.uint8:
-                p = np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
+                p = np.rint(np.clip(strip.probs, 0, 1) * 255).astype(np.uint8)
             else:
-                p = probs.astype(self.prob_dtype)
-            p[:, ~covered] = 0
+                p = strip.probs.astype(self.prob_dtype)
+            if not full:
+                p[:, ~covered] = 0
             self.prob.write(p, window=win)
 
     def close(self) -> None:
