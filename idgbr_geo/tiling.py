@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -53,29 +54,40 @@ def _short(exc: BaseException) -> str:
 
 
 def ground_gsd(ds: rasterio.DatasetReader) -> float | None:
-    """Ground pixel size in metres (mean of x and y), or None when it cannot be known.
+    """Ground pixel size in metres (mean of across and down), or None without a CRS.
 
-    Projected CRSs use their linear unit; Web-Mercator sizes are scaled by cos(latitude)
-    (its map metres are not ground metres away from the equator); geographic CRSs convert
-    degrees at the scene's centre latitude.
+    The same measurement as the training chips use (:func:`pixel_ground_size`), so a model's
+    declared GSD and an input's GSD are comparable.
     """
-    crs = ds.crs
-    if crs is None:
+    if ds.crs is None:
         return None
-    t = ds.transform
-    rx, ry = math.hypot(t.a, t.d), math.hypot(t.b, t.e)
-    cy = ds.bounds.bottom + (ds.bounds.top - ds.bounds.bottom) / 2
-    if crs.is_geographic:
-        lat = math.radians(cy)
-        m_per_deg_lat = 111132.92 - 559.82 * math.cos(2 * lat)
-        m_per_deg_lon = 111412.84 * math.cos(lat)
-        return float((rx * m_per_deg_lon + ry * m_per_deg_lat) / 2)
-    unit = crs.linear_units_factor[1] if crs.is_projected else 1.0
-    size = (rx + ry) / 2 * unit
-    if crs.to_epsg() in (3857, 900913, 3395):
-        lat = 2 * math.atan(math.exp(cy * unit / 6378137.0)) - math.pi / 2
-        size *= math.cos(lat)
-    return float(size)
+    dx, dy = pixel_ground_size(ds.crs, ds.transform, ds.width, ds.height)
+    return (dx + dy) / 2
+
+
+def pixel_ground_size(crs: Any, transform: Any, width: int, height: int) -> tuple[float, float]:
+    """Ground size in metres of one pixel (across, down) at the raster centre.
+
+    Map units are not ground metres: Web-Mercator pixels shrink by cos(latitude) on the
+    ground, geographic pixels are degrees, UTM has a scale factor. So the centre pixel and
+    its neighbours are taken to longitude/latitude and measured on the WGS 84 ellipsoid.
+    """
+    from pyproj import CRS, Geod, Transformer
+
+    c = CRS.from_user_input(crs)
+    cx, cy = width / 2.0, height / 2.0
+    pts = [transform @ (cx, cy), transform @ (cx + 1, cy), transform @ (cx, cy + 1)]
+    if c.is_geographic or c.is_projected:
+        to_ll = Transformer.from_crs(c, c.geodetic_crs or "EPSG:4326", always_xy=True)
+        lon, lat = to_ll.transform([p[0] for p in pts], [p[1] for p in pts])
+        geod = Geod(ellps="WGS84")
+        _, _, dx = geod.inv(lon[0], lat[0], lon[1], lat[1])
+        _, _, dy = geod.inv(lon[0], lat[0], lon[2], lat[2])
+        if math.isfinite(dx) and math.isfinite(dy) and dx > 0 and dy > 0:
+            return float(dx), float(dy)
+    unit = c.axis_info[0].unit_conversion_factor if c.axis_info else 1.0
+    return (math.hypot(transform.a, transform.d) * unit,
+            math.hypot(transform.b, transform.e) * unit)
 
 
 @dataclass
@@ -245,12 +257,6 @@ def read_tile(src: Source, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(f"failed to read {src.path} at window {win.col_off},{win.row_off}: "
                          f"{_short(exc)} (truncated or corrupt file?)") from None
     return data, mask > 0
-
-
-def iter_tiles(src: Source, tiles: Sequence[Tile]) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
-    for tile in tiles:
-        data, mask = read_tile(src, tile)
-        yield tile, data, mask
 
 
 def open_coarse(path: str | os.PathLike[str], like: rasterio.DatasetReader

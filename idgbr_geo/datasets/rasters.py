@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, UserError
+from ..tiling import pixel_ground_size as ground_gsd
 from .chips import (
     ChipSet,
     LabelRules,
@@ -93,31 +94,6 @@ def pair_groups(images: Sequence[PathLike], labels: Sequence[PathLike], what: st
 
 
 # ----------------------------------------------------------------------------- ground GSD
-
-def ground_gsd(crs: Any, transform: Any, width: int, height: int) -> tuple[float, float]:
-    """Ground size in metres of one pixel (across, down) at the raster centre.
-
-    Map units are not ground metres: Web-Mercator pixels shrink by cos(latitude) on the
-    ground, geographic pixels are degrees, UTM has a scale factor. So the centre pixel and
-    its neighbours are taken to longitude/latitude and measured on the WGS 84 ellipsoid.
-    """
-    from pyproj import CRS, Geod, Transformer
-
-    c = CRS.from_user_input(crs)
-    cx, cy = width / 2.0, height / 2.0
-    pts = [transform @ (cx, cy), transform @ (cx + 1, cy), transform @ (cx, cy + 1)]
-    if c.is_geographic or c.is_projected:
-        to_ll = Transformer.from_crs(c, c.geodetic_crs or "EPSG:4326", always_xy=True)
-        lon, lat = to_ll.transform([p[0] for p in pts], [p[1] for p in pts])
-        geod = Geod(ellps="WGS84")
-        _, _, dx = geod.inv(lon[0], lat[0], lon[1], lat[1])
-        _, _, dy = geod.inv(lon[0], lat[0], lon[2], lat[2])
-        if math.isfinite(dx) and math.isfinite(dy) and dx > 0 and dy > 0:
-            return float(dx), float(dy)
-    unit = c.axis_info[0].unit_conversion_factor if c.axis_info else 1.0
-    return (math.hypot(transform.a, transform.d) * unit,
-            math.hypot(transform.b, transform.e) * unit)
-
 
 @dataclass
 class _Grid:
