@@ -14,6 +14,7 @@ writer callback in block-aligned strips, so memory stays flat as the scene grows
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import numpy as np
 
@@ -22,21 +23,29 @@ FLUSH_ROWS = 64
 
 class Strip:
     """Finished rows: weighted sums and weights. Class ids need only the argmax of the sums,
-    so the division into probabilities is done only when something asks for them."""
+    so the division into probabilities is done only when something asks for them.
 
-    def __init__(self, acc: np.ndarray, wsum: np.ndarray, covered: np.ndarray) -> None:
-        self.acc, self.wsum, self.covered = acc, wsum, covered
+    A binary stitcher keeps only class 1 (``acc`` has one channel): class 0 is the rest."""
+
+    def __init__(self, acc: np.ndarray, wsum: np.ndarray, covered: np.ndarray,
+                 binary: bool = False) -> None:
+        self.acc, self.wsum, self.covered, self.binary = acc, wsum, covered, binary
         self._probs: np.ndarray | None = None
 
     @property
     def probs(self) -> np.ndarray:
         """Blended probabilities (K, h, W)."""
         if self._probs is None:
-            self._probs = self.acc / np.where(self.wsum > 0, self.wsum, 1.0)
+            p = self.acc / np.where(self.wsum > 0, self.wsum, 1.0)
+            if self.binary:
+                p = np.concatenate([np.where(self.wsum > 0, 1.0 - p[0], 0.0)[None], p])
+            self._probs = p.astype(np.float32, copy=False)
         return self._probs
 
     def class_ids(self) -> np.ndarray:
         """Argmax class per pixel (uint8), without forming probabilities."""
+        if self.binary:  # p1 > p0 = 1 - p1
+            return (2.0 * self.acc[0] > self.wsum).astype(np.uint8)
         if self.acc.shape[0] == 2:
             return (self.acc[1] > self.acc[0]).astype(np.uint8)
         return self.acc.argmax(axis=0).astype(np.uint8)
@@ -67,40 +76,73 @@ def taper(length: int, start: int, total: int, overlap: float) -> np.ndarray:
 
 def window_weights(row0: int, col0: int, h: int, w: int, height: int, width: int,
                    overlap: float) -> np.ndarray:
-    """2-D blending weights (h, w) for a window clipped to the raster."""
-    return np.outer(taper(h, row0, height, overlap), taper(w, col0, width, overlap))
+    """2-D blending weights (h, w) for a window clipped to the raster (read-only: shared
+    between the windows with the same size and the same edges inside the raster)."""
+    return _weights(h, w, row0 > 0, row0 + h < height, col0 > 0, col0 + w < width, overlap)
+
+
+@lru_cache(maxsize=64)
+def _weights(h: int, w: int, top: bool, bottom: bool, left: bool, right: bool,
+             overlap: float) -> np.ndarray:
+    # taper() looks only at whether each edge lies inside the raster
+    ty = taper(h, int(top), h + int(top) + int(bottom), overlap)
+    tx = taper(w, int(left), w + int(left) + int(right), overlap)
+    out = np.outer(ty, tx)
+    out.flags.writeable = False
+    return out
 
 
 class RowStitcher:
     """Accumulates weighted probabilities for a band of rows and flushes finished rows.
 
     Windows must arrive in row-major order (all windows of a window-row before the next);
-    call :meth:`finish_before` with the first row of each new window-row.
+    call :meth:`finish_before` with the first row of each new window-row. The band is a ring
+    buffer (raster row r lives at buffer row r mod capacity), so finished rows are never
+    copied, only handed out and cleared.
+
+    ``binary=True`` (two classes whose probabilities sum to one, as a softmax's do) blends
+    only class 1: a third less work for the writer thread, same result.
     """
 
     def __init__(self, width: int, height: int, num_classes: int, *, capacity: int,
-                 block: int, flush: FlushFn) -> None:
+                 block: int, flush: FlushFn, binary: bool = False) -> None:
+        if binary and num_classes != 2:
+            raise ValueError("a binary stitcher needs exactly two classes")
+        self.binary = binary
         self.width, self.height, self.k = width, height, num_classes
         self.block = block
         self.capacity = min(capacity, height)
         self.flush = flush
-        self.base = 0  # raster row held at buffer row 0
-        self.acc = np.zeros((num_classes, self.capacity, width), np.float32)
+        self.base = 0  # first raster row not yet flushed
+        self.acc = np.zeros((1 if binary else num_classes, self.capacity, width), np.float32)
         self.wsum = np.zeros((self.capacity, width), np.float32)
         self.valid = np.zeros((self.capacity, width), bool)
 
     def add(self, row0: int, col0: int, probs: np.ndarray, weight: np.ndarray,
-            valid: np.ndarray) -> None:
-        """Add one window's probabilities (K, h, w) with weights (h, w) and validity (h, w)."""
+            valid: np.ndarray | None) -> None:
+        """Add one window's probabilities (K, h, w) with weights (h, w) and validity (h, w;
+        None when every pixel is valid)."""
         h, w = weight.shape
-        r = row0 - self.base
-        if r < 0 or r + h > self.capacity:
+        if self.binary:
+            probs = probs[1:]
+        if row0 < self.base or row0 + h > self.base + self.capacity:
             raise RuntimeError(f"window rows {row0}..{row0 + h} outside the open band "
                                f"{self.base}..{self.base + self.capacity}")
-        wv = weight * valid
-        self.acc[:, r:r + h, col0:col0 + w] += probs * wv
-        self.wsum[r:r + h, col0:col0 + w] += wv
-        self.valid[r:r + h, col0:col0 + w] |= valid
+        all_valid = valid is None
+        wv = weight if valid is None else weight * valid
+        cols = slice(col0, col0 + w)
+        r = row0 % self.capacity
+        first = min(h, self.capacity - r)  # rows before the buffer wraps around
+        for dst, src in ((slice(r, r + first), slice(0, first)), (slice(0, h - first),
+                                                                 slice(first, h))):
+            if src.stop <= src.start:
+                continue
+            self.acc[:, dst, cols] += probs[:, src] * wv[src]
+            self.wsum[dst, cols] += wv[src]
+            if all_valid:
+                self.valid[dst, cols] = True
+            else:
+                self.valid[dst, cols] |= valid[src]  # type: ignore[index]
 
     def finish_before(self, row: int) -> None:
         """Rows above ``row`` get no more contributions: flush them in whole blocks."""
@@ -114,18 +156,16 @@ class RowStitcher:
             self._flush_to(self.height)
 
     def _flush_to(self, end: int) -> None:
-        n = end - self.base
-        for r in range(0, n, FLUSH_ROWS):  # in short strips: small temporaries on wide rasters
-            r1 = min(r + FLUSH_ROWS, n)
-            wsum = self.wsum[r:r1]
-            covered = (wsum > 0) & self.valid[r:r1]
-            self.flush(self.base + r, self.base + r1, Strip(self.acc[:, r:r1], wsum, covered))
-        keep = self.capacity - n
-        if keep > 0:
-            self.acc[:, :keep] = self.acc[:, n:]
-            self.wsum[:keep] = self.wsum[n:]
-            self.valid[:keep] = self.valid[n:]
-        self.acc[:, keep:] = 0
-        self.wsum[keep:] = 0
-        self.valid[keep:] = False
+        r0 = self.base
+        while r0 < end:  # in short strips (small temporaries) that never wrap around
+            b0 = r0 % self.capacity
+            r1 = min(r0 + FLUSH_ROWS, end, r0 + self.capacity - b0)
+            rows = slice(b0, b0 + r1 - r0)
+            wsum = self.wsum[rows]
+            covered = (wsum > 0) & self.valid[rows]
+            self.flush(r0, r1, Strip(self.acc[:, rows], wsum, covered, self.binary))
+            self.acc[:, rows] = 0
+            wsum[:] = 0
+            self.valid[rows] = False
+            r0 = r1
         self.base = end

@@ -243,20 +243,44 @@ def model_extent(tile: Tile, clipped: Window, factor: float) -> tuple[int, int]:
 def read_tile(src: Source, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
     """Raw pixels (bands, mh, mw) and validity mask (mh, mw; True = data) of a tile's part
     inside the raster, on the model grid. Nodata values, internal masks and alpha bands are
-    all honoured through GDAL's dataset mask."""
+    all honoured through GDAL's dataset mask.
+
+    Pixels are read at the input's resolution and resampled to the model grid with torch
+    (bilinear, antialiased when shrinking; float32 result): GDAL's resampling on read costs
+    five times the read itself and would not hide behind the network on a small machine."""
     win = clip(tile.window, src.width, src.height)
     out = model_extent(tile, win, src.factor)
-    resampling = Resampling.bilinear if src.factor != 1.0 else Resampling.nearest
     try:
-        data = src.ds.read(src.bands, window=win, out_shape=(len(src.bands), *out),
-                           resampling=resampling)
+        data = src.ds.read(src.bands, window=win)
         if src.all_valid:
-            return data, np.ones(out, bool)
-        mask = src.ds.dataset_mask(window=win, out_shape=out, resampling=Resampling.nearest)
+            mask = np.ones(out, bool)
+        else:
+            mask = src.ds.dataset_mask(window=win, out_shape=out,
+                                       resampling=Resampling.nearest) > 0
     except RasterioError as exc:
         raise InputError(f"failed to read {src.path} at window {win.col_off},{win.row_off}: "
                          f"{_short(exc)} (truncated or corrupt file?)") from None
-    return data, mask > 0
+    if data.shape[1:] != out:
+        data = resample(data, out)
+    return data, mask
+
+
+def resample(data: np.ndarray, out: tuple[int, int]) -> np.ndarray:
+    """Bilinear resampling of (bands, h, w) to (bands, *out), pixel-centre aligned like GDAL
+    and antialiased when shrinking. uint8 stays uint8 (rounded, as GDAL would; torch's
+    channels-last uint8 kernel is ~8x faster than float), other types become float32."""
+    import torch
+    import torch.nn.functional as F
+
+    if data.dtype == np.uint8:
+        hwc = np.empty((*data.shape[1:], data.shape[0]), np.uint8)
+        for b in range(data.shape[0]):  # band by band: 3x faster than a transposing copy
+            hwc[:, :, b] = data[b]
+        x = torch.from_numpy(hwc).permute(2, 0, 1)[None]  # a channels-last view
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None]
+    y = F.interpolate(x, size=out, mode="bilinear", align_corners=False, antialias=True)
+    return np.ascontiguousarray(y[0].numpy())
 
 
 def open_coarse(path: str | os.PathLike[str], like: rasterio.DatasetReader
