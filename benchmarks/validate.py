@@ -69,7 +69,7 @@ def sliding(fn: Callable[[torch.Tensor, torch.Tensor | None, tuple[int, int]], t
             sl = (slice(r, r + th), slice(c, c + tw))
             out = fn(img[:, sl[0], sl[1]][None], None if ext is None else
                      ext[:, sl[0], sl[1]][None], (r, c))[0].float().cpu()
-            wt = torch.from_numpy(window_weights(r, c, th, tw, ph, pw, OVERLAP))
+            wt = torch.tensor(window_weights(r, c, th, tw, ph, pw, OVERLAP))
             acc[:, sl[0], sl[1]] += out * wt
             wsum[sl] += wt
     return (acc / wsum.clamp_min(1e-6))[:, :h, :w]
@@ -116,7 +116,8 @@ class Blurred:
 
 class Validator:
     def __init__(self, name: str, limit: int | None, steps: int, start: str, t_start: float,
-                 device: str = "cpu", x0: str = "soft", band: int = 0) -> None:
+                 device: str = "cpu", x0: str = "soft", band: int = 0, gate: float = 0.0
+                 ) -> None:
         from idgbr_geo.training import load_npz  # noqa: F401  (keeps import errors early)
 
         self.name = name
@@ -124,6 +125,7 @@ class Validator:
         self.truths = [lab for _, lab in self.scenes]
         self.steps, self.start, self.t_start, self.x0 = steps, start, t_start, x0
         self.band = band
+        self.gate = gate
         self.device = device
         self.rows: list[dict[str, Any]] = []
 
@@ -142,6 +144,7 @@ class Validator:
         kw.setdefault("t_start", self.t_start)
         kw.setdefault("x0", self.x0)
         kw.setdefault("band", getattr(self, "band", 0))
+        kw.setdefault("gate", getattr(self, "gate", 0.0))
         return [sliding(lambda x, e, o: ref.refine(x, e, steps=steps, seed=0, origins=[o], **kw),
                         im, k, cm) for im, cm in zip(self.images(norm), coarse, strict=True)]
 
@@ -195,6 +198,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma list of extra refine variants as JSON")
     ap.add_argument("--band", type=int, default=0,
                     help="keep the coarse map farther than this many px from its boundaries")
+    ap.add_argument("--gate", type=float, default=0.0,
+                    help="keep the coarse class unless the refiner gives its own at least this")
     ap.add_argument("--limit", type=int, default=None, help="first N scenes only")
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--refiner-tag", default="refiner")
@@ -218,7 +223,7 @@ def main() -> None:
     norm = Normalization(**state["normalization"])
     classes = list(state["classes"])
     v = Validator(args.set, args.limit, args.steps, args.start, args.t_start, x0=args.x0,
-                  band=args.band)
+                  band=args.band, gate=args.gate)
     seg = segmentor_from_checkpoint(ckpt(args.coarse_tag), "cpu")
     ref = refiner_from_checkpoint(ckpt(args.refiner_tag), "cpu")
     sources = {"coarse": seg}
@@ -235,7 +240,8 @@ def main() -> None:
              if ckpt("coarse2").is_file() else
              "second coarse (shipped one blurred: probs pooled 8x, upsampled)"}
     default = f"IDGBR refiner ({args.steps} steps, start={args.start}, x0={args.x0}" + (
-        f", band {args.band} px)" if args.band else ")")
+        f", band {args.band} px" if args.band else "") + (
+        f", gate {args.gate:g}" if args.gate else "") + ")"
     if args.only:  # quick comparison of sampler settings on our coarse maps only
         cm = v.coarse_maps(seg, norm)
         v.add(label["coarse"], "coarse (no refinement)", cm, None, classes, 0.0)
@@ -250,6 +256,10 @@ def main() -> None:
         v.add(label[src], "coarse (no refinement)", cm, None, classes, time.time() - t)
         t = time.time()
         v.add(label[src], default, v.refine_maps(ref, norm, cm), cm, classes, time.time() - t)
+        if args.gate:
+            t = time.time()
+            v.add(label[src], "refiner without the gate", v.refine_maps(ref, norm, cm, gate=0.0),
+                  cm, classes, time.time() - t)
         if not args.no_crf:
             t = time.time()
             v.add(label[src], "dense CRF", v.crf_maps(cm, **json.loads(args.crf)), cm, classes,
@@ -282,7 +292,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"set": args.set, "steps": args.steps,
                                          "start": args.start, "t_start": args.t_start,
-                                         "band": args.band, "rows": v.rows}, indent=1))
+                                         "band": args.band, "gate": args.gate,
+                                         "rows": v.rows}, indent=1))
 
 
 if __name__ == "__main__":

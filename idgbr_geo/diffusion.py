@@ -187,7 +187,7 @@ def sample(net, image: torch.Tensor, coarse: torch.Tensor, *, steps: int, seed: 
             logits4 = un4 + guidance_scale * (logits4 - un4)
             hid = unh + guidance_scale * (hid - unh)
         if x0 == "hard":
-            x0_hat = 2.0 * F.one_hot(logits4.argmax(1), k).permute(0, 3, 1, 2).float() - 1.0
+            x0_hat = 2.0 * F.one_hot(logits4.max(1).indices, k).permute(0, 3, 1, 2).float() - 1.0
         else:
             x0_hat = 2.0 * torch.softmax(logits4, 1) - 1.0
         if average:

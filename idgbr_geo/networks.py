@@ -233,23 +233,51 @@ def boundary_band(probs: torch.Tensor, radius: int) -> torch.Tensor:
     decisions (the *what*) to the segmentor - it cannot invent or delete objects far from
     any coarse boundary."""
     k = probs.shape[1]
-    hard = F.one_hot(probs.argmax(1), k).permute(0, 3, 1, 2).float()
+    hard = F.one_hot(probs.max(1).indices, k).permute(0, 3, 1, 2).float()
     edge = (F.max_pool2d(hard, 3, 1, 1) - (-F.max_pool2d(-hard, 3, 1, 1))).amax(1, keepdim=True)
     near = F.max_pool2d(edge, 2 * radius + 1, 1, radius)
     return F.avg_pool2d(near, 2 * radius + 1, 1, radius, count_include_pad=False)
+
+
+def fuse_batchnorm(net: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm that follows a convolution into that convolution
+    (in place; for inference only): one pass over each feature map less."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net.eval()
+    for mod in net.modules():
+        if isinstance(mod, nn.Sequential):
+            keys = list(mod._modules)
+            for a, b in zip(keys, keys[1:], strict=False):
+                conv, bn = mod._modules[a], mod._modules[b]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    mod._modules[a] = fuse_conv_bn_eval(conv, bn)
+                    mod._modules[b] = nn.Identity()
+        elif isinstance(mod, ResBlock):
+            for c, n in (("c1", "n1"), ("c2", "n2")):
+                if isinstance(getattr(mod, n), nn.BatchNorm2d):
+                    setattr(mod, c, fuse_conv_bn_eval(getattr(mod, c), getattr(mod, n)))
+                    setattr(mod, n, nn.Identity())
+    return net
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last layout: oneDNN runs our thin convolutions ~25% faster in it on CPU."""
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 class CoarseSegmentor:
     """Segmentor interface around :class:`CoarseNet` (eval mode, no grad, softmax)."""
 
     def __init__(self, net: CoarseNet, device: torch.device | str = "cpu") -> None:
-        self.net = net.to(device).eval()
+        self.net = fuse_batchnorm(net.to(device)).to(memory_format=torch.channels_last)
         self.device = torch.device(device)
         self.num_classes = int(net.head.out_channels)
 
     @torch.no_grad()
     def predict(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(image.to(self.device).float()), dim=1)
+        logits = self.net(_nhwc(image.to(self.device).float()))
+        return torch.softmax(logits, dim=1).contiguous()
 
 
 class DiffusionRefiner:
@@ -257,7 +285,7 @@ class DiffusionRefiner:
 
     def __init__(self, net: RefinerNet, config: dict[str, Any],
                  device: torch.device | str = "cpu") -> None:
-        self.net = net.to(device).eval()
+        self.net = fuse_batchnorm(net.to(device)).to(memory_format=torch.channels_last)
         self.device = torch.device(device)
         self.num_classes = net.num_classes
         self.config = dict(config)
@@ -267,12 +295,17 @@ class DiffusionRefiner:
                origins: Sequence[tuple[int, int]], start: str | None = None,
                t_start: float | None = None, guidance_scale: float | None = None,
                x0: str | None = None, band: int | None = None,
-               average: bool | None = None) -> torch.Tensor:
+               average: bool | None = None, gate: float | None = None) -> torch.Tensor:
+        """Refined probabilities (B, K, H, W). ``band`` > 0 limits changes to that many px
+        around the coarse map's boundaries; ``gate`` > 0 keeps the coarse class of a pixel
+        unless the refiner gives its own (different) class at least that probability, so
+        only confident corrections overturn the coarse map (options default to the card's
+        ``refiner.config``)."""
         from .diffusion import sample
 
         cfg = self.config
         logits = sample(
-            self.net, image.to(self.device).float(), coarse.to(self.device).float(),
+            self.net, _nhwc(image.to(self.device).float()), _nhwc(coarse.to(self.device).float()),
             steps=steps, seed=seed, origins=origins,
             start=start or cfg.get("start", "noise"),
             t_start=cfg.get("t_start", 1.0) if t_start is None else t_start,
@@ -287,7 +320,13 @@ class DiffusionRefiner:
         if band > 0:
             w = boundary_band(coarse.to(refined.device), band)
             refined = w * refined + (1 - w) * coarse.to(refined.device).float()
-        return refined
+        gate = float(cfg.get("gate", 0.0) if gate is None else gate)
+        if gate > 0:
+            c = coarse.to(refined.device).float()
+            conf, cls = refined.max(dim=1, keepdim=True)
+            keep = (cls != c.max(dim=1, keepdim=True).indices) & (conf < gate)
+            refined = torch.where(keep, c, refined)
+        return refined.contiguous()
 
 
 COARSE_KEYS = ("in_channels", "num_classes", "widths", "output_stride")

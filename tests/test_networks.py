@@ -120,3 +120,28 @@ def test_boundary_band_limits_refiner_changes_to_coarse_boundaries():
     out = ref.refine(torch.randn(1, 3, 64, 64), probs, steps=1, seed=0, origins=[(0, 0)])
     assert torch.equal(out[0, :, 2, 2], probs[0, :, 2, 2])
     assert not torch.equal(out[0, :, 16, 30], probs[0, :, 16, 30])
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_gate_lets_only_confident_refinements_overturn_the_coarse_class(k):
+    torch.manual_seed(0)
+    net = RefinerNet(num_classes=k)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    coarse = torch.softmax(4 * torch.randn(1, k, 48, 48), dim=1)
+    image = torch.randn(1, 3, 48, 48)
+    free = DiffusionRefiner(net, {}).refine(image, coarse, steps=1, seed=0, origins=[(0, 0)])
+    conf, cls = free.max(1)
+    changed = cls != coarse.argmax(1)
+    gate = float(conf[changed].median())  # half of the changes are weak, half strong
+    gated = DiffusionRefiner(net, {"gate": gate}).refine(image, coarse, steps=1, seed=0,
+                                                         origins=[(0, 0)])
+    weak, strong = changed & (conf < gate), changed & (conf >= gate)
+    assert weak.any() and strong.any()  # the test sees both cases
+    # weak changes fall back to the coarse probabilities, strong ones and agreements stay
+    assert torch.equal(gated.permute(0, 2, 3, 1)[weak], coarse.permute(0, 2, 3, 1)[weak])
+    assert torch.equal(gated.permute(0, 2, 3, 1)[~weak], free.permute(0, 2, 3, 1)[~weak])
+    # the card's gate is overridden per call
+    again = DiffusionRefiner(net, {"gate": gate}).refine(image, coarse, steps=1, seed=0,
+                                                         origins=[(0, 0)], gate=0.0)
+    assert torch.equal(again, free)
