@@ -236,8 +236,9 @@ def _to_input_grid(probs: torch.Tensor, valid: np.ndarray | None, h: int, w: int
 
 def default_batch_size(device: torch.device) -> int:
     """Windows per forward pass when none is asked for. On a CPU one window at a time is
-    fastest (measured: coarse net 10-11 ms/window at 1 vs 11-12 at 4, refiner 34-44 vs 80
-    ms/window; a batch's activations fall out of the caches); a GPU wants batches."""
+    fastest (measured, 2 threads: coarse net ~9 ms/window at batch 1, 2 or 4, refiner 25-37
+    ms/window at 1 vs 37-42 at 4: a batch's activations fall out of the caches); a GPU
+    wants batches."""
     return 8 if device.type == "cuda" else 1
 
 
