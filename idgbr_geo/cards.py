@@ -41,15 +41,13 @@ class Normalization:
             return float(self.value_range.get("float", 1.0))
         return float(self.value_range.get(dt.name, np.iinfo(dt).max))
 
-    def apply(self, data: np.ndarray, dtype: np.dtype | str,
-              out: np.ndarray | None = None) -> np.ndarray:
-        """Normalise a (bands, H, W) array of raw values (of the source's ``dtype``; the
-        array itself may already be float after resampling) to float32 network input,
-        into ``out`` if given (the engine's batch buffer: no copy)."""
+    def apply(self, data: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
+        """Normalise a (bands, H, W) array of raw values of the source's ``dtype`` (the
+        array itself may already be float after resampling) to float32 network input."""
         std = np.asarray(self.std, np.float64)
         scale = (1.0 / (self.divisor(dtype) * std)).astype(np.float32)[:, None, None]
         offset = (-np.asarray(self.mean, np.float64) / std).astype(np.float32)[:, None, None]
-        out = np.multiply(data, scale, out=out, dtype=np.float32)  # two passes: per window
+        out = np.multiply(data, scale, dtype=np.float32)  # two passes: it runs per window
         out += offset
         return out
 

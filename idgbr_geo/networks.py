@@ -262,7 +262,8 @@ def fuse_batchnorm(net: nn.Module) -> nn.Module:
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
-    """Channels-last layout: oneDNN runs our thin convolutions ~25% faster in it on CPU."""
+    """Channels-last layout: oneDNN runs our thin convolutions faster in it on CPU
+    (measured, 2 threads: coarse net 10.5 -> 9 ms, refiner 45 -> 35 ms per 512 px window)."""
     return x.contiguous(memory_format=torch.channels_last)
 
 

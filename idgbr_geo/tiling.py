@@ -246,8 +246,8 @@ def read_tile(src: Source, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
     all honoured through GDAL's dataset mask.
 
     Pixels are read at the input's resolution and resampled to the model grid with torch
-    (bilinear, antialiased when shrinking; float32 result): GDAL's resampling on read costs
-    five times the read itself and would not hide behind the network on a small machine."""
+    (:func:`resample`): GDAL's resampling on read costs five times the read itself and would
+    not hide behind the network on a small machine."""
     win = clip(tile.window, src.width, src.height)
     out = model_extent(tile, win, src.factor)
     try:
