@@ -16,6 +16,7 @@ import csv
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -266,32 +267,50 @@ def train_coarse(
                normalization=normalization, config={**DEFAULT_COARSE, **(config or {})})
     k = len(run.classes)
     net = build_coarse_net(run.config).to(run.device)
+
+    def step(img: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = net(img)
+        ce = F.cross_entropy(logits, lab, ignore_index=255)
+        ce = ce if torch.isfinite(ce) else logits.sum() * 0
+        return ce + 0.5 * _soft_dice(logits, lab, k), {}
+
+    val = load_npz(val_npz) if val_npz else None
+    return _fit(run, net, step, "idgbr-coarse", iterations=iterations, batch_size=batch_size,
+                lr=lr, crop=crop, checkpoint_every=checkpoint_every, progress=progress,
+                validate=None if val is None else
+                (lambda: _validate_coarse(net, val, run.norm, k, run.device)))
+
+
+def _fit(run: _Run, net: torch.nn.Module,
+         step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+         arch: str, *, iterations: int, batch_size: int, lr: float, crop: int,
+         checkpoint_every: int, progress: bool,
+         validate: Callable[[], dict[str, float]] | None) -> Path:
+    """The loop both stages share: AdamW with the warm-up/cosine schedule, gradient clipping,
+    and every ``checkpoint_every`` iterations a CSV row (mean loss, ``step``'s extra parts,
+    optional validation) and a resumable checkpoint."""
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     run.restore(net, opt)
     sampler = ChipSampler(run.data, run.norm, crop, run.rng)
-    val = load_npz(val_npz) if val_npz else None
     t0, acc = time.time(), []
     for it in run.progress(iterations, progress):
         net.train()
         for g in opt.param_groups:
             g["lr"] = _lr_at(it, iterations, lr)
         img, lab = sampler.sample(batch_size)
-        img, lab = img.to(run.device), lab.to(run.device)
-        logits = net(img)
-        ce = F.cross_entropy(logits, lab, ignore_index=255)
-        loss = (ce if torch.isfinite(ce) else logits.sum() * 0) + 0.5 * _soft_dice(logits, lab, k)
+        loss, parts = step(img.to(run.device), lab.to(run.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         acc.append(loss.item())
         if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
-            row = {"iteration": it + 1, "loss": float(np.mean(acc)),
+            row = {"iteration": it + 1, "loss": float(np.mean(acc)), **parts,
                    "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
-            if val is not None:
-                row.update(_validate_coarse(net, val, run.norm, k, run.device))
+            if validate is not None:
+                row.update(validate())
             run.write_log(row)
-            run.save(net, opt, it + 1, "idgbr-coarse")
+            run.save(net, opt, it + 1, arch)
             acc = []
     return run.ckpt
 
@@ -359,41 +378,24 @@ def train_refiner(
         raise UserError(f"the coarse model predicts {coarse.num_classes} classes, the training "
                         f"arrays have {k}")
     net = build_refiner_net(cfg).to(run.device)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    run.restore(net, opt)
-    sampler = ChipSampler(run.data, run.norm, crop, run.rng)
     gen = torch.Generator().manual_seed(seed + run.start)
     p_model = float(cfg.get("p_model", 0.5)) if coarse is not None else 0.0
     if not degradation:
         p_model = 1.0
-    val = load_npz(val_npz) if val_npz else None
-    t0, acc = time.time(), []
-    for it in run.progress(iterations, progress):
-        net.train()
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(it, iterations, lr)
-        img, lab = sampler.sample(batch_size)
-        img, lab = img.to(run.device), lab.to(run.device)
+
+    def step(img: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         probs = _coarse_maps(img, lab, k, coarse, p_model, gen, run.rng,
                              perturb=float(cfg.get("coarse_perturb", 0.0)))
-        loss, parts = training_loss(net, img, probs, lab, t_max=float(cfg.get("t_max", 1.0)),
-                                    p_uncond=float(cfg.get("p_uncond", 0.0)),
-                                    p_coarse_x0=float(cfg.get("p_coarse_x0", 0.0)),
-                                    oneshot=cfg.get("mode") == "oneshot")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        acc.append(loss.item())
-        if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
-            row = {"iteration": it + 1, "loss": float(np.mean(acc)), **parts,
-                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
-            if val is not None:
-                row.update(_validate_refiner(net, val, run.norm, k, run.device, coarse, cfg))
-            run.write_log(row)
-            run.save(net, opt, it + 1, "idgbr-refiner")
-            acc = []
-    return run.ckpt
+        return training_loss(net, img, probs, lab, t_max=float(cfg.get("t_max", 1.0)),
+                             p_uncond=float(cfg.get("p_uncond", 0.0)),
+                             p_coarse_x0=float(cfg.get("p_coarse_x0", 0.0)),
+                             oneshot=cfg.get("mode") == "oneshot")
+
+    val = load_npz(val_npz) if val_npz else None
+    return _fit(run, net, step, "idgbr-refiner", iterations=iterations, batch_size=batch_size,
+                lr=lr, crop=crop, checkpoint_every=checkpoint_every, progress=progress,
+                validate=None if val is None else
+                (lambda: _validate_refiner(net, val, run.norm, k, run.device, coarse, cfg)))
 
 
 @torch.no_grad()
