@@ -12,11 +12,12 @@ jitter. Every ``checkpoint_every`` iterations the full training state goes to
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .cards import ModelCard, Normalization
 from .degrade import degrade
@@ -208,20 +210,29 @@ class _Run:
         elif self.log.exists():
             self.log.unlink()
 
-    def restore(self, net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    def restore(self, net: torch.nn.Module, opt: torch.optim.Optimizer,
+                ema: AveragedModel | None = None) -> None:
         if self.state is not None:
-            net.load_state_dict(self.state["model"])
+            net.load_state_dict(self.state.get("trained_model", self.state["model"]))
             opt.load_state_dict(self.state["optimizer"])
+            if ema is not None:  # (the config, "ema" included, came from the checkpoint)
+                ema.load_state_dict(self.state["ema"])
 
     def save(self, net: torch.nn.Module, opt: torch.optim.Optimizer, it: int,
-             arch: str) -> None:
+             arch: str, ema: AveragedModel | None = None) -> None:
+        """``model`` holds the weights to use: the moving average when there is one (the
+        optimiser's own weights are kept as ``trained_model`` to resume from)."""
+        extra = {} if ema is None else {"trained_model": net.state_dict(),
+                                        "ema": ema.state_dict()}
         _save_atomic({
             "kind": self.kind, "arch": arch, "config": self.config,
             "normalization": asdict(self.norm), "classes": self.classes,
             "gsd": float(self.data.get("gsd", np.nan)),
             "source": str(self.data.get("source", "")),
-            "model": net.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
+            "model": (net if ema is None else ema.module).state_dict(),
+            "optimizer": opt.state_dict(), "iteration": it,
             "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            **extra,
         }, self.ckpt)
 
     def write_log(self, row: dict[str, Any]) -> None:
@@ -288,9 +299,16 @@ def _fit(run: _Run, net: torch.nn.Module,
          validate: Callable[[], dict[str, float]] | None) -> Path:
     """The loop both stages share: AdamW with the warm-up/cosine schedule, gradient clipping,
     and every ``checkpoint_every`` iterations a CSV row (mean loss, ``step``'s extra parts,
-    optional validation) and a resumable checkpoint."""
+    optional validation) and a resumable checkpoint.
+
+    ``config["ema"]`` > 0 keeps an exponential moving average of the weights (and batch-norm
+    statistics) with that decay, as diffusion models are usually trained: the averaged
+    weights are validated and exported, smoothing out the last noisy optimiser steps."""
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    run.restore(net, opt)
+    decay = float(run.config.get("ema", 0.0))
+    ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+           if decay > 0 else None)
+    run.restore(net, opt, ema)
     sampler = ChipSampler(run.data, run.norm, crop, run.rng)
     t0, acc = time.time(), []
     for it in run.progress(iterations, progress):
@@ -303,16 +321,34 @@ def _fit(run: _Run, net: torch.nn.Module,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
+        if ema is not None:
+            ema.update_parameters(net)
         acc.append(loss.item())
         if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
             row = {"iteration": it + 1, "loss": float(np.mean(acc)), **parts,
                    "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
             if validate is not None:
-                row.update(validate())
+                with _averaged_weights(net, ema):
+                    row.update(validate())
             run.write_log(row)
-            run.save(net, opt, it + 1, arch)
+            run.save(net, opt, it + 1, arch, ema)
             acc = []
     return run.ckpt
+
+
+@contextlib.contextmanager
+def _averaged_weights(net: torch.nn.Module, ema: AveragedModel | None) -> Iterator[None]:
+    """Within the block ``net`` carries the averaged weights (validation closures hold
+    ``net``); the optimiser's own weights come back afterwards."""
+    if ema is None:
+        yield
+        return
+    own = {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(ema.module.state_dict())
+    try:
+        yield
+    finally:
+        net.load_state_dict(own)
 
 
 @torch.no_grad()

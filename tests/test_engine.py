@@ -50,14 +50,15 @@ def test_stitched_equals_whole_image_coarse(tmp_path, shape):
         assert (ds.read(1) == ref.argmax(0)).mean() > 0.999  # ties aside
 
 
-def test_stitched_equals_whole_image_with_refiner(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_stitched_equals_whole_image_with_refiner(tmp_path, workers):
     model = conv_model(tmp_path / "m", kernel=7, tile_size=80, overlap=32)
     data = synthetic_scene(181, 149, seed=3)
     data[:, ::16, :] = 250  # stripes: every window holds a boundary, so all are refined
     src = write_raster(tmp_path / "in.tif", data)
     summary = refine_raster(src, tmp_path / "out.tif", model=model, steps=2, seed=7,
                             probabilities=tmp_path / "p.tif", probabilities_dtype="float32",
-                            quiet=True, device="cpu")
+                            quiet=True, device="cpu", model_workers=workers)
     assert summary.refined == summary.windows > 1
     ref = whole_image(model, data, refine=True, steps=2, seed=7)
     np.testing.assert_allclose(read_probs(tmp_path / "p.tif"), ref, atol=1e-5, rtol=0)
@@ -72,6 +73,51 @@ def test_same_seed_same_output_bit_for_bit(tmp_path, toy_model, scene):
         outs.append(read_probs(tmp_path / f"p{i}.tif"))
     assert np.array_equal(outs[0], outs[1])
     assert not np.array_equal(outs[0], outs[2])
+
+
+def test_output_does_not_depend_on_the_number_of_model_workers(tmp_path):
+    """Workers finish windows out of order; the writer stitches them in reading order, so
+    the blended sums (and the files) are the same bit for bit."""
+    model = conv_model(tmp_path / "m", kernel=7, tile_size=48, overlap=16)
+    data = synthetic_scene(230, 190, seed=5)
+    data[:, ::12, :] = 250
+    src = write_raster(tmp_path / "in.tif", data)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same kernels whatever the number of workers
+    try:
+        outs = []
+        for workers in (1, 3):
+            p = tmp_path / f"p{workers}.tif"
+            s = refine_raster(src, tmp_path / f"o{workers}.tif", model=model, steps=2, seed=3,
+                              probabilities=p, probabilities_dtype="float32", quiet=True,
+                              device="cpu", model_workers=workers)
+            outs.append((read_probs(p), read_probs(tmp_path / f"o{workers}.tif"), s))
+    finally:
+        torch.set_num_threads(before)
+    (p1, o1, s1), (p3, o3, s3) = outs
+    assert s1.windows == s3.windows > 20 and s1.refined == s3.refined
+    assert np.array_equal(p1, p3) and np.array_equal(o1, o3)
+    assert torch.get_num_threads() == before  # the run gives the caller's setting back
+
+
+def test_a_failing_model_worker_fails_the_run_without_output(tmp_path, toy_model, scene):
+    m = load_model(toy_model, "cpu")
+    calls = {"n": 0}
+    predict = m.segmentor.predict
+
+    def flaky(image):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom in a worker")
+        return predict(image)
+
+    m.segmentor.predict = flaky
+    big = write_raster(tmp_path / "big.tif", synthetic_scene(400, 400))
+    with pytest.raises(RuntimeError, match="boom in a worker"):
+        refine_raster(big, tmp_path / "out.tif", model=m, quiet=True, model_workers=2,
+                      tile_size=64, overlap=16)
+    assert not (tmp_path / "out.tif").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif", "model", "scene.tif"]
 
 
 def test_output_is_georeferenced_with_classes_and_colours(tmp_path, toy_model, scene):

@@ -118,3 +118,23 @@ def test_user_errors(npz, tmp_path):
         export_model(cc, None, ModelCard(name="t", classes=["a", "b"]), tmp_path / "m")
     with pytest.raises(UserError, match="not a refiner"):
         refiner_from_checkpoint(cc, "cpu")
+
+
+def test_weight_averaging_exports_the_average_and_resumes_exactly(npz, tmp_path):
+    kw = dict(batch_size=2, crop=32, progress=False, device="cpu", checkpoint_every=2,
+              config={**TINY, "ema": 0.5})
+    whole = torch.load(train_coarse(npz, tmp_path / "whole", iterations=4, **kw),
+                       weights_only=False)
+    # the exported weights are the running average, not the last optimiser step ...
+    avg, own = whole["model"], whole["trained_model"]
+    assert any(not torch.equal(avg[k], own[k]) for k in avg if avg[k].is_floating_point())
+    # ... which is what the averaging rule gives from the previous checkpoint
+    half = torch.load(train_coarse(npz, tmp_path / "half", iterations=2, **kw),
+                      weights_only=False)
+    name = next(k for k in avg if k.endswith("weight") and avg[k].dim() == 4)
+    assert not torch.equal(avg[name], half["model"][name])
+    # stopping at 2 and resuming to 4 gives the same average as an uninterrupted run
+    resumed = torch.load(train_coarse(npz, tmp_path / "half", iterations=4, resume=True, **kw),
+                         weights_only=False)
+    assert all(torch.equal(avg[k], resumed["model"][k]) for k in avg)
+    assert all(torch.equal(own[k], resumed["trained_model"][k]) for k in own)

@@ -34,6 +34,9 @@ def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--steps", type=int, help="Diffusion sampling steps [card]."),
         click.option("--batch-size", type=int,
                      help="Windows per forward pass [1 on CPU, 8 on a GPU]."),
+        click.option("--model-workers", type=int,
+                     help="Networks running side by side on the CPU threads [2 on a "
+                          "multi-core CPU, 1 on a GPU]."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True),
         click.option("--seed", type=int, default=0, show_default=True,
