@@ -277,12 +277,12 @@ def tune_allocator() -> bool:
     adapted behaviour. Skipped when the user set glibc's own ``MALLOC_*``/``GLIBC_TUNABLES``
     environment, or ``IDGBR_NO_MALLOPT``."""
     global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return True
     if (not sys.platform.startswith("linux") or "IDGBR_NO_MALLOPT" in os.environ
             or "GLIBC_TUNABLES" in os.environ
             or any(k.startswith("MALLOC_") for k in os.environ)):
         return False
+    if _ALLOCATOR_TUNED:
+        return True
     try:
         libc = ctypes.CDLL("libc.so.6")
         ok = (libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1

@@ -108,6 +108,15 @@ def test_window_not_larger_than_twice_overlap(tmp_path, toy_model, scene):
     _assert_clean_error(code, err, tmp_path, "twice the overlap")
 
 
+def test_model_workers_option(tmp_path, toy_model, scene):
+    code, _, err = run("refine", str(scene), str(tmp_path / "a.tif"), "--model", str(toy_model),
+                       "--model-workers", "3", "-q")
+    assert code == 0, err
+    code, _, err = run("refine", str(scene), str(tmp_path / "out.tif"), "--model",
+                       str(toy_model), "--model-workers", "0")
+    _assert_clean_error(code, err, tmp_path, "--model-workers must be at least 1")
+
+
 def test_unknown_model(tmp_path, scene):
     code, _, err = run("refine", str(scene), str(tmp_path / "out.tif"), "--model", "nosuchmodel")
     _assert_clean_error(code, err, tmp_path, "unknown model")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -118,6 +119,26 @@ def test_a_failing_model_worker_fails_the_run_without_output(tmp_path, toy_model
                       tile_size=64, overlap=16)
     assert not (tmp_path / "out.tif").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif", "model", "scene.tif"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_allocator_tuning_respects_the_users_malloc_settings(monkeypatch):
+    from idgbr_geo import engine
+
+    monkeypatch.setenv("IDGBR_NO_MALLOPT", "1")
+    assert engine.tune_allocator() is False
+    monkeypatch.delenv("IDGBR_NO_MALLOPT")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert engine.tune_allocator() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt  # noqa: B018 - glibc present?
+    except (OSError, AttributeError):
+        pytest.skip("no glibc")
+    assert engine.tune_allocator() is True
+    assert engine.tune_allocator() is True  # once per process, then remembered
 
 
 def test_output_is_georeferenced_with_classes_and_colours(tmp_path, toy_model, scene):
