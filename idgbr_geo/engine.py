@@ -463,7 +463,8 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
             stop.set()
 
     try:
-        helpers = [_helper_pool(workers - 1).submit(work) for _ in range(workers - 1)]
+        helpers = ([_helper_pool(workers - 1).submit(work) for _ in range(workers - 1)]
+                   if workers > 1 else [])
         work()  # this thread is a worker too
         for h in helpers:
             h.result()
@@ -487,7 +488,7 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
         writer_out.close()
 
 
-_HELPERS: ThreadPoolExecutor | None = None
+_HELPERS: tuple[ThreadPoolExecutor, int] | None = None
 
 
 def _helper_pool(n: int) -> ThreadPoolExecutor:
@@ -495,11 +496,12 @@ def _helper_pool(n: int) -> ThreadPoolExecutor:
     forward passes are ~50% slower (its allocator arena and the networks' per-thread
     buffers start cold), which a batch of small scenes would pay scene after scene."""
     global _HELPERS
-    if n > 0 and (_HELPERS is None or _HELPERS._max_workers < n):
+    if _HELPERS is None or _HELPERS[1] < n:
         if _HELPERS is not None:
-            _HELPERS.shutdown(wait=False)
-        _HELPERS = ThreadPoolExecutor(max_workers=n, thread_name_prefix="idgbr-model")
-    return _HELPERS  # type: ignore[return-value]
+            _HELPERS[0].shutdown(wait=False)
+        _HELPERS = (ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="idgbr-model"),
+                    max(1, n))
+    return _HELPERS[0]
 
 
 def _process(batch: list[_Item], m: Model, src: Source, *, use_refiner: bool, steps: int,
