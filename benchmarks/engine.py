@@ -159,8 +159,9 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
     src.ds.close()
     out = {}
     for key, n in (("seconds", workers), ("seconds_1worker", 1)):
-        ready = threading.Barrier(n)
-        parts = [batches[i::n] for i in range(n)]
+        t0: list[float] = []
+        # the clock starts when every worker has warmed up (the barrier's action runs once)
+        ready = threading.Barrier(n, action=lambda t0=t0: t0.append(time.perf_counter()))
 
         def run(part: list, n: int = n, ready: threading.Barrier = ready) -> None:
             torch.set_num_threads(max(1, threads // n))
@@ -171,21 +172,14 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
             with torch.inference_mode():
                 _model_pass(m, part, coarse_only)
 
+        parts = [batches[i::n] for i in range(n)]
         helpers = [threading.Thread(target=run, args=(p,)) for p in parts[1:]]
         for h in helpers:
             h.start()
-        # the clock starts when every worker has warmed up (this one last: it waits longest)
-        torch.set_num_threads(max(1, threads // n))
-        _warm_up(m, coarse_only, batch_size)
-        with torch.inference_mode():
-            _model_pass(m, parts[0][:1], coarse_only)
-        ready.wait()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            _model_pass(m, parts[0], coarse_only)
+        run(parts[0])
         for h in helpers:
             h.join()
-        out[key] = (time.perf_counter() - t0) / len(chosen) * len(tiles)
+        out[key] = (time.perf_counter() - t0[0]) / len(chosen) * len(tiles)
         torch.set_num_threads(threads)
     return out
 
