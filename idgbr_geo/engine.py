@@ -137,8 +137,7 @@ def _reader(src: Source, tiles: Sequence[Tile], coarse_ds: Any, card: ModelCard,
     the model's thread), then _DONE (or the exception)."""
     _background_priority()
     try:
-        with contextlib.suppress(RuntimeError):  # torch ops here (resampling) stay serial
-            torch.set_num_threads(1)
+        torch.set_num_threads(1)  # torch ops here (resampling) stay serial
         for tile in tiles:
             if stop.is_set():
                 break  # _DONE below wakes a model worker waiting for windows
