@@ -8,7 +8,7 @@ divided by the summed weights, so for a translation-equivariant model whose rece
 field is at most half the overlap the stitched map equals the whole-image prediction.
 
 Only the rows of windows still open are held in memory; finished rows are handed to a
-writer callback in block-aligned strips, so memory stays flat as the scene grows.
+writer callback one output block row at a time, so memory stays flat as the scene grows.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from functools import lru_cache
 
 import numpy as np
 
-#: rows handed to the writer at a time (finished block rows are emitted in such strips)
-FLUSH_ROWS = 64
 
 class Strip:
     """Finished rows: weighted sums and weights. Class ids need only the argmax of the sums,
@@ -41,6 +39,10 @@ class Strip:
                 p = np.concatenate([np.where(self.wsum > 0, 1.0 - p[0], 0.0)[None], p])
             self._probs = p.astype(np.float32, copy=False)
         return self._probs
+
+    def rows(self, a: int, b: int) -> Strip:
+        """Rows ``a..b`` of this strip (views, no copy)."""
+        return Strip(self.acc[:, a:b], self.wsum[a:b], self.covered[a:b], self.binary)
 
     def class_ids(self) -> np.ndarray:
         """Argmax class per pixel (uint8), without forming probabilities."""
@@ -111,7 +113,8 @@ class RowStitcher:
         self.binary = binary
         self.width, self.height, self.k = width, height, num_classes
         self.block = block
-        self.capacity = min(capacity, height)
+        # whole block rows, so that a block row never wraps around the ring buffer
+        self.capacity = min(-(-capacity // block) * block, height)
         self.flush = flush
         self.base = 0  # first raster row not yet flushed
         self.acc = np.zeros((1 if binary else num_classes, self.capacity, width), np.float32)
@@ -157,9 +160,12 @@ class RowStitcher:
 
     def _flush_to(self, end: int) -> None:
         r0 = self.base
-        while r0 < end:  # in short strips (small temporaries) that never wrap around
+        # one whole block row at a time: GDAL writes (compresses) a fully written block at
+        # once, in the writer's thread while the network runs, instead of holding partly
+        # written blocks in its cache and compressing them all at close, after the network
+        while r0 < end:
             b0 = r0 % self.capacity
-            r1 = min(r0 + FLUSH_ROWS, end, r0 + self.capacity - b0)
+            r1 = min(r0 + self.block, end, r0 + self.capacity - b0)
             rows = slice(b0, b0 + r1 - r0)
             wsum = self.wsum[rows]
             covered = (wsum > 0) & self.valid[rows]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from rasterio.enums import Compression
 from synth import conv_model, synthetic_scene, write_raster
 
 from idgbr_geo.engine import refine_raster
@@ -149,7 +150,8 @@ def test_output_is_georeferenced_with_classes_and_colours(tmp_path, toy_model, s
         assert (b.width, b.height) == (a.width, a.height)
         assert b.count == 2 and b.dtypes == ("uint8", "uint8")
         assert b.nodata == 255
-        assert b.profile["tiled"] and b.compression is not None
+        # DEFLATE (at a cheaper level than GDAL's default): every GeoTIFF reader has it
+        assert b.profile["tiled"] and b.compression == Compression.deflate
         assert json.loads(b.tags()["IDGBR_CLASSES"]) == ["background", "building"]
         assert b.colormap(1)[1][:3] != b.colormap(1)[0][:3]
         assert b.descriptions[1] == "confidence"

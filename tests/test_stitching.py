@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from idgbr_geo.stitching import FLUSH_ROWS, RowStitcher, taper, window_weights
+from idgbr_geo.stitching import RowStitcher, taper, window_weights
 
 
 def _windows(height: int, width: int, size: int, step: int) -> list[tuple[int, int, int, int]]:
@@ -54,8 +54,9 @@ def test_ring_buffer_equals_whole_raster_blend(height, width, size, step, capaci
         valid_all[r:r + h, c:c + w] |= valid
     st.close()
 
-    # every row flushed exactly once, in order, in strips of at most FLUSH_ROWS
-    assert all(0 < r1 - r0 <= FLUSH_ROWS for r0, r1 in flushed)
+    # every row flushed exactly once, in order, in whole block rows (the last one may be
+    # cut by the raster's edge)
+    assert all(r0 % block == 0 and r1 - r0 == min(block, height - r0) for r0, r1 in flushed)
     assert flushed[0][0] == 0 and flushed[-1][1] == height
     assert all(a[1] == b[0] for a, b in zip(flushed, flushed[1:], strict=False))
     covered = (wsum > 0) & valid_all
