@@ -2,9 +2,10 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_models.py coarse buildings
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_models.py refiner buildings
-    ... [--tag NAME] [--iterations N] [--config JSON] [--coarse-run NAME]
+    ... [--tag NAME] [--iterations N] [--config JSON] [--coarse-run NAME] [--arrays NAME]
 
-Reads ``.train/<set>_train.npz`` (benchmarks/prepare_data.py), writes
+Reads ``.train/<set>_train.npz`` (benchmarks/prepare_data.py; ``--arrays`` names another
+file in .train, e.g. ``<set>_train_oof`` from benchmarks/oof_maps.py), writes
 ``.train/runs/<set>-<tag>/`` (checkpoint.pt, log.csv).
 """
 
@@ -32,7 +33,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--config", default="{}")
     ap.add_argument("--coarse-run", default="coarse", help="tag of the coarse run to learn from")
-    ap.add_argument("--no-coarse", action="store_true", help="degradations only")
+    ap.add_argument("--no-coarse", action="store_true",
+                    help="no coarse model: degradations (and the arrays' stored maps) only")
+    ap.add_argument("--arrays", default=None, help="training arrays in .train [<set>_train]")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
@@ -42,7 +45,7 @@ def main() -> None:
     common = dict(iterations=args.iterations, batch_size=args.batch_size, crop=args.crop,
                   lr=args.lr, seed=0, device="auto", resume=args.resume,
                   config=json.loads(args.config), progress=True)
-    train = ROOT / f"{args.set}_train.npz"
+    train = ROOT / f"{args.arrays or args.set + '_train'}.npz"
     if args.stage == "coarse":
         path = train_coarse(train, out, val_npz=ROOT / f"{args.set}_val.npz", **common)
     else:

@@ -2,12 +2,13 @@
 
 They read the compact ``.npz`` chip arrays of :mod:`idgbr_geo.datasets` (``images``
 (N, bands, T, T) uint8/uint16, ``labels`` (N, T, T) uint8 with 255 = ignore, ``classes``,
-``gsd``, ``source``) and import nothing from the geospatial stack, so training runs on
-any machine with torch, including a GPU box. Augmentation: random scale (0.7-1.4x, since
-the scenes users refine come from other sensors and GSDs), flips/rot90 and colour
-jitter. Every ``checkpoint_every`` iterations the full training state goes to
-``out_dir/checkpoint.pt`` (resumable with ``resume=True``) and a row to
-``out_dir/log.csv``. Seeds fix the run.
+``gsd``, ``source``; optionally ``coarse`` (N, K, T, T) uint8, probabilities x 255 of coarse
+maps made beforehand, e.g. by a coarse model that never saw the chip's area) and import
+nothing from the geospatial stack, so training runs on any machine with torch, including a
+GPU box. Augmentation: random scale (0.7-1.4x, since the scenes users refine come from
+other sensors and GSDs), flips/rot90 and colour jitter. Every ``checkpoint_every``
+iterations the full training state goes to ``out_dir/checkpoint.pt`` (resumable with
+``resume=True``) and a row to ``out_dir/log.csv``. Seeds fix the run.
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ class ChipSampler:
                  rng: np.random.Generator, scale: tuple[float, float] = (0.7, 1.4),
                  colour: bool = True) -> None:
         self.images, self.labels = data["images"], data["labels"]
+        self.coarse = data.get("coarse")
+        if self.coarse is not None and (self.coarse.ndim != 4 or self.coarse.shape[0]
+                                        != len(self.images)
+                                        or self.coarse.shape[2:] != self.images.shape[2:]):
+            raise UserError(f"coarse maps {self.coarse.shape} do not match the images "
+                            f"{self.images.shape}")
         self.div = norm.divisor(self.images.dtype)
         self.mean = torch.tensor(norm.mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(norm.std, dtype=torch.float32)[:, None, None]
@@ -87,8 +94,10 @@ class ChipSampler:
         if len(self.candidates) == 0:
             raise UserError("the training arrays hold no labelled pixels")
 
-    def sample(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        imgs, labs = [], []
+    def sample(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Images, labels and the stored coarse maps (probabilities; None without them) of
+        ``batch`` random crops, all augmented alike."""
+        imgs, labs, pres = [], [], []
         t = self.images.shape[-1]
         for i in self.rng.choice(self.candidates, size=batch):
             s = self.rng.uniform(*self.scale)
@@ -96,21 +105,29 @@ class ChipSampler:
             r, c = self.rng.integers(0, t - src + 1, size=2)
             img = torch.from_numpy(self.images[i, :, r:r + src, c:c + src].astype(np.float32))
             lab = torch.from_numpy(self.labels[i, r:r + src, c:c + src].astype(np.int64))
+            pre = (None if self.coarse is None else
+                   torch.from_numpy(self.coarse[i, :, r:r + src, c:c + src].astype(np.float32)))
             if src != self.crop:
-                img = F.interpolate(img[None], size=(self.crop, self.crop), mode="bilinear",
-                                    antialias=src > self.crop, align_corners=False)[0]
+                img, pre = (None if x is None else
+                            F.interpolate(x[None], size=(self.crop, self.crop), mode="bilinear",
+                                          antialias=src > self.crop, align_corners=False)[0]
+                            for x in (img, pre))
                 lab = F.interpolate(lab[None, None].float(), size=(self.crop, self.crop),
                                     mode="nearest")[0, 0].long()
             k = int(self.rng.integers(4))
             img, lab = torch.rot90(img, k, (1, 2)), torch.rot90(lab, k, (0, 1))
-            if self.rng.random() < 0.5:
+            flip = self.rng.random() < 0.5
+            if flip:
                 img, lab = img.flip(2), lab.flip(1)
+            if pre is not None:
+                pre = torch.rot90(pre, k, (1, 2))
+                pres.append((pre.flip(2) if flip else pre) / 255.0)
             img = img / self.div
             if self.colour:
                 img = self._jitter(img)
             imgs.append((img - self.mean) / self.std)
             labs.append(lab)
-        return torch.stack(imgs), torch.stack(labs)
+        return torch.stack(imgs), torch.stack(labs), torch.stack(pres) if pres else None
 
     def _jitter(self, img: torch.Tensor) -> torch.Tensor:
         """Brightness, contrast, saturation and per-band gain jitter on [0, 1] values."""
@@ -279,7 +296,8 @@ def train_coarse(
     k = len(run.classes)
     net = build_coarse_net(run.config).to(run.device)
 
-    def step(img: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(img: torch.Tensor, lab: torch.Tensor, _pre: torch.Tensor | None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
         logits = net(img)
         ce = F.cross_entropy(logits, lab, ignore_index=255)
         ce = ce if torch.isfinite(ce) else logits.sum() * 0
@@ -293,7 +311,8 @@ def train_coarse(
 
 
 def _fit(run: _Run, net: torch.nn.Module,
-         step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+         step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                        tuple[torch.Tensor, dict[str, float]]],
          arch: str, *, iterations: int, batch_size: int, lr: float, crop: int,
          checkpoint_every: int, progress: bool,
          validate: Callable[[], dict[str, float]] | None) -> Path:
@@ -315,8 +334,9 @@ def _fit(run: _Run, net: torch.nn.Module,
         net.train()
         for g in opt.param_groups:
             g["lr"] = _lr_at(it, iterations, lr)
-        img, lab = sampler.sample(batch_size)
-        loss, parts = step(img.to(run.device), lab.to(run.device))
+        img, lab, pre = sampler.sample(batch_size)
+        loss, parts = step(img.to(run.device), lab.to(run.device),
+                           None if pre is None else pre.to(run.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -401,27 +421,36 @@ def train_refiner(
     Each sample's coarse map comes from ``coarse`` (any Segmentor, fed the same normalised
     crops - so it must use the same normalisation) with probability ``config["p_model"]``,
     otherwise from a random degradation of the ground truth (:func:`idgbr_geo.degrade`).
-    ``config`` overrides :data:`DEFAULT_REFINER`; ``use_coarse=False`` trains the
+    Training arrays that carry ``coarse`` maps use those (cropped and augmented with the
+    image) in place of running ``coarse``: maps made by a model that never saw the chip's
+    area carry the errors it makes on new scenes, which its maps of its own training chips
+    do not. ``config`` overrides :data:`DEFAULT_REFINER`; ``use_coarse=False`` trains the
     image-only ('no rough') ablation and ``mode="oneshot"`` the non-iterative one.
     """
-    if coarse is None and not degradation:
-        raise UserError("the refiner needs coarse maps: give a coarse model or keep degradation")
     run = _Run("refiner", out_dir, train_npz, seed=seed, device=device, resume=resume,
                normalization=normalization, config={**DEFAULT_REFINER, **(config or {})})
     cfg = run.config
     k = len(run.classes)
+    stored = run.data.get("coarse")
+    if coarse is None and stored is None and not degradation:
+        raise UserError("the refiner needs coarse maps: give a coarse model, coarse maps in "
+                        "the training arrays, or keep degradation")
+    if stored is not None and stored.shape[1] != k:
+        raise UserError(f"the training arrays' coarse maps have {stored.shape[1]} classes, "
+                        f"their labels {k}")
     if coarse is not None and int(getattr(coarse, "num_classes", k)) != k:
         raise UserError(f"the coarse model predicts {coarse.num_classes} classes, the training "
                         f"arrays have {k}")
     net = build_refiner_net(cfg).to(run.device)
     gen = torch.Generator().manual_seed(seed + run.start)
-    p_model = float(cfg.get("p_model", 0.5)) if coarse is not None else 0.0
+    p_model = float(cfg.get("p_model", 0.5)) if coarse is not None or stored is not None else 0.0
     if not degradation:
         p_model = 1.0
 
-    def step(img: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(img: torch.Tensor, lab: torch.Tensor, pre: torch.Tensor | None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
         probs = _coarse_maps(img, lab, k, coarse, p_model, gen, run.rng,
-                             perturb=float(cfg.get("coarse_perturb", 0.0)))
+                             perturb=float(cfg.get("coarse_perturb", 0.0)), stored=pre)
         return training_loss(net, img, probs, lab, t_max=float(cfg.get("t_max", 1.0)),
                              p_uncond=float(cfg.get("p_uncond", 0.0)),
                              p_coarse_x0=float(cfg.get("p_coarse_x0", 0.0)),
@@ -460,9 +489,10 @@ def _validate_refiner(net, val, norm, k, device, coarse, cfg) -> dict[str, float
 
 @torch.no_grad()
 def _coarse_maps(img: torch.Tensor, lab: torch.Tensor, k: int, coarse: Any, p_model: float,
-                 gen: torch.Generator, rng: np.random.Generator, perturb: float = 0.0
-                 ) -> torch.Tensor:
-    """Per sample: the coarse model's map (prob p_model) or a degraded ground truth.
+                 gen: torch.Generator, rng: np.random.Generator, perturb: float = 0.0,
+                 stored: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample: the coarse model's map, or the ``stored`` one where the training arrays
+    carry maps (prob p_model), or a degraded ground truth.
 
     On its own training chips the coarse model is nearly perfect, unlike on new scenes;
     ``perturb`` > 0 feeds it a corrupted copy of the image (noise, blur, colour shift; the
@@ -471,7 +501,10 @@ def _coarse_maps(img: torch.Tensor, lab: torch.Tensor, k: int, coarse: Any, p_mo
     """
     use_model = rng.random(len(img)) < p_model
     out = torch.empty(len(img), k, *img.shape[-2:], device=img.device)
-    if use_model.any():
+    if use_model.any() and stored is not None:
+        sel = torch.from_numpy(np.flatnonzero(use_model)).to(img.device)
+        out[sel] = stored[sel].to(img.device).float()
+    elif use_model.any():
         sel = torch.from_numpy(np.flatnonzero(use_model)).to(img.device)
         x = img[sel]
         if perturb > 0:

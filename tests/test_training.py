@@ -12,6 +12,8 @@ from idgbr_geo.cards import ModelCard
 from idgbr_geo.errors import UserError
 from idgbr_geo.registry import load_model
 from idgbr_geo.training import (
+    ChipSampler,
+    _coarse_maps,
     export_model,
     fit_normalization,
     load_npz,
@@ -138,3 +140,46 @@ def test_weight_averaging_exports_the_average_and_resumes_exactly(npz, tmp_path)
                          weights_only=False)
     assert all(torch.equal(avg[k], resumed["model"][k]) for k in avg)
     assert all(torch.equal(own[k], resumed["trained_model"][k]) for k in own)
+
+
+def _with_stored_maps(npz, tmp_path, k=3):
+    """The chips of ``npz`` plus stored coarse maps: the labels one-hot (x 255)."""
+    data = dict(np.load(npz))
+    lab = data["labels"]
+    onehot = np.stack([(lab == c) for c in range(k)], axis=1).astype(np.uint8) * 255
+    path = tmp_path / f"stored{k}.npz"
+    np.savez(path, **data, coarse=onehot)
+    return path
+
+
+def test_stored_coarse_maps_are_cropped_and_augmented_with_the_image(npz, tmp_path):
+    data = load_npz(_with_stored_maps(npz, tmp_path))
+    norm = fit_normalization(data["images"])
+    exact = ChipSampler(data, norm, 32, np.random.default_rng(0), scale=(1.0, 1.0))
+    img, lab, pre = exact.sample(16)
+    assert pre.shape == (16, 3, 32, 32) and pre.min() >= 0 and pre.max() <= 1
+    known = lab != 255
+    assert torch.equal(pre.max(1).indices[known], lab[known])  # same crop, rotation, flip
+    scaled = ChipSampler(data, norm, 32, np.random.default_rng(1))  # resized as well
+    _, slab, spre = scaled.sample(16)
+    known = slab != 255
+    assert (spre.max(1).indices[known] == slab[known]).float().mean() > 0.95
+    plain = ChipSampler(load_npz(npz), norm, 32, np.random.default_rng(0), scale=(1.0, 1.0))
+    img2, lab2, none = plain.sample(16)
+    assert none is None  # and the random crops are the same as with stored maps
+    assert torch.equal(img, img2) and torch.equal(lab, lab2)
+
+
+def test_refiner_learns_from_stored_coarse_maps(npz, tmp_path):
+    stored = _with_stored_maps(npz, tmp_path)
+    lab = torch.from_numpy(np.load(stored)["labels"][:2].astype(np.int64))
+    pre = torch.rand(2, 3, 64, 64)
+    got = _coarse_maps(torch.zeros(2, 3, 64, 64), lab, 3, None, 1.0, torch.Generator(),
+                       np.random.default_rng(0), stored=pre)
+    assert torch.equal(got, pre)  # used as they are, no model and no degradation
+    ckpt = train_refiner(stored, tmp_path / "r", coarse=None, degradation=False, iterations=2,
+                         batch_size=2, crop=32, config=TINY_REF, progress=False, device="cpu")
+    assert torch.load(ckpt, weights_only=False)["iteration"] == 2
+    wrong = _with_stored_maps(npz, tmp_path, k=2)
+    with pytest.raises(UserError, match="coarse maps have 2 classes"):
+        train_refiner(wrong, tmp_path / "w", iterations=1, progress=False, device="cpu")
