@@ -1,14 +1,15 @@
 """Out-of-fold coarse maps for refiner training (developer script).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/oof_maps.py buildings [--iterations 2500]
-        [--config JSON] [--areas zanzibar,nairobi] [--jobs 2]
+        [--config JSON] [--folds N] [--jobs 2]
 
 A coarse model is nearly perfect on its own training chips, so a refiner that learns from
 those maps learns to trust them; on new scenes the coarse maps are far worse. This script
-trains one coarse model per area of ``.train/<set>_train.npz`` on the chips of the *other*
-areas (the area is the scene name's first ``_`` part), lets it map the chips of the area it
-never saw, and writes ``.train/<set>_train_oof.npz``: the same chips plus ``coarse`` maps
-(uint8 probabilities x 255) that carry the errors of a model on unseen imagery.
+trains one coarse model per area of ``.train/<set>_train.npz`` (or per group of areas, with
+``--folds``; the area is the scene name's first ``_`` part) on the chips of the *other*
+areas, lets it map the chips of the area it never saw, and writes
+``.train/<set>_train_oof.npz``: the same chips plus ``coarse`` maps (uint8 probabilities
+x 255) that carry the errors of a model on unseen imagery.
 ``train_models.py refiner <set> --arrays <set>_train_oof --no-coarse`` then learns from them
 (and from degraded ground truth, as always).
 """
@@ -34,15 +35,27 @@ def areas_of(scenes: np.ndarray) -> np.ndarray:
     return np.array([str(s).split("_")[0] for s in scenes])
 
 
-def _train_fold(args: argparse.Namespace, area: str) -> Path:
-    """Train the coarse model that never sees ``area``; returns its checkpoint."""
+def folds_of(areas: np.ndarray, n: int | None) -> list[list[str]]:
+    """The areas, one fold each, or in ``n`` groups of neighbours in sorted order."""
+    names = sorted(set(areas.tolist()))
+    if n is None:
+        return [[a] for a in names]
+    return [list(g) for g in np.array_split(np.array(names), n) if len(g)]
+
+
+def _fold_name(fold: list[str]) -> str:
+    return "+".join(a.replace("/", "-") for a in fold)
+
+
+def _train_fold(args: argparse.Namespace, fold: list[str]) -> Path:
+    """Train the coarse model that never sees the areas of ``fold``; returns its checkpoint."""
     data = load_npz(ROOT / f"{args.set}_train.npz")
-    keep = areas_of(data["scene"]) != area
-    subset = ROOT / f"{args.set}_train_without-{area}.npz"
+    keep = ~np.isin(areas_of(data["scene"]), fold)
+    subset = ROOT / f"{args.set}_train_without-{_fold_name(fold)}.npz"
     np.savez(subset, images=data["images"][keep], labels=data["labels"][keep],
              classes=np.array(data["classes"]), gsd=data["gsd"], source=data["source"],
              scene=data["scene"][keep])
-    return train_coarse(subset, ROOT / "runs" / f"{args.set}-oof-{area}",
+    return train_coarse(subset, ROOT / "runs" / f"{args.set}-oof-{_fold_name(fold)}",
                         iterations=args.iterations, batch_size=8, crop=128, lr=2e-3, seed=0,
                         device="auto", resume=args.resume, config=json.loads(args.config),
                         progress=True)
@@ -67,39 +80,36 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=2500)
     ap.add_argument("--config", default='{"output_stride": 16, "widths": [16, 24, 32, 48]}',
                     help="coarse model config of the fold models [the second coarse model's]")
-    ap.add_argument("--areas", default=None, help="comma list [every area in the arrays]")
+    ap.add_argument("--folds", type=int, default=None, help="groups of areas [one per area]")
     ap.add_argument("--jobs", type=int, default=2, help="fold models trained side by side")
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--fold", default=None, help=argparse.SUPPRESS)  # one fold (a child)
+    ap.add_argument("--fold", default=None, help=argparse.SUPPRESS)  # a child: comma list
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.fold is not None:
-        print(_train_fold(args, args.fold))
+        print(_train_fold(args, args.fold.split(",")))
         return
     data = load_npz(ROOT / f"{args.set}_train.npz")
     areas = areas_of(data["scene"])
-    todo = args.areas.split(",") if args.areas else sorted(set(areas))
+    todo = folds_of(areas, args.folds)
     if len(todo) < 2:
-        raise SystemExit("out-of-fold maps need at least two areas")
+        raise SystemExit("out-of-fold maps need at least two folds")
     base = [sys.executable, __file__, args.set, "--iterations", str(args.iterations),
             "--config", args.config] + (["--resume"] if args.resume else [])
     running: list[subprocess.Popen] = []
-    for area in todo:  # fold models in child processes, --jobs at a time
+    for fold in todo:  # fold models in child processes, --jobs at a time
         if len(running) >= args.jobs:
             running.pop(0).wait()
-        running.append(subprocess.Popen(base + ["--fold", area]))
+        running.append(subprocess.Popen(base + ["--fold", ",".join(fold)]))
     for p in running:
         p.wait()
     coarse = np.zeros((len(areas), len(data["classes"]), *data["images"].shape[2:]), np.uint8)
-    for area in todo:
-        sel = np.flatnonzero(areas == area)
-        ckpt = ROOT / "runs" / f"{args.set}-oof-{area}" / "checkpoint.pt"
+    for fold in todo:
+        sel = np.flatnonzero(np.isin(areas, fold))
+        ckpt = ROOT / "runs" / f"{args.set}-oof-{_fold_name(fold)}" / "checkpoint.pt"
         coarse[sel] = _predict(ckpt, data["images"][sel])
-        print(f"{area}: {len(sel)} chips mapped by the model trained without them",
+        print(f"{', '.join(fold)}: {len(sel)} chips mapped by the model trained without them",
               file=sys.stderr)
-    missing = ~np.isin(areas, todo)
-    if missing.any():
-        raise SystemExit(f"areas {sorted(set(areas[missing]))} have no fold model")
     out = ROOT / f"{args.set}_train_oof.npz"
     np.savez(out, **{k: (np.array(v) if k == "classes" else v) for k, v in data.items()},
              coarse=coarse)
