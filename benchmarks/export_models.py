@@ -59,7 +59,8 @@ DATA = {
 
 
 GATE_NOTE = ("The refiner rows use the card's default gate: a pixel keeps its coarse class "
-             "unless the refiner gives its own, different class at least that probability. "
+             "unless the refiner gives its own, different class at least that probability "
+             "(a list: one threshold per class the pixel would turn into). "
              "The gate was chosen once, before this table was made, on chips of every 4th "
              "training scene (benchmarks/select_options.py; rule in its docstring); the row "
              "'refiner without the gate' shows what it trades: fewer damaged pixels "
@@ -90,6 +91,11 @@ NOTES = {
                  "the same size and the same 1500 training iterations on the same data. "
                  + GATE_NOTE,
 }
+
+
+def _gate(gate: float | list[float]) -> float | list[float]:
+    """A gate as the card stores it: one threshold, or one per class."""
+    return [float(g) for g in gate] if isinstance(gate, list) else float(gate)
 
 
 def commands(name: str, log: dict, refiner_tag: str = "refiner") -> list[str]:
@@ -129,7 +135,7 @@ def main() -> None:
                 "split": "held-out areas (see training_data.dataset)",
                 "refiner_defaults": {"steps": steps, "start": val["start"],
                                      "t_start": val["t_start"], "band": int(val.get("band", 0)),
-                                     "gate": float(val.get("gate", 0.0))},
+                                     "gate": _gate(val.get("gate", 0.0))},
                 "table_markdown": (TRAIN / f"val-{name}.md").read_text(),
                 "notes": NOTES[name],
                 "rows": [{k: v for k, v in r.items() if k != "raw"} for r in val["rows"]],
@@ -141,7 +147,7 @@ def main() -> None:
         if val:
             card.refiner["config"].update(start=val["start"], t_start=val["t_start"],
                                           steps=steps, band=int(val.get("band", 0)),
-                                          gate=float(val.get("gate", 0.0)))
+                                          gate=_gate(val.get("gate", 0.0)))
             card.save(path)
         print(path, (args.out / f"{name}.safetensors").stat().st_size // 1024, "KiB")
     parts = ["# Validation of the bundled models\n",

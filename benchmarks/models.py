@@ -1,11 +1,17 @@
 """Cost of the bundled models: seconds per 512x512 window, coarse model vs refiner.
 
     .venv/bin/python benchmarks/models.py [buildings roads landcover] [--threads 2] [--repeat 10]
+                                          [--default-allocator]
 
 Times ``segmentor.predict`` and ``refiner.refine`` at the card's default steps (and at 1
 and 2x steps) on one 1x3x512x512 window, on CPU with ``--threads`` threads and on a CUDA
-GPU when one is available; prints a markdown table. The refiner's guidance network runs
-once per window, the denoiser once per step, the decoder once.
+GPU when one is available; prints a markdown table (milliseconds). The refiner's guidance
+network runs once per window, the denoiser once per step, the decoder once.
+
+The networks run with the allocator settings the engine uses (``engine.tune_allocator``):
+with glibc's defaults every window's multi-MB feature maps are unmapped and faulted in again,
+which costs the refiner (several 4-16 MB maps at full resolution) ~10 ms per window, far
+more than the coarse model; ``--default-allocator`` shows that case.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import time
 
 import torch
 
+from idgbr_geo.engine import tune_allocator
 from idgbr_geo.registry import bundled_models, load_model
 
 
@@ -53,10 +60,14 @@ def main() -> None:
     ap.add_argument("models", nargs="*")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="keep glibc's allocator defaults (the engine tunes them)")
     args = ap.parse_args()
+    if not args.default_allocator:
+        tune_allocator()
     torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print("| model | device | coarse s/window | refiner 1 step | refiner default "
+    print("| model | device | coarse ms/window | refiner 1 step | refiner default "
           "(steps) | refiner 2x steps | refiner/coarse | coarse+refiner MP/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models or bundled_models():
@@ -67,8 +78,10 @@ def main() -> None:
             label = (f"cpu ({args.threads} threads)" if dev == "cpu"
                      else torch.cuda.get_device_name())
             mp = 512 * 512 / 1e6 / (r["coarse"] + d)
-            print(f"| {name} | {label} | {r['coarse']:.3f} | {r['refine_1']:.3f} | {d:.3f} ({s}) "
-                  f"| {r[f'refine_{2 * s}']:.3f} | {d / r['coarse']:.2f}x | {mp:.2f} |")
+            ms = {k: 1000 * v for k, v in r.items() if k != "steps"}
+            print(f"| {name} | {label} | {ms['coarse']:.1f} | {ms['refine_1']:.1f} | "
+                  f"{ms[f'refine_{s}']:.1f} ({s}) | {ms[f'refine_{2 * s}']:.1f} | "
+                  f"{d / r['coarse']:.2f}x | {mp:.2f} |")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ class Blurred:
 
 class Validator:
     def __init__(self, name: str, limit: int | None, steps: int, start: str, t_start: float,
-                 device: str = "cpu", x0: str = "soft", band: int = 0, gate: float = 0.0
+                 device: str = "cpu", x0: str = "soft", band: int = 0,
+                 gate: float | list[float] = 0.0
                  ) -> None:
         from idgbr_geo.training import load_npz  # noqa: F401  (keeps import errors early)
 
@@ -171,6 +172,12 @@ COLS = [("coarse", "coarse map"), ("method", "method"), ("iou", "IoU"), ("miou",
         ("d_iou", "ΔIoU"), ("d_bf2", "ΔBF@2")]
 
 
+def gate_label(gate: float | list[float]) -> str:
+    """0.6, or per class: [0.55, 0.7]."""
+    return (f"[{', '.join(format(g, 'g') for g in gate)}]" if isinstance(gate, list)
+            else format(gate, "g"))
+
+
 def format_row(row: dict[str, Any]) -> str:
     cells = []
     for key, _ in COLS:
@@ -198,8 +205,9 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma list of extra refine variants as JSON")
     ap.add_argument("--band", type=int, default=0,
                     help="keep the coarse map farther than this many px from its boundaries")
-    ap.add_argument("--gate", type=float, default=0.0,
-                    help="keep the coarse class unless the refiner gives its own at least this")
+    ap.add_argument("--gate", type=json.loads, default=0.0,
+                    help="keep the coarse class unless the refiner gives its own at least this "
+                         "(a number, or a JSON list: one per class the pixel would turn into)")
     ap.add_argument("--limit", type=int, default=None, help="first N scenes only")
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--refiner-tag", default="refiner")
@@ -241,7 +249,7 @@ def main() -> None:
              "second coarse (shipped one blurred: probs pooled 8x, upsampled)"}
     default = f"IDGBR refiner ({args.steps} steps, start={args.start}, x0={args.x0}" + (
         f", band {args.band} px" if args.band else "") + (
-        f", gate {args.gate:g}" if args.gate else "") + ")"
+        f", gate {gate_label(args.gate)}" if args.gate else "") + ")"
     if args.only:  # quick comparison of sampler settings on our coarse maps only
         cm = v.coarse_maps(seg, norm)
         v.add(label["coarse"], "coarse (no refinement)", cm, None, classes, 0.0)

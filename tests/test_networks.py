@@ -145,3 +145,14 @@ def test_gate_lets_only_confident_refinements_overturn_the_coarse_class(k):
     again = DiffusionRefiner(net, {"gate": gate}).refine(image, coarse, steps=1, seed=0,
                                                          origins=[(0, 0)], gate=0.0)
     assert torch.equal(again, free)
+    # per class: turning a pixel into class t needs more than certainty, into others nothing
+    t = int(cls[changed].mode().values)
+    per = DiffusionRefiner(net, {"gate": [1.01 if c == t else 0.0 for c in range(k)]}).refine(
+        image, coarse, steps=1, seed=0, origins=[(0, 0)])
+    to_t = changed & (cls == t)
+    assert to_t.any() and (changed & (cls != t)).any()
+    assert torch.equal(per.permute(0, 2, 3, 1)[to_t], coarse.permute(0, 2, 3, 1)[to_t])
+    assert torch.equal(per.permute(0, 2, 3, 1)[~to_t], free.permute(0, 2, 3, 1)[~to_t])
+    with pytest.raises(ValueError, match="thresholds for"):
+        DiffusionRefiner(net, {"gate": [0.5]}).refine(image, coarse, steps=1, seed=0,
+                                                      origins=[(0, 0)])
