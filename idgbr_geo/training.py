@@ -501,22 +501,22 @@ def _coarse_maps(img: torch.Tensor, lab: torch.Tensor, k: int, coarse: Any, p_mo
     """
     use_model = rng.random(len(img)) < p_model
     out = torch.empty(len(img), k, *img.shape[-2:], device=img.device)
-    if use_model.any() and stored is not None:
+    if use_model.any():
         sel = torch.from_numpy(np.flatnonzero(use_model)).to(img.device)
-        out[sel] = stored[sel].to(img.device).float()
-    elif use_model.any():
-        sel = torch.from_numpy(np.flatnonzero(use_model)).to(img.device)
-        x = img[sel]
-        if perturb > 0:
-            from .degrade import gaussian_blur
+        if stored is not None:
+            out[sel] = stored[sel].to(img.device).float()
+        else:
+            x = img[sel]
+            if perturb > 0:
+                from .degrade import gaussian_blur
 
-            n = len(x)
-            x = gaussian_blur(x, float(rng.uniform(0, 2.0 * perturb)))
-            shift = torch.from_numpy(rng.normal(0, 0.4 * perturb, (n, x.shape[1], 1, 1)))
-            sigma = torch.from_numpy(rng.uniform(0, 0.6 * perturb, (n, 1, 1, 1)))
-            noise = torch.randn(x.shape, generator=gen).to(x.device)
-            x = x + shift.float().to(x.device) + sigma.float().to(x.device) * noise
-        out[sel] = coarse.predict(x).to(img.device).float()
+                n = len(x)
+                x = gaussian_blur(x, float(rng.uniform(0, 2.0 * perturb)))
+                shift = torch.from_numpy(rng.normal(0, 0.4 * perturb, (n, x.shape[1], 1, 1)))
+                sigma = torch.from_numpy(rng.uniform(0, 0.6 * perturb, (n, 1, 1, 1)))
+                noise = torch.randn(x.shape, generator=gen).to(x.device)
+                x = x + shift.float().to(x.device) + sigma.float().to(x.device) * noise
+            out[sel] = coarse.predict(x).to(img.device).float()
     if (~use_model).any():
         sel = torch.from_numpy(np.flatnonzero(~use_model)).to(img.device)
         out[sel] = degrade(lab[sel].cpu(), k, generator=gen).to(img.device)
