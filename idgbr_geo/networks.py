@@ -393,9 +393,24 @@ def _coarse_factory(card, config, weights, device):
     return CoarseSegmentor(net, device)
 
 
+def _check_gate(gate: Any, num_classes: int, model: str) -> None:
+    """A card's gate: one probability, or one per class (a hand-edited card must fail with
+    one line when it is loaded, not deep inside a run)."""
+    from .errors import UserError
+
+    values = gate if isinstance(gate, (list, tuple)) else [gate]
+    ok = (len(values) == (num_classes if isinstance(gate, (list, tuple)) else 1)
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+                  for v in values))
+    if not ok:
+        raise UserError(f"model {model!r}: refiner gate must be a probability or a list of "
+                        f"{num_classes} (one per class), not {gate!r}")
+
+
 @register_architecture("idgbr-refiner")
 def _refiner_factory(card, config, weights, device):
     cfg = {"in_channels": card.bands, "num_classes": card.num_classes, **config}
+    _check_gate(cfg.get("gate", 0.0), card.num_classes, card.name)
     net = build_refiner_net(cfg)
     _load(net, weights, "idgbr-refiner")
     return DiffusionRefiner(net, cfg, device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from synth import synthetic_scene, write_raster
 
 from idgbr_geo.cli import main
+from idgbr_geo.registry import models_dir
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -120,6 +122,20 @@ def test_model_workers_option(tmp_path, toy_model, scene):
 def test_unknown_model(tmp_path, scene):
     code, _, err = run("refine", str(scene), str(tmp_path / "out.tif"), "--model", "nosuchmodel")
     _assert_clean_error(code, err, tmp_path, "unknown model")
+
+
+@pytest.mark.parametrize("gate", [[0.6], [0.6, "x"], 1.5, True])
+def test_card_with_a_bad_gate(tmp_path, scene, gate):
+    """A hand-edited card fails with one line when loaded, before any output exists."""
+    card = json.loads((models_dir() / "buildings.json").read_text())
+    card["refiner"]["config"]["gate"] = gate
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    (folder / "buildings.json").write_text(json.dumps(card))
+    shutil.copy(models_dir() / card["weights"], folder / card["weights"])
+    code, _, err = run("refine", str(scene), str(tmp_path / "out.tif"), "--model",
+                       str(folder / "buildings.json"))
+    _assert_clean_error(code, err, tmp_path, "refiner gate must be")
 
 
 def test_failed_run_leaves_no_output(tmp_path, toy_model, monkeypatch):
