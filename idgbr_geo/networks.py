@@ -329,16 +329,24 @@ class DiffusionRefiner:
         if band > 0:
             w = boundary_band(coarse.to(refined.device), band)
             refined = w * refined + (1 - w) * coarse.to(refined.device).float()
-        gate = cfg.get("gate", 0.0) if gate is None else gate
-        k = refined.shape[1]
-        gates = ([float(g) for g in gate] if isinstance(gate, (list, tuple))
-                 else [float(gate)] * k)
-        if len(gates) != k:
-            raise ValueError(f"gate has {len(gates)} thresholds for {k} classes")
+        gates = gate_thresholds(cfg.get("gate", 0.0) if gate is None else gate,
+                                refined.shape[1])
         refined = refined.contiguous()  # the layout callers get; the gate's ops run faster in it
         if max(gates) > 0:
             refined = apply_gate(refined, coarse.to(refined.device).float(), gates)
         return refined
+
+
+def gate_thresholds(gate: Any, num_classes: int) -> list[float]:
+    """A gate (one number, or one per class) as one threshold per class; ValueError for
+    anything else. (A threshold above 1 never lets the refiner give a pixel that class.)"""
+    per_class = isinstance(gate, (list, tuple))
+    values = list(gate) if per_class else [gate]
+    if (len(values) != (num_classes if per_class else 1)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+        raise ValueError(f"gate must be a probability or a list of thresholds for "
+                         f"{num_classes} classes (one per class), not {gate!r}")
+    return [float(v) for v in values] * (1 if per_class else num_classes)
 
 
 def apply_gate(refined: torch.Tensor, coarse: torch.Tensor, gates: Sequence[float]
@@ -393,24 +401,17 @@ def _coarse_factory(card, config, weights, device):
     return CoarseSegmentor(net, device)
 
 
-def _check_gate(gate: Any, num_classes: int, model: str) -> None:
-    """A card's gate: one probability, or one per class (a hand-edited card must fail with
-    one line when it is loaded, not deep inside a run)."""
-    from .errors import UserError
-
-    values = gate if isinstance(gate, (list, tuple)) else [gate]
-    ok = (len(values) == (num_classes if isinstance(gate, (list, tuple)) else 1)
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
-                  for v in values))
-    if not ok:
-        raise UserError(f"model {model!r}: refiner gate must be a probability or a list of "
-                        f"{num_classes} (one per class), not {gate!r}")
-
-
 @register_architecture("idgbr-refiner")
 def _refiner_factory(card, config, weights, device):
     cfg = {"in_channels": card.bands, "num_classes": card.num_classes, **config}
-    _check_gate(cfg.get("gate", 0.0), card.num_classes, card.name)
+    try:  # a hand-edited card fails with one line when it is loaded, not inside a run
+        if not all(0 <= g <= 1 for g in gate_thresholds(cfg.get("gate", 0.0),
+                                                         card.num_classes)):
+            raise ValueError(f"gate must be probabilities (0..1), not {cfg['gate']!r}")
+    except ValueError as exc:
+        from .errors import UserError
+
+        raise UserError(f"model {card.name!r}: refiner {exc}") from None
     net = build_refiner_net(cfg)
     _load(net, weights, "idgbr-refiner")
     return DiffusionRefiner(net, cfg, device)
