@@ -82,6 +82,19 @@ def decode(net, h: torch.Tensor, logits4: torch.Tensor, g1: torch.Tensor, g2: to
     return logits
 
 
+def near_boundary(labels: torch.Tensor, radius: int, ignore_index: int = 255) -> torch.Tensor:
+    """(B, H, W) class ids -> float mask, 1 within ``radius`` px (Chebyshev) of a pixel
+    whose 3x3 neighbourhood holds another class. Ignored pixels never make a boundary."""
+    lab = labels.float()[:, None]
+    valid = (labels != ignore_index)[:, None]
+    hi = F.max_pool2d(torch.where(valid, lab, -1.0), 3, 1, 1)
+    lo = -F.max_pool2d(torch.where(valid, -lab, -1e9), 3, 1, 1)
+    edge = ((hi > lo) & valid).float()  # a valid pixel next to a different valid class
+    if radius > 0:
+        edge = F.max_pool2d(edge, 2 * radius + 1, 1, radius)
+    return edge[:, 0]
+
+
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Forward process: x_t = sqrt(ab) x0 + sqrt(1 - ab) noise."""
     ab = alpha_bar(t)[:, None, None, None]
@@ -90,7 +103,8 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Te
 
 def training_loss(net, image: torch.Tensor, coarse: torch.Tensor, labels: torch.Tensor, *,
                   ignore_index: int = 255, t_max: float = 1.0, p_uncond: float = 0.0,
-                  p_coarse_x0: float = 0.0, oneshot: bool = False
+                  p_coarse_x0: float = 0.0, oneshot: bool = False,
+                  boundary_weight: float = 0.0, boundary_radius: int = 2
                   ) -> tuple[torch.Tensor, dict[str, float]]:
     """Diffusion objective: x0-prediction with cross-entropy at 1/4 plus full-res decode.
 
@@ -105,6 +119,11 @@ def training_loss(net, image: torch.Tensor, coarse: torch.Tensor, labels: torch.
     estimate and extra steps cannot fix it (exposure bias). Noised coarse maps teach it to
     correct an imperfect x_t at every t, which is what the iterations need - and what the
     ``start="coarse"`` sampler starts from.
+
+    ``boundary_weight`` > 0 weights the full-resolution cross-entropy of pixels within
+    ``boundary_radius`` px of a true class boundary by ``1 + boundary_weight``: most
+    pixels of a crop lie inside regions the coarse map already gets right, so a plain mean
+    spends the refiner's capacity on them rather than on *where* boundaries run.
     """
     b, k = coarse.shape[:2]
     g1, g2, g4 = net.guide(image, coarse)
@@ -126,8 +145,14 @@ def training_loss(net, image: torch.Tensor, coarse: torch.Tensor, labels: torch.
     target4 = (x0 + 1) / 2  # soft class shares of each 4x4 block
     loss4 = -(target4 * F.log_softmax(logits4, 1)).sum(1).mean()
     logits = decode(net, h, logits4, g1, g2, coarse)
-    loss1 = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index)
-    if not torch.isfinite(loss1):  # a crop with only ignored pixels
+    if boundary_weight > 0:
+        ce = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")
+        w = (1.0 + boundary_weight * near_boundary(labels, boundary_radius, ignore_index))
+        w = w * (labels != ignore_index)
+        loss1 = (ce * w).sum() / w.sum().clamp_min(1e-6)
+    else:
+        loss1 = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index)
+    if not torch.isfinite(loss1) or not (labels != ignore_index).any():  # only ignored pixels
         loss1 = logits.sum() * 0
     loss = loss4 + loss1
     return loss, {"loss4": loss4.item(), "loss1": loss1.item()}

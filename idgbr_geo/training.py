@@ -454,7 +454,9 @@ def train_refiner(
         return training_loss(net, img, probs, lab, t_max=float(cfg.get("t_max", 1.0)),
                              p_uncond=float(cfg.get("p_uncond", 0.0)),
                              p_coarse_x0=float(cfg.get("p_coarse_x0", 0.0)),
-                             oneshot=cfg.get("mode") == "oneshot")
+                             oneshot=cfg.get("mode") == "oneshot",
+                             boundary_weight=float(cfg.get("boundary_weight", 0.0)),
+                             boundary_radius=int(cfg.get("boundary_radius", 2)))
 
     val = load_npz(val_npz) if val_npz else None
     return _fit(run, net, step, "idgbr-refiner", iterations=iterations, batch_size=batch_size,

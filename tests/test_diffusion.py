@@ -9,6 +9,7 @@ from idgbr_geo.diffusion import (
     LATENT_SCALE,
     alpha_bar,
     labels_to_probs,
+    near_boundary,
     sample,
     timesteps,
     to_latent,
@@ -99,6 +100,41 @@ def test_training_loss_learns_to_copy_a_clean_coarse_map():
         losses.append(loss.item())
     assert set(parts) == {"loss4", "loss1"}
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_near_boundary_marks_pixels_within_the_radius_of_a_class_change():
+    lab = torch.zeros(1, 12, 12, dtype=torch.uint8)
+    lab[0, :, 6:] = 1
+    lab[0, :3, :] = 255  # ignored rows make no boundary with their neighbours
+    m = near_boundary(lab, 0)
+    assert m[0, 5:, 5:7].eq(1).all() and m[0, 5:, :5].eq(0).all() and m[0, 5:, 7:].eq(0).all()
+    assert m[0, :3].eq(0).all()  # ignored pixels are never boundary
+    assert m[0, 3, 5] == 1  # next to ignored rows, a real class change still counts
+    m2 = near_boundary(lab, 2)
+    assert m2[0, 5:, 3:9].eq(1).all() and m2[0, 5:, :3].eq(0).all() and m2[0, 5:, 9:].eq(0).all()
+    assert near_boundary(torch.ones(1, 8, 8, dtype=torch.uint8), 2).sum() == 0
+
+
+def test_boundary_weight_moves_the_loss_towards_boundary_pixels():
+    net = _net()
+    lab = torch.zeros(2, 32, 32, dtype=torch.uint8)
+    lab[:, 8:24, 8:20] = 1
+    img = torch.randn(2, 3, 32, 32)
+    coarse = labels_to_probs(lab, 2)
+    flat = torch.zeros(2, 32, 32, dtype=torch.uint8)
+
+    def loss1(labels, **kw):
+        torch.manual_seed(3)
+        return training_loss(net, img, coarse, labels, **kw)[1]["loss1"]
+
+    # no boundary anywhere: every pixel has weight 1 + w, so the weighted mean is unchanged
+    assert abs(loss1(flat, boundary_weight=4.0) - loss1(flat)) < 1e-5
+    plain, weighted = loss1(lab), loss1(lab, boundary_weight=4.0)
+    assert abs(weighted - plain) > 1e-4  # boundary pixels' losses differ from the rest
+    only_ignored = torch.full_like(lab, 255)
+    torch.manual_seed(3)
+    loss, _ = training_loss(net, img, coarse, only_ignored, boundary_weight=4.0)
+    assert torch.isfinite(loss)
 
 
 def test_sampler_options_change_the_result_and_bad_x0_mode_fails():
