@@ -145,14 +145,14 @@ def training_loss(net, image: torch.Tensor, coarse: torch.Tensor, labels: torch.
     target4 = (x0 + 1) / 2  # soft class shares of each 4x4 block
     loss4 = -(target4 * F.log_softmax(logits4, 1)).sum(1).mean()
     logits = decode(net, h, logits4, g1, g2, coarse)
+    valid = labels != ignore_index
     if boundary_weight > 0:
         ce = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")
-        w = (1.0 + boundary_weight * near_boundary(labels, boundary_radius, ignore_index))
-        w = w * (labels != ignore_index)
+        w = (1.0 + boundary_weight * near_boundary(labels, boundary_radius, ignore_index)) * valid
         loss1 = (ce * w).sum() / w.sum().clamp_min(1e-6)
     else:
         loss1 = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index)
-    if not torch.isfinite(loss1) or not (labels != ignore_index).any():  # only ignored pixels
+    if not torch.isfinite(loss1) or not valid.any():  # a crop with only ignored pixels
         loss1 = logits.sum() * 0
     loss = loss4 + loss1
     return loss, {"loss4": loss4.item(), "loss1": loss1.item()}
