@@ -193,10 +193,12 @@ def test_train_coarse_then_refiner(tmp_path):
     # the refiner learns from the coarse model just exported, and embeds it
     ref_out = tmp_path / "ref"
     r = run(["refiner", "--data", str(out / "data"), "--coarse-model", str(out / "tiny.json"),
-             "--out", str(ref_out), *small[:-3], "--quiet"])
+             "--out", str(ref_out), *small[:-3], "--config", '{"boundary_weight": 4}',
+             "--quiet"])
     assert r.exit_code == 0, r.output
     card = json.loads((ref_out / "ref.json").read_text())
     assert card["segmentor"] and card["refiner"]
+    assert card["refiner"]["config"]["boundary_weight"] == 4  # a loss option, kept on record
     assert card["extra"]["training"]["coarse_model"]["kind"] == "idgbr"
     model = load_model(ref_out / "ref.json", "cpu")
     coarse = load_model(out / "tiny.json", "cpu")
