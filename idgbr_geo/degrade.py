@@ -16,8 +16,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .argmax import class_max
-
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W) with reflect padding."""
@@ -81,7 +79,7 @@ def blobs(probs: torch.Tensor, fraction: float, cell: int, gen: torch.Generator
 
 def harden(probs: torch.Tensor) -> torch.Tensor:
     """Back to a one-hot map (argmax), e.g. after blurring: rounds corners, kills thin parts."""
-    return F.one_hot(class_max(probs)[1][:, 0].long(), probs.shape[1]).permute(0, 3, 1, 2).float()
+    return F.one_hot(probs.max(1).indices, probs.shape[1]).permute(0, 3, 1, 2).float()
 
 
 def degrade(labels: torch.Tensor, num_classes: int, *, generator: torch.Generator | None = None,

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .argmax import class_max
 from .noise import batch_noise
 
 #: resolution divisor of the latent label map (the denoiser runs at 1/4 resolution)
@@ -213,8 +212,7 @@ def sample(net, image: torch.Tensor, coarse: torch.Tensor, *, steps: int, seed: 
             logits4 = un4 + guidance_scale * (logits4 - un4)
             hid = unh + guidance_scale * (hid - unh)
         if x0 == "hard":
-            top = class_max(logits4)[1][:, 0].long()
-            x0_hat = 2.0 * F.one_hot(top, k).permute(0, 3, 1, 2).float() - 1.0
+            x0_hat = 2.0 * F.one_hot(logits4.max(1).indices, k).permute(0, 3, 1, 2).float() - 1.0
         else:
             x0_hat = 2.0 * torch.softmax(logits4, 1) - 1.0
         if average:

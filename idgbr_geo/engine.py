@@ -30,7 +30,6 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from tqdm import tqdm
 
-from .argmax import class_max
 from .cards import ModelCard
 from .errors import InputError, UserError
 from .files import atomic_output, check_output, temporary_path
@@ -175,9 +174,10 @@ def _batches(q: queue.Queue, batch_size: int) -> Iterator[list[_Item]]:
 
 def _has_boundary(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Per window: does the coarse map hold more than one class over valid pixels?"""
-    ids = class_max(probs)[1][:, 0]  # uint8; a window without valid pixels gets 255 > 0
-    lo = torch.where(valid, ids, 255).flatten(1).amin(1)
-    hi = torch.where(valid, ids, 0).flatten(1).amax(1)
+    ids = probs.max(1).indices  # (torch.argmax over dim 1 is ~40x slower on CPU)
+    big = torch.iinfo(ids.dtype).max
+    lo = torch.where(valid, ids, big).flatten(1).amin(1)
+    hi = torch.where(valid, ids, -1).flatten(1).amax(1)
     return hi > lo
 
 

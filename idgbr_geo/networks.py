@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .argmax import class_max
 from .registry import register_architecture
 
 
@@ -240,7 +239,7 @@ def boundary_band(probs: torch.Tensor, radius: int) -> torch.Tensor:
     decisions (the *what*) to the segmentor - it cannot invent or delete objects far from
     any coarse boundary."""
     k = probs.shape[1]
-    hard = F.one_hot(class_max(probs)[1][:, 0].long(), k).permute(0, 3, 1, 2).float()
+    hard = F.one_hot(probs.max(1).indices, k).permute(0, 3, 1, 2).float()
     edge = (F.max_pool2d(hard, 3, 1, 1) - (-F.max_pool2d(-hard, 3, 1, 1))).amax(1, keepdim=True)
     near = F.max_pool2d(edge, 2 * radius + 1, 1, radius)
     return F.avg_pool2d(near, 2 * radius + 1, 1, radius, count_include_pad=False)
@@ -358,18 +357,17 @@ def apply_gate(refined: torch.Tensor, coarse: torch.Tensor, gates: Sequence[floa
     """Keep the coarse probabilities of a pixel unless the refiner's class differs from the
     coarse one and has at least ``gates[that class]`` probability. Ties go to the lower class
     index, as ``argmax`` does. Two classes take an element-wise path (~0.5 vs ~3 ms per
-    512 px window: no arg-max reduction, no per-pixel table look-up); more classes use
-    :func:`~idgbr_geo.argmax.class_max` (6 classes: ~1.5 vs ~4.5 ms)."""
+    512 px window: no arg-max reduction, no per-pixel table look-up)."""
     if refined.shape[1] == 2:
         cls = refined[:, 1:] > refined[:, :1]
         conf = torch.maximum(refined[:, :1], refined[:, 1:])
         need = torch.where(cls, gates[1], gates[0])
         keep = (cls != (coarse[:, 1:] > coarse[:, :1])) & (conf < need)
     else:
-        conf, idx = class_max(refined)
+        conf, idx = refined.max(dim=1, keepdim=True)
         need = (gates[0] if len(set(gates)) == 1 else
-                torch.tensor(list(gates), dtype=refined.dtype, device=refined.device)[idx.long()])
-        keep = (idx != class_max(coarse)[1]) & (conf < need)
+                torch.tensor(list(gates), dtype=refined.dtype, device=refined.device)[idx])
+        keep = (idx != coarse.max(dim=1, keepdim=True).indices) & (conf < need)
     return torch.where(keep, coarse, refined)
 
 

@@ -70,6 +70,7 @@ def _box_muller(bits: np.ndarray) -> np.ndarray:
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
     return z.float().numpy()
 
+
 def batch_noise(
     seed: int,
     origins: Sequence[tuple[int, int]],
