@@ -1,7 +1,7 @@
 """Cost of the bundled models: seconds per 512x512 window, coarse model vs refiner.
 
     .venv/bin/python benchmarks/models.py [buildings roads landcover] [--threads 2] [--repeat 10]
-                                          [--default-allocator]
+                                          [--default-allocator] [--refiner-checkpoint PATH]
 
 Times ``segmentor.predict`` and ``refiner.refine`` at the card's default steps (and at 1
 and 2x steps) on one 1x3x512x512 window, on CPU with ``--threads`` threads and on a CUDA
@@ -12,6 +12,9 @@ The networks run with the allocator settings the engine uses (``engine.tune_allo
 with glibc's defaults every window's multi-MB feature maps are unmapped and faulted in again,
 which costs the refiner (several 4-16 MB maps at full resolution) ~10 ms per window, far
 more than the coarse model; ``--default-allocator`` shows that case.
+
+``--refiner-checkpoint`` also times a refiner training checkpoint (e.g. a wider experimental
+one) at 1 step on the same window, next to each model's coarse network.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def seconds(fn, repeat: int, sync) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, device: str, repeat: int, size: int = 512) -> dict[str, float]:
+def bench(name: str, device: str, repeat: int, size: int = 512,
+          extra: str | None = None) -> dict[str, float]:
     m = load_model(name, device)
     dev = m.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -51,6 +55,12 @@ def bench(name: str, device: str, repeat: int, size: int = 512) -> dict[str, flo
         out[f"refine_{s}"] = seconds(
             lambda s=s: m.refiner.refine(img, probs, steps=s, seed=0, origins=[(0, 0)]),
             repeat, sync)
+    if extra:
+        from idgbr_geo.training import refiner_from_checkpoint
+
+        ref = refiner_from_checkpoint(extra, str(dev))
+        out["extra"] = seconds(lambda: ref.refine(img, probs, steps=1, seed=0, origins=[(0, 0)]),
+                               repeat, sync)
     out["steps"] = steps
     return out
 
@@ -62,6 +72,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--default-allocator", action="store_true",
                     help="keep glibc's allocator defaults (the engine tunes them)")
+    ap.add_argument("--refiner-checkpoint", default=None,
+                    help="also time this refiner checkpoint (training.refiner_from_checkpoint)")
     args = ap.parse_args()
     if not args.default_allocator:
         tune_allocator()
@@ -72,7 +84,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models or bundled_models():
         for dev in devices:
-            r = bench(name, dev, args.repeat)
+            r = bench(name, dev, args.repeat, extra=args.refiner_checkpoint)
             s = int(r["steps"])
             d = r[f"refine_{s}"]
             label = (f"cpu ({args.threads} threads)" if dev == "cpu"
@@ -82,6 +94,10 @@ def main() -> None:
             print(f"| {name} | {label} | {ms['coarse']:.1f} | {ms['refine_1']:.1f} | "
                   f"{ms[f'refine_{s}']:.1f} ({s}) | {ms[f'refine_{2 * s}']:.1f} | "
                   f"{d / r['coarse']:.2f}x | {mp:.2f} |")
+            if "extra" in r:
+                print(f"| {name}, refiner {args.refiner_checkpoint} | {label} | "
+                      f"{ms['coarse']:.1f} | {ms['extra']:.1f} | | | "
+                      f"{r['extra'] / r['coarse']:.2f}x | |")
 
 
 if __name__ == "__main__":

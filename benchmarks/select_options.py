@@ -18,6 +18,10 @@ class a pixel would turn into, each of the same five values) follow the same rul
 classes this picked buildings [0.6, 0.55] (turning a pixel into background needs 0.6, into
 a building 0.55) over the single 0.6, and left roads at 0.55 (no variant reaches
 IoU_imp >= 0 there; [0.55, 0.55] is the smallest); landcover's six classes were not searched.
+
+``--thresholds 0.4,0.6`` (binary models) adds rows for the coarse and each refined map with
+the positive class wherever its probability exceeds each threshold, to see whether a boundary
+gain is more than a shift of the decision threshold (Δ columns: against the plain coarse map).
 """
 
 from __future__ import annotations
@@ -45,7 +49,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--every", type=int, default=4, help="use every N-th training scene")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--thresholds", default=None,
+                    help="binary models: also score coarse and refined maps with the positive "
+                         "class at p > each of these comma-separated thresholds")
     args = ap.parse_args()
+    thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else []
     torch.set_num_threads(args.threads)
     runs = ROOT / "runs"
 
@@ -69,12 +77,24 @@ def main() -> None:
     seg = segmentor_from_checkpoint(ckpt(args.coarse_tag), "cpu")
     cm = v.coarse_maps(seg, norm)
     v.add("selection", "coarse", cm, None, classes, 0.0)
+    if thresholds and len(classes) != 2:
+        raise SystemExit("--thresholds is for binary models")
+    for th in thresholds:
+        v.add("selection", f"coarse at p > {th}", at_threshold(cm, th), cm, classes, 0.0)
     for tag in args.refiner_tag.split(","):
         ref = refiner_from_checkpoint(ckpt(tag), "cpu")
         for kw in json.loads(args.variants):
             t = time.time()
-            v.add("selection", f"{tag} {json.dumps(kw)}", v.refine_maps(ref, norm, cm, **kw), cm,
-                  classes, time.time() - t)
+            maps = v.refine_maps(ref, norm, cm, **kw)
+            v.add("selection", f"{tag} {json.dumps(kw)}", maps, cm, classes, time.time() - t)
+            for th in thresholds:
+                v.add("selection", f"{tag} {json.dumps(kw)} at p > {th}", at_threshold(maps, th),
+                      cm, classes, 0.0)
+
+
+def at_threshold(maps: list[torch.Tensor], th: float) -> list[torch.Tensor]:
+    """Binary maps whose arg-max is "positive class where p > th" (th 0.5: the usual map)."""
+    return [torch.stack([torch.full_like(m[1], th), m[1]]) for m in maps]
 
 
 if __name__ == "__main__":
