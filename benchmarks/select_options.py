@@ -69,6 +69,8 @@ def main() -> None:
     state = torch.load(ckpt(args.coarse_tag), map_location="cpu", weights_only=False)
     norm = Normalization(**state["normalization"])
     classes = list(state["classes"])
+    if thresholds and len(classes) != 2:
+        raise SystemExit("--thresholds is for binary models")
     v = Validator.__new__(Validator)
     v.name, v.scenes, v.truths = args.set, chips, [lab for _, lab in chips]
     v.steps, v.start, v.t_start, v.x0, v.device, v.rows = args.steps, "noise", 1.0, "soft", \
@@ -77,8 +79,6 @@ def main() -> None:
     seg = segmentor_from_checkpoint(ckpt(args.coarse_tag), "cpu")
     cm = v.coarse_maps(seg, norm)
     v.add("selection", "coarse", cm, None, classes, 0.0)
-    if thresholds and len(classes) != 2:
-        raise SystemExit("--thresholds is for binary models")
     for th in thresholds:
         v.add("selection", f"coarse at p > {th}", at_threshold(cm, th), cm, classes, 0.0)
     for tag in args.refiner_tag.split(","):
