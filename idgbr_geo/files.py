@@ -56,3 +56,33 @@ def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
             except OSError:
                 pass
         raise
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Do two paths name one file? Compares real paths (symbolic links, ``..``) and, when both
+    exist, device and inode (hard links, bind mounts, case-insensitive file systems)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_distinct(inputs: dict[str, str | os.PathLike[str] | None],
+                   outputs: dict[str, str | os.PathLike[str] | None]) -> None:
+    """Refuse, with or without overwrite, any output that is an input or another output.
+
+    Keys are what the user calls each file ("input", "coarse map", "output", ...); ``None``
+    values are skipped. Runs before any work, so a mix-up never destroys an input.
+    """
+    outs = [(k, v) for k, v in outputs.items() if v is not None]
+    ins = [(k, v) for k, v in inputs.items() if v is not None and "://" not in os.fspath(v)]
+    for i, (oname, opath) in enumerate(outs):
+        for iname, ipath in ins:
+            if same_file(opath, ipath):
+                raise OutputError(f"the {oname} {opath} is the {iname} {ipath}: it would be "
+                                  "destroyed; give another output path")
+        for oname2, opath2 in outs[i + 1:]:
+            if same_file(opath, opath2):
+                raise OutputError(f"the {oname} and the {oname2} are the same file ({opath})")
