@@ -1,0 +1,54 @@
+"""Golden test: the shipped behaviour, end to end.
+
+The bundled ``buildings`` model on the bundled example scene, through :func:`refine_raster`
+(the code path of ``idgbr-geo refine``), must reproduce a stored class raster. A change that
+alters what users get (weights, card defaults, tiling, stitching, the refiner gate, ...)
+makes this test fail; if the change is intended, regenerate the raster and say so in the
+CHANGELOG:
+
+    .venv/bin/python tests/test_golden.py --regenerate
+
+Tolerance: at most 0.05% of the pixels may differ (floating-point sums differ in the last
+bit between CPUs and BLAS builds, which can flip a pixel whose two class probabilities tie).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import rasterio
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "gorinchem_rgb_025m.tif"
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden_buildings_gorinchem.tif"
+#: largest fraction of pixels whose class may differ from the stored raster
+TOLERANCE = 5e-4
+
+
+def _refine(out: Path) -> None:
+    from idgbr_geo import refine_raster
+
+    refine_raster(EXAMPLE, out, model="buildings", device="cpu", seed=0, quiet=True,
+                  overwrite=True)
+
+
+def test_bundled_buildings_model_reproduces_the_golden_map(tmp_path: Path) -> None:
+    out = tmp_path / "buildings.tif"
+    _refine(out)
+    with rasterio.open(out) as got, rasterio.open(GOLDEN) as want:
+        assert (got.width, got.height, got.crs, got.transform) == (
+            want.width, want.height, want.crs, want.transform)
+        a, b = got.read(1), want.read(1)
+    differ = float((a != b).mean())
+    assert differ <= TOLERANCE, f"{differ:.4%} of the pixels changed class"
+    # the stored map is not trivial: both classes are present in a real proportion
+    share = float((b == 1).mean())
+    assert 0.05 < share < 0.5
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--regenerate"]:
+    GOLDEN.parent.mkdir(exist_ok=True)
+    _refine(GOLDEN)
+    with rasterio.open(GOLDEN) as ds:
+        print(f"wrote {GOLDEN}: building share {float((ds.read(1) == 1).mean()):.4f}")
