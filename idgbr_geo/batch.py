@@ -29,15 +29,20 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .errors import UserError
-from .files import atomic_output
+from .errors import OutputError, UserError
+from .files import atomic_output, same_file
 from .interfaces import Model
 from .registry import load_model, resolve_card
 
 SUMMARY_NAME = "idgbr_batch_summary.json"
 MANIFEST_NAME = "idgbr_manifest.json"
+LOCK_NAME = ".idgbr_batch.lock"
 #: refine options that do not change an output (so they do not invalidate finished scenes)
-_NEUTRAL_OPTIONS = {"quiet", "overwrite", "device"}
+_NEUTRAL_OPTIONS = {"quiet", "overwrite", "device", "model_workers"}
+#: refine_raster's defaults other than None/False: an option left out (Python API) and the
+#: same option given with its default (the CLI passes every option) fingerprint alike
+_OPTION_DEFAULTS: dict[str, Any] = {"seed": 0, "probabilities_dtype": "uint8"}
+_STATES = {"pending", "running", "done", "failed", "skipped"}
 
 
 @dataclass
@@ -74,11 +79,17 @@ class BatchSummary:
 
 @dataclass
 class Job:
-    """One scene still to do: its manifest key, input and output (strings workers can open)."""
+    """One scene still to do: its manifest key, input and output (strings workers can open).
+    ``replace``: the output is this batch's own, made with other options, and is replaced."""
 
     key: str
     scene: str
     output: str
+    replace: bool = False
+
+    def kwargs(self, refine_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The refine options for this job (overwrite on when it replaces our own output)."""
+        return dict(refine_kwargs, overwrite=True) if self.replace else refine_kwargs
 
 
 def is_url(path: str | os.PathLike[str]) -> bool:
@@ -139,39 +150,55 @@ def clean_partials(output: str | os.PathLike[str]) -> int:
     return n
 
 
+def is_transient(exc: BaseException) -> bool:
+    """May a second try pass? I/O and runtime errors (a network file system hiccup, GPU out of
+    memory) may; user errors (a corrupt file) and other exceptions (a bug) fail the same way
+    every time, so retrying them only wastes time."""
+    return (isinstance(exc, (OSError, RuntimeError, MemoryError))
+            and not isinstance(exc, (UserError, NotImplementedError, RecursionError)))
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the summary: a user error's message, else the type and its first line."""
+    text = str(exc).strip()
+    msg = text.splitlines()[0] if text else ""
+    if isinstance(exc, UserError) and msg:
+        return msg
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
 def process_scene(scene: str | os.PathLike[str], output: str | os.PathLike[str],
                   model: Model | str, *, refine_kwargs: dict[str, Any],
                   after: Callable[[Path, Path], None] | None = None) -> SceneResult:
-    """Refine one scene; any error becomes a failed :class:`SceneResult`, never an exception.
-
-    User errors (corrupt file, wrong bands, ...) are final; I/O and runtime errors (a network
-    file system hiccup, GPU out of memory) are marked ``retryable``.
+    """Refine one scene; any error becomes a failed :class:`SceneResult`, never an exception
+    (one bad scene must not stop, or crash every re-run of, the batch). Only Ctrl-C and
+    ``SystemExit`` propagate. Transient errors (:func:`is_transient`) are marked ``retryable``.
     """
     from .engine import refine_raster
 
     t0 = time.perf_counter()
-    cleaned = clean_partials(output)
-    kwargs = dict(refine_kwargs)
-    if kwargs.pop("vector_per_scene", False):
-        kwargs["vector"] = Path(output).with_suffix(".gpkg")
+    cleaned = 0
     try:
+        cleaned = clean_partials(output)
+        kwargs = dict(refine_kwargs)
+        if kwargs.pop("vector_per_scene", False):
+            kwargs["vector"] = Path(output).with_suffix(".gpkg")
         summ = refine_raster(scene, output, model=model, **kwargs)
         if after is not None:
             after(scene if is_url(scene) else Path(scene), Path(output))  # type: ignore[arg-type]
         return SceneResult(str(scene), str(output), "done", time.perf_counter() - t0,
                            summary=summ.line(), cleaned=cleaned)
-    except (UserError, OSError, RuntimeError, ValueError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # any scene's own error, a bug included, is that scene's failure
         return SceneResult(str(scene), str(output), "failed", time.perf_counter() - t0,
-                           error=msg, cleaned=cleaned,
-                           retryable=isinstance(exc, (OSError, RuntimeError))
-                           and not isinstance(exc, UserError))
+                           error=error_line(exc), cleaned=cleaned, retryable=is_transient(exc))
 
 
 def options_fingerprint(model: Any, refine_kwargs: dict[str, Any]) -> str:
     """A short hash of everything that shapes an output: a finished scene counts as finished
-    only for the same model and options."""
-    opts = {k: v for k, v in sorted(refine_kwargs.items()) if k not in _NEUTRAL_OPTIONS}
+    only for the same model and options. Options at their default count as left out."""
+    opts = {k: v for k, v in sorted(refine_kwargs.items())
+            if k not in _NEUTRAL_OPTIONS and v is not None and v is not False
+            and not (k in _OPTION_DEFAULTS and v == _OPTION_DEFAULTS[k])}
     doc = json.dumps({"model": _model_identity(model), "options": opts}, sort_keys=True,
                      default=str)
     return hashlib.sha1(doc.encode()).hexdigest()[:16]
@@ -200,7 +227,7 @@ def batch_lock(out_dir: Path) -> Iterator[None]:
     except ImportError:  # Windows: no advisory locks here
         yield
         return
-    path = out_dir / ".idgbr_batch.lock"
+    path = out_dir / LOCK_NAME
     with open(path, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -224,16 +251,30 @@ class Manifest:
         if path.exists():
             try:
                 doc = json.loads(path.read_text())
-                self.scenes = dict(doc.get("scenes", {}))
-            except (OSError, ValueError, AttributeError) as exc:
+            except (OSError, ValueError) as exc:
                 raise UserError(f"manifest {path} is unreadable ({exc}); delete it to start "
                                 "the batch afresh") from None
+            problem = _manifest_problem(doc)
+            if problem:
+                raise UserError(f"manifest {path} is malformed ({problem}); delete it to start "
+                                "the batch afresh")
+            self.scenes = dict(doc.get("scenes", {}))
 
     def finished(self, key: str, output: str | os.PathLike[str]) -> bool:
         """Done earlier with the same model and options, and the output is still there."""
         e = self.scenes.get(key)
         return (e is not None and e.get("state") == "done"
                 and e.get("options") == self.fingerprint and Path(output).exists())
+
+    def ours(self, key: str, output: str | os.PathLike[str]) -> bool:
+        """Did this batch write ``output`` (with whatever options)? Then a run with other
+        options may replace it without --overwrite; a file we did not write is left alone.
+        ``written`` outlives later states (a failed or interrupted redo leaves it ours)."""
+        e = self.scenes.get(key)
+        if e is None:
+            return False
+        mine = e.get("written") or (e.get("output") if e.get("state") == "done" else None)
+        return mine is not None and same_file(mine, output)
 
     def update(self, key: str, *, save: bool = True, **fields: Any) -> None:
         entry = self.scenes.setdefault(key, {})
@@ -243,14 +284,35 @@ class Manifest:
             self.save()
 
     def record(self, key: str, res: SceneResult) -> None:
+        extra = {"written": res.output} if res.status == "done" else {}
         self.update(key, state=res.status, scene=res.scene, output=res.output,
                     attempts=res.attempts, seconds=round(res.seconds, 3), error=res.error,
-                    worker=res.worker)
+                    worker=res.worker, **extra)
 
     def save(self) -> None:
         doc = {"version": 1, "scenes": self.scenes}
         with atomic_output(self.path, overwrite=True) as tmp:
             tmp.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def _manifest_problem(doc: Any) -> str | None:
+    """What is wrong with a manifest's JSON (None when nothing): a hand-edited or foreign
+    file must be one clear error, not a TypeError deep in the resume logic."""
+    if not isinstance(doc, dict):
+        return f"a JSON {type(doc).__name__}, not an object"
+    scenes = doc.get("scenes", {})
+    if not isinstance(scenes, dict):
+        return '"scenes" is not an object'
+    for key, e in scenes.items():
+        if not isinstance(e, dict):
+            return f"scene {key!r} is not an object"
+        state = e.get("state")
+        if not isinstance(state, str) or state not in _STATES:
+            return f"scene {key!r} has state {state!r}"
+        for name in ("scene", "output", "written", "options", "error", "worker"):
+            if e.get(name) is not None and not isinstance(e[name], str):
+                return f"scene {key!r}: {name} is not a string"
+    return None
 
 
 class Tracker:
@@ -326,6 +388,7 @@ def run_batch(in_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     scenes = find_scenes(in_dir, pattern)
     if not scenes:
         raise UserError(f"no file in {in_dir} matches {pattern!r}")
+    check_batch_paths(scenes, out, vector=vector, vector_merge=vector_merge)
     distributed = bool(scheduler or workers or client is not None)
     ref: str | Model = (model if isinstance(model, Model) and not distributed
                         else model_reference(model))
@@ -340,6 +403,58 @@ def run_batch(in_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
         merge_vectors(result, vector_merge, overwrite=overwrite, quiet=quiet,
                       **(vector_options or {}))
     return result
+
+
+def _identities(path: str | os.PathLike[str]) -> list[tuple[Any, ...]]:
+    """What makes two paths one file, as :func:`idgbr_geo.files.same_file` decides: the real
+    path, and device and inode when it exists (hard links, bind mounts)."""
+    keys: list[tuple[Any, ...]] = [("path", os.path.realpath(path))]
+    try:
+        st = os.stat(path)
+        keys.append(("inode", st.st_dev, st.st_ino))
+    except OSError:
+        pass
+    return keys
+
+
+def check_batch_paths(scenes: list[str], out: Path, *, vector: bool = False,
+                      vector_merge: str | os.PathLike[str] | None = None) -> None:
+    """Refuse, before any work and with or without overwrite, an output that is a scene or
+    another output (``batch D D --overwrite`` would replace every scene by its class map).
+
+    The rule of :func:`idgbr_geo.files.check_distinct`, with hashed identities so that it
+    stays linear in the number of scenes. URL scenes are never local outputs.
+    """
+    seen: dict[tuple[Any, ...], tuple[str, str]] = {}
+    for scene in scenes:
+        if not is_url(scene):
+            for k in _identities(scene):
+                seen.setdefault(k, ("scene", scene))
+    outputs: list[tuple[str, str | os.PathLike[str]]] = []
+    for scene in scenes:
+        target = output_for(scene, out)
+        outputs.append((f"output of {scene_name(scene)}", target))
+        if vector:
+            outputs.append((f"GeoPackage of {scene_name(scene)}", target.with_suffix(".gpkg")))
+    outputs += [("manifest", out / MANIFEST_NAME), ("summary", out / SUMMARY_NAME),
+                ("lock file", out / LOCK_NAME)]
+    if vector_merge is not None:
+        outputs.append(("merged GeoPackage", vector_merge))
+    for what, path in outputs:
+        keys = _identities(path)
+        for k in keys:
+            if k not in seen:
+                continue
+            role, other = seen[k]
+            if role == "scene":
+                hint = ("give another --vector-merge path" if what == "merged GeoPackage" else
+                        "give an output folder other than the input folder, or a --pattern "
+                        "that does not match the outputs")
+                raise OutputError(f"the {what} {os.fspath(path)} is the scene {other}: it "
+                                  f"would be destroyed; {hint}")
+            raise OutputError(f"the {role} and the {what} are the same file ({other})")
+        for k in keys:
+            seen[k] = (what, os.fspath(path))
 
 
 def merge_vectors(result: BatchSummary, path: str | os.PathLike[str], *, overwrite: bool,
@@ -371,10 +486,13 @@ def _run_batch(scenes: list[str], out: Path, ref: str | Model, distributed: bool
         if key in order:
             raise UserError(f"two scenes are named {key}: their outputs would collide")
         order.append(key)
-        if manifest.finished(key, target) or (target.exists() and not overwrite):
+        # an output of ours made with other options is redone (replaced without --overwrite);
+        # an existing output this batch did not write is kept unless --overwrite
+        ours = manifest.ours(key, target)
+        if manifest.finished(key, target) or (target.exists() and not overwrite and not ours):
             done[key] = SceneResult(scene, str(target), "skipped")
             continue
-        jobs.append(Job(key, scene, str(target.resolve())))
+        jobs.append(Job(key, scene, str(target.resolve()), replace=ours and not overwrite))
     with contextlib.ExitStack() as stack:
         cl = None
         if jobs and distributed:  # connect first: a wrong address must not touch OUT_DIR
@@ -421,7 +539,8 @@ def _run_here(jobs: list[Job], tracker: Tracker, model: Model, kwargs: dict[str,
     for job in jobs:
         for attempt in range(1, retries + 2):
             tracker.running(job, attempt)
-            res = process_scene(job.scene, job.output, model, refine_kwargs=kwargs, after=after)
+            res = process_scene(job.scene, job.output, model, refine_kwargs=job.kwargs(kwargs),
+                                after=after)
             res.attempts = attempt
             if res.status == "done" or not res.retryable:
                 break

@@ -8,7 +8,8 @@
   removes leftovers of a dead earlier attempt and refines the scene with atomic output.
 * :func:`run_on_cluster` runs on the client: it submits the tasks, keeps the manifest and the
   progress bar up to date, and retries scenes whose worker died or that failed for a
-  transient reason, up to ``retries`` times. User errors (a corrupt file) are not retried.
+  transient reason, up to ``retries`` times. User errors (a corrupt file) and other
+  deterministic errors are not retried (:func:`idgbr_geo.batch.is_transient`).
 
 Every worker must have idgbr-geo installed and see the inputs, the output folder and the
 model card (or have the bundled model) under the same paths as the client.
@@ -28,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .batch import Job, SceneResult, Tracker, process_scene, scene_name
+from .batch import Job, SceneResult, Tracker, error_line, is_transient, process_scene, scene_name
 from .errors import UserError
 from .interfaces import Model
 from .registry import load_model
@@ -106,8 +107,9 @@ def _test_kill_hook(scene: str) -> None:
 def refine_task(run_id: str, job: Job, model: str, device: str,
                 refine_kwargs: dict[str, Any],
                 after: Callable[[Path, Path], None] | None = None) -> SceneResult:
-    """One scene on a worker. Never raises for the scene's own errors: they come back as a
-    failed :class:`SceneResult` (``retryable`` unless the user caused them)."""
+    """One scene on a worker. Never raises for the scene's own errors (loading the model
+    included): they come back as a failed :class:`SceneResult`, ``retryable`` only when
+    transient."""
     address = _worker_address()
     if address is not None:
         from distributed import get_worker
@@ -117,9 +119,11 @@ def refine_task(run_id: str, job: Job, model: str, device: str,
     _test_kill_hook(job.scene)
     try:
         m = worker_model(model, device)
-    except UserError as exc:
-        return SceneResult(job.scene, job.output, "failed", error=str(exc), worker=address)
-    res = process_scene(job.scene, job.output, m, refine_kwargs=refine_kwargs, after=after)
+    except Exception as exc:  # e.g. a card the worker cannot read: the scene's failure
+        return SceneResult(job.scene, job.output, "failed", error=error_line(exc),
+                           worker=address, retryable=is_transient(exc))
+    res = process_scene(job.scene, job.output, m, refine_kwargs=job.kwargs(refine_kwargs),
+                        after=after)
     res.worker = address
     return res
 
@@ -202,7 +206,9 @@ def run_on_cluster(client: Any, jobs: list[Job], tracker: Tracker, *, model: str
     """Submit one task per job and follow them to the end, reporting to ``tracker``.
 
     A scene is attempted at most ``1 + retries`` times, counting each start on a worker
-    (including the scheduler's own re-runs after a worker died) and each submission.
+    (including the scheduler's own re-runs after a worker died) and each submission. A task
+    that raised a deterministic error (not :func:`idgbr_geo.batch.is_transient`, e.g. a
+    result or argument that cannot be unpickled) fails at once: it would fail again.
     """
     from distributed.scheduler import KilledWorker
 
@@ -263,7 +269,10 @@ def run_on_cluster(client: Any, jobs: list[Job], tracker: Tracker, *, model: str
                 try:
                     res: SceneResult = fut.result()
                 except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot unpickle
-                    retry_or_fail(job, f"{type(exc).__name__}: {exc}")
+                    if is_transient(exc):
+                        retry_or_fail(job, error_line(exc))
+                    else:
+                        fail(job, error_line(exc))
                     continue
                 res.attempts = attempts(key)
                 if res.status == "failed" and res.retryable and res.attempts < budget:
@@ -275,9 +284,10 @@ def run_on_cluster(client: Any, jobs: list[Job], tracker: Tracker, *, model: str
                 exc = fut.exception()
                 if isinstance(exc, KilledWorker):
                     retry_or_fail(job, "its worker died while processing it (KilledWorker)")
+                elif is_transient(exc):
+                    retry_or_fail(job, error_line(exc))
                 else:
-                    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    retry_or_fail(job, f"{type(exc).__name__}: {text}".rstrip(": "))
+                    fail(job, error_line(exc))
             else:  # cancelled by someone else (a cluster restart, a lost scheduler)
                 retry_or_fail(job, f"task {fut.status}")
     finally:

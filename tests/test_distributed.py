@@ -122,16 +122,52 @@ def test_killed_worker_corrupt_scene_resume(tmp_path, client, scenes, model, mar
     assert stamps == {n: (out / f"{n}.tif").stat().st_mtime_ns for n in stamps}
     assert manifest(out)["s1.tif"]["state"] == "done"
 
-    # other options invalidate finished scenes: without --overwrite existing outputs stay...
+    # other options invalidate finished scenes: outputs this batch wrote are redone with the
+    # new seed, no --overwrite needed (they are ours; tests/test_batch.py has the rest)
     res = run_batch(ind, out, model=model, client=client, quiet=True, seed=1,
-                    pattern="s[01].tif")
-    assert res.counts() == {"skipped": 2}
-    # ...and with --overwrite they are redone with the new seed
-    res = run_batch(ind, out, model=model, client=client, quiet=True, seed=1, overwrite=True,
                     pattern="s[01].tif")
     assert res.counts() == {"done": 2}
     with rasterio.open(out / "s0.tif") as ds:
         assert ds.tags()["IDGBR_SEED"] == "1"
+
+
+def test_deterministic_errors_not_retried_on_dask(tmp_path, client, scenes, model):
+    """Any exception of a scene (here a bug in the ``after`` hook, on the worker) is that
+    scene's failure, once: it would fail the same way on every retry."""
+    ind, _ = scenes
+
+    def after(scene: Path, output: Path) -> None:
+        if output.name == "s0.tif":
+            raise TypeError("a bug in the hook\nmore")
+
+    res = run_batch(ind, tmp_path, model=model, client=client, quiet=True, retries=2,
+                    pattern="s[02].tif", after=after)
+    by = {Path(s.scene).name: s for s in res.scenes}
+    assert by["s2.tif"].status == "done"
+    s0 = by["s0.tif"]
+    assert (s0.status, s0.attempts, s0.retryable) == ("failed", 1, False), s0
+    assert s0.error == "TypeError: a bug in the hook"
+    assert manifest(tmp_path)["s0.tif"]["state"] == "failed"
+
+
+def test_task_error_not_retried(tmp_path, client, scenes, model, monkeypatch):
+    """A task that raises a deterministic error itself (not as a failed SceneResult): the
+    scene fails after one submission; a transient one is retried."""
+    from idgbr_geo.batch import Job, Manifest, Tracker
+
+    ind, _ = scenes
+
+    def raising(run_id, job, *args):  # pickled by value: the workers run this one
+        raise (TypeError("a bug") if job.key == "bug" else OSError("a network hiccup"))
+
+    monkeypatch.setattr(dist, "refine_task", raising)
+    tracker = Tracker(Manifest(tmp_path / MANIFEST_NAME, "x"), 2, quiet=True)
+    jobs = [Job(k, str(ind / "s0.tif"), str(tmp_path / f"{k}.tif")) for k in ("bug", "io")]
+    dist.run_on_cluster(client, jobs, tracker, model=str(model), refine_kwargs={}, retries=2)
+    bug, io = tracker.results["bug"], tracker.results["io"]
+    assert (bug.status, bug.attempts, bug.error) == ("failed", 1, "TypeError: a bug"), bug
+    assert (io.status, io.attempts) == ("failed", 3), io
+    assert io.error == "OSError: a network hiccup (after 3 attempts)"
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

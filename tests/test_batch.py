@@ -1,0 +1,294 @@
+"""In-process `idgbr-geo batch`: any scene error is that scene's failure, changed options redo
+the batch's own outputs, a malformed manifest is one clear error, and no output may be a scene."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+
+import pytest
+import rasterio
+from click.testing import CliRunner
+from synth import conv_model, synthetic_scene, write_raster
+
+from idgbr_geo import batch as batch_mod
+from idgbr_geo.batch import MANIFEST_NAME, SUMMARY_NAME, options_fingerprint, run_batch
+from idgbr_geo.cli import main
+from idgbr_geo.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return conv_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def folders(tmp_path) -> tuple[Path, Path]:
+    """IN with two small scenes, an empty OUT."""
+    ind, out = tmp_path / "in", tmp_path / "out"
+    ind.mkdir()
+    out.mkdir()
+    for i, name in enumerate(("a", "b")):
+        write_raster(ind / f"{name}.tif", synthetic_scene(48, 56, seed=i))
+    return ind, out
+
+
+def states(out: Path) -> dict[str, str]:
+    doc = json.loads((out / MANIFEST_NAME).read_text())
+    return {k: e["state"] for k, e in doc["scenes"].items()}
+
+
+def cli(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(main, list(args))
+    return res.exit_code, res.stderr
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    return lines[0]
+
+
+# -- item 3: any exception of one scene is that scene's failure --------------------------------
+
+def test_unexpected_exception_fails_only_its_scene(folders, model, monkeypatch):
+    """A bug-class exception (not OSError/ValueError/...) in one scene: the batch goes on,
+    the scene is failed with one line, it is not retried, and the re-run works."""
+    import idgbr_geo.engine as engine
+
+    ind, out = folders
+    real, calls = engine.refine_raster, {"a": 0}
+
+    def boom(input, output, **kw):
+        if Path(input).name == "a.tif":
+            calls["a"] += 1
+            raise ZeroDivisionError("float division by zero\nsecond line")
+        return real(input, output, **kw)
+
+    monkeypatch.setattr(engine, "refine_raster", boom)
+    res = run_batch(ind, out, model=model, quiet=True, retries=2)
+    by = {Path(s.scene).name: s for s in res.scenes}
+    assert by["b.tif"].status == "done"
+    a = by["a.tif"]
+    assert (a.status, a.attempts, a.retryable) == ("failed", 1, False)
+    assert a.error == "ZeroDivisionError: float division by zero" and calls["a"] == 1
+    assert states(out) == {"a.tif": "failed", "b.tif": "done"}
+    assert json.loads((out / SUMMARY_NAME).read_text())["counts"] == {"done": 1, "failed": 1}
+    # the same failure on a re-run is reported the same way, never a crash
+    res = run_batch(ind, out, model=model, quiet=True)
+    assert res.counts() == {"failed": 1, "skipped": 1}
+    monkeypatch.setattr(engine, "refine_raster", real)
+    assert run_batch(ind, out, model=model, quiet=True).counts() == {"done": 1, "skipped": 1}
+
+
+def test_interrupt_propagates_and_the_rerun_finishes(folders, model, monkeypatch):
+    import idgbr_geo.engine as engine
+
+    ind, out = folders
+    real = engine.refine_raster
+
+    def interrupted(input, output, **kw):
+        if Path(input).name == "b.tif":
+            raise KeyboardInterrupt
+        return real(input, output, **kw)
+
+    monkeypatch.setattr(engine, "refine_raster", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(ind, out, model=model, quiet=True)
+    assert states(out) == {"a.tif": "done", "b.tif": "running"}
+    monkeypatch.setattr(engine, "refine_raster", real)
+    res = run_batch(ind, out, model=model, quiet=True)
+    assert {Path(s.scene).name: s.status for s in res.scenes} == {"a.tif": "skipped",
+                                                                  "b.tif": "done"}
+
+
+def test_cli_batch_with_a_crashing_scene(folders, model, monkeypatch):
+    import idgbr_geo.engine as engine
+
+    ind, out = folders
+    real = engine.refine_raster
+
+    def broken(input, output, **kw):
+        if Path(input).name == "a.tif":
+            raise TypeError("unsupported operand type(s)")
+        return real(input, output, **kw)
+
+    monkeypatch.setattr(engine, "refine_raster", broken)
+    code, err = cli("batch", str(ind), str(out), "--model", str(model))
+    assert code == 1 and "Traceback" not in err, err
+    assert "1 done, 1 failed" in err
+    assert "a.tif: TypeError: unsupported operand type(s)" in err
+
+
+# -- item 4: changed options redo the batch's own outputs --------------------------------------
+
+def read(path: Path) -> tuple[bytes, dict[str, str]]:
+    with rasterio.open(path) as ds:
+        return ds.read().tobytes(), ds.tags()
+
+
+def test_coarse_only_after_refine_redoes_the_scenes(folders, model):
+    ind, out = folders
+    base = ["batch", str(ind), str(out), "--model", str(model), "-q"]
+    assert cli(*base) == (0, "")
+    refined = {n: read(out / f"{n}.tif") for n in ("a", "b")}
+    assert all(t["IDGBR_STEPS"] != "0" for _, t in refined.values())
+    # an output of ours made with other options is redone, no --overwrite needed
+    assert cli(*base, "--coarse-only") == (0, "")
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert summary["counts"] == {"done": 2}
+    for n in ("a", "b"):
+        pixels, tags = read(out / f"{n}.tif")
+        assert tags["IDGBR_STEPS"] == "0"
+        assert pixels != refined[n][0], f"{n}: the coarse map equals the refined one"
+    # options that do not change an output bytes do not redo anything
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tif")}
+    assert cli(*base, "--coarse-only", "--model-workers", "2", "--device", "cpu") == (0, "")
+    assert json.loads((out / SUMMARY_NAME).read_text())["counts"] == {"skipped": 2}
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in out.glob("*.tif")}
+
+
+def test_an_output_the_manifest_does_not_know_stays(folders, model):
+    """Somebody else's file in OUT is kept (skipped) unless --overwrite."""
+    ind, out = folders
+    (out / "a.tif").write_bytes(b"not ours")
+    res = run_batch(ind, out, model=model, quiet=True)
+    assert {Path(s.scene).name: s.status for s in res.scenes} == {"a.tif": "skipped",
+                                                                  "b.tif": "done"}
+    # other options: b (ours) is redone, a (not ours) still stays
+    res = run_batch(ind, out, model=model, quiet=True, seed=3)
+    assert {Path(s.scene).name: s.status for s in res.scenes} == {"a.tif": "skipped",
+                                                                  "b.tif": "done"}
+    assert (out / "a.tif").read_bytes() == b"not ours"
+    res = run_batch(ind, out, model=model, quiet=True, seed=3, overwrite=True)
+    assert res.counts() == {"done": 1, "skipped": 1}
+    assert read(out / "a.tif")[1]["IDGBR_SEED"] == "3"
+
+
+def test_ours_after_a_failed_redo_is_still_ours(folders, model, monkeypatch):
+    """Refined, then a --coarse-only run whose scene a fails (old output still there): the
+    next --coarse-only run redoes a instead of skipping it."""
+    import idgbr_geo.engine as engine
+
+    ind, out = folders
+    run_batch(ind, out, model=model, quiet=True)
+    real = engine.refine_raster
+
+    def fail_a(input, output, **kw):
+        if Path(input).name == "a.tif":
+            raise OSError("disk hiccup")
+        return real(input, output, **kw)
+
+    monkeypatch.setattr(engine, "refine_raster", fail_a)
+    res = run_batch(ind, out, model=model, quiet=True, coarse_only=True, retries=0)
+    assert res.counts() == {"done": 1, "failed": 1}
+    monkeypatch.setattr(engine, "refine_raster", real)
+    res = run_batch(ind, out, model=model, quiet=True, coarse_only=True)
+    assert {Path(s.scene).name: s.status for s in res.scenes} == {"a.tif": "done",
+                                                                  "b.tif": "skipped"}
+    assert read(out / "a.tif")[1]["IDGBR_STEPS"] == "0"
+
+
+def test_fingerprint_defaults_and_neutral_options(model):
+    """The CLI passes every option (None, False, seed 0); the Python API only those given:
+    both mean the same outputs, so the same fingerprint. Every option that shapes the bytes
+    changes it."""
+    from idgbr_geo.engine import refine_raster
+
+    cli_kw = {"coarse_only": False, "bands": None, "tile_size": None, "overlap": None,
+              "steps": None, "batch_size": None, "model_workers": None, "seed": 0,
+              "gsd": None, "confidence": False, "cog": False, "overwrite": False,
+              "quiet": True, "device": "auto"}
+    fp = options_fingerprint(str(model), cli_kw)
+    assert options_fingerprint(str(model), {}) == fp
+    assert options_fingerprint(str(model), {"model_workers": 4, "device": "cpu",
+                                            "overwrite": True}) == fp
+    changes = {"coarse_only": True, "bands": [3, 2, 1], "tile_size": 64, "overlap": 8,
+               "steps": 5, "batch_size": 2, "seed": 1, "gsd": 0.5, "confidence": True,
+               "cog": True, "probabilities_dtype": "float32",
+               "vector_per_scene": True, "vector_options": {"simplify": 1.0}}
+    for key, value in changes.items():
+        assert options_fingerprint(str(model), {key: value}) != fp, key
+    # every refine_raster default the fingerprint folds in is the engine's own
+    for name, p in inspect.signature(refine_raster).parameters.items():
+        if name != "model" and p.default not in (inspect.Parameter.empty, None, False):
+            assert batch_mod._OPTION_DEFAULTS.get(name, p.default) == p.default, name
+            assert name in batch_mod._OPTION_DEFAULTS or name in batch_mod._NEUTRAL_OPTIONS, name
+
+
+# -- item 11: a malformed manifest is one clear error ------------------------------------------
+
+@pytest.mark.parametrize("doc", [
+    '{"scenes": [1, 2]}', '{"scenes": {"a.tif": 3}}', "[]", '"x"', "3", "{not json",
+    '{"scenes": {"a.tif": {"state": 5}}}', '{"scenes": {"a.tif": {"state": "done", '
+    '"output": 7}}}', '{"scenes": {"a.tif": {"state": "weird"}}}'])
+def test_malformed_manifest(folders, model, doc):
+    ind, out = folders
+    (out / MANIFEST_NAME).write_text(doc)
+    with pytest.raises(UserError, match="manifest .* is (unreadable|malformed)"):
+        run_batch(ind, out, model=model, quiet=True)
+    code, err = cli("batch", str(ind), str(out), "--model", str(model))
+    assert code == 2
+    assert "delete it" in one_error_line(err)
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME]
+
+
+# -- item 2: no output may be a scene ----------------------------------------------------------
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_in_dir_is_out_dir(folders, model, overwrite):
+    ind, _ = folders
+    before = {p.name: p.read_bytes() for p in ind.iterdir()}
+    code, err = cli("batch", str(ind), str(ind), "--model", str(model),
+                    *(["--overwrite"] if overwrite else []))
+    assert code == 2
+    assert "is the scene" in one_error_line(err) and "output folder" in err
+    assert {p.name: p.read_bytes() for p in ind.iterdir()} == before
+
+
+def test_outputs_that_are_scenes(tmp_path, model):
+    ind = tmp_path / "in"
+    ind.mkdir()
+    write_raster(ind / "a.tif", synthetic_scene(40, 40))
+    out = tmp_path / "out"
+    out.mkdir()
+    # a hard link of a scene in OUT under the output's name
+    os.link(ind / "a.tif", out / "a.tif")
+    with pytest.raises(UserError, match="is the scene"):
+        run_batch(ind, out, model=model, quiet=True, overwrite=True)
+    (out / "a.tif").unlink()
+    # OUT a symbolic link to IN
+    (tmp_path / "link").symlink_to(ind)
+    with pytest.raises(UserError, match="is the scene"):
+        run_batch(ind, tmp_path / "link", model=model, quiet=True, overwrite=True)
+    # the per-scene GeoPackage or the merged one
+    (ind / "p.gpkg").write_bytes(b"a scene, as far as --pattern * is concerned")
+    with pytest.raises(UserError, match="GeoPackage .* is the scene"):
+        run_batch(ind, ind, model=model, quiet=True, overwrite=True, pattern="*.gpkg",
+                  vector=True)
+    with pytest.raises(UserError, match="merged GeoPackage .* is the scene"):
+        run_batch(ind, out, model=model, quiet=True, overwrite=True, pattern="*",
+                  vector_merge=ind / "p.gpkg")
+    with pytest.raises(UserError, match="GeoPackage of a.tif and the merged GeoPackage"):
+        run_batch(ind, out, model=model, quiet=True, vector=True,
+                  vector_merge=out / "a.gpkg")
+    # the manifest or the summary
+    (ind / MANIFEST_NAME).write_text("{}")
+    with pytest.raises(UserError, match="manifest .* is the scene"):
+        run_batch(ind, ind, model=model, quiet=True, overwrite=True, pattern="*.json")
+    # two scenes with one output
+    write_raster(ind / "a.tiff", synthetic_scene(40, 40))
+    with pytest.raises(UserError, match="a.tif and .*a.tiff .* same file"):
+        run_batch(ind, out, model=model, quiet=True, pattern="a.ti*")
+    assert (ind / "p.gpkg").read_bytes().startswith(b"a scene")
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_out_dir_inside_in_dir_is_fine(tmp_path, model):
+    write_raster(tmp_path / "a.tif", synthetic_scene(40, 40))
+    (tmp_path / "out").mkdir()
+    for _ in range(2):  # the second run does not see OUT's a.tif (the pattern is not **)
+        res = run_batch(tmp_path, tmp_path / "out", model=model, quiet=True)
+    assert [s.status for s in res.scenes] == ["skipped"]
