@@ -4,10 +4,10 @@
 
 Generates ``--scenes`` synthetic georeferenced RGB scenes of ``--size``² pixels in a temporary
 folder and refines them with ``--model`` (default: the bundled ``buildings`` model when
-``models/buildings.json`` exists, else the same architecture with random weights, which costs
-the same compute per window; ``--model toy`` is a single fixed convolution). Each Dask row
-starts a LocalCluster (single-threaded worker processes), warms it up on two small scenes
-(imports and the per-worker model load), then times the batch alone; cluster start-up and
+``idgbr_geo/models/buildings.json`` exists, else the same architecture with random weights,
+which costs the same compute per window; ``--model toy`` is a single fixed convolution). Each
+Dask row starts a LocalCluster (single-threaded worker processes), warms it up on two small
+scenes (imports and the per-worker model load), then times the batch alone; cluster start-up and
 warm-up are reported separately, with the CPU seconds the batch used (this process, or the sum
 over the workers) and so how many cores it actually got on a shared machine. Prints a markdown
 table.
@@ -27,7 +27,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+TESTS = str(Path(__file__).resolve().parent.parent / "tests")
+sys.path.insert(0, TESTS)
+# the toy model's architectures live in tests/toy_models.py: Dask workers import them too
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [TESTS, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+os.environ.setdefault("IDGBR_GEO_ARCHITECTURES", "toy_models")
 
 from synth import conv_model, synthetic_scene, write_raster  # noqa: E402
 
@@ -49,22 +54,25 @@ def random_idgbr_model(folder: Path, bands: int = 3) -> str:
     """The bundled models' architecture (idgbr-coarse + idgbr-refiner) with random weights:
     the same compute per window as a trained model, no training needed."""
     from idgbr_geo.cards import ModelCard, Normalization
+    from idgbr_geo.config import CoarseConfig, RefinerConfig, SamplingConfig
     from idgbr_geo.networks import build_coarse_net, build_refiner_net
     from idgbr_geo.registry import save_model
 
     torch.manual_seed(0)
-    cfg = {"in_channels": bands, "num_classes": 2}
-    coarse = build_coarse_net(cfg)
+    shape = {"in_channels": bands, "num_classes": 2}
+    coarse = build_coarse_net(CoarseConfig(), **shape)
     with torch.no_grad():  # loud random head: the coarse map has boundaries to refine
         coarse.head.weight.mul_(50.0)
         if coarse.head.bias is not None:
             coarse.head.bias.zero_()
     tensors = {f"segmentor.{k}": v for k, v in coarse.state_dict().items()}
-    tensors |= {f"refiner.{k}": v for k, v in build_refiner_net(cfg).state_dict().items()}
+    tensors |= {f"refiner.{k}": v
+                for k, v in build_refiner_net(RefinerConfig(), **shape).state_dict().items()}
     card = ModelCard(name="random-idgbr", classes=["background", "building"], bands=bands,
                      band_names=[f"b{i}" for i in range(bands)],
                      normalization=Normalization(mean=[0.3] * bands, std=[0.2] * bands),
-                     gsd=0.3, tile_size=512, overlap=64, steps=4, stride_multiple=32,
+                     gsd=0.3, tile_size=512, overlap=64, sampling=SamplingConfig(steps=4),
+                     stride_multiple=32,
                      segmentor={"arch": "idgbr-coarse", "config": {}},
                      refiner={"arch": "idgbr-refiner", "config": {}})
     return str(save_model(card, tensors, folder))

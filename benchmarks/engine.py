@@ -6,9 +6,11 @@
 For each generated scene and mode (``--coarse-only`` and full refine), ``--rounds`` times and
 interleaved: a fresh subprocess runs ``refine_raster`` and reports its wall time and peak
 RSS (so runs do not share memory high-water marks), and another fresh subprocess times the
-bare model on the same windows held in memory (no reading, blending or writing), with the
-same refine-only-where-a-boundary-is decision and the same model workers (``--model-workers``,
-default the engine's: two single-threaded networks side by side on a 2-core CPU),
+bare model on the same windows held in memory (no reading, blending or writing): the
+engine's own window inference (:func:`idgbr_geo.predict.predict_windows`: the same
+refine-only-where-a-boundary-is decision and gate), with the same model workers
+(``--model-workers``, default the engine's: two single-threaded networks side by side on a
+2-core CPU),
 extrapolated from a sample of windows to the whole scene; it is also timed as one network on
 all threads, the engine's layout before model workers; the ratio is taken against the
 faster of the two, round by round. Both load the weights and warm up
@@ -82,20 +84,25 @@ def _warm_up(m, coarse_only: bool, batch_size: int) -> None:
 
     x = torch.zeros(batch_size, m.card.bands, m.card.tile_size, m.card.tile_size,
                     device=m.device)
-    with torch.inference_mode():
+    with torch.inference_mode():  # (each network once, whatever the coarse map holds)
         p = m.segmentor.predict(x)
         if not coarse_only and m.refiner is not None:
-            m.refiner.refine(x, p, steps=m.card.steps, seed=0, origins=[(0, 0)] * batch_size)
+            m.refiner.refine(x, p, steps=m.card.sampling.steps, seed=0,
+                             origins=[(0, 0)] * batch_size)
 
 
 def _child(args: argparse.Namespace) -> None:
     """Run one refine in this (fresh) process and print wall time and peak RSS as JSON."""
     import torch
 
-    from idgbr_geo.engine import refine_raster
+    from idgbr_geo.engine import refine_raster, tune_process
+    from idgbr_geo.options import RunOptions
     from idgbr_geo.registry import load_model
 
+    tune_process()  # as `idgbr-geo refine` does
     torch.set_num_threads(args.threads)
+    opts = RunOptions(coarse_only=args.coarse_only, batch_size=args.batch_size,
+                      model_workers=args.model_workers)
     model = load_model(args.model, args.device)  # loading the weights is not part of the run
     # one-off set-up (GDAL drivers, the allocator's first growth, torch kernels) outside the
     # clock, as for the bare model: a first refine of a small scene at the same GSD
@@ -104,12 +111,10 @@ def _child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_scene(Path(tmp) / "warm.tif", 768, seed=1, gsd=gsd)
         refine_raster(Path(tmp) / "warm.tif", Path(tmp) / "warm_out.tif", model=model,
-                      coarse_only=args.coarse_only, quiet=True, batch_size=args.batch_size,
-                      model_workers=args.model_workers)
+                      options=opts, quiet=True)
     t0 = time.perf_counter()
-    s = refine_raster(args.input, args.output, model=model, coarse_only=args.coarse_only,
-                      overwrite=True, quiet=True, batch_size=args.batch_size,
-                      model_workers=args.model_workers)
+    s = refine_raster(args.input, args.output, model=model, options=opts, overwrite=True,
+                      quiet=True)
     wall = time.perf_counter() - t0
     rss = _peak_rss_mb()
     print(json.dumps({"seconds": wall, "rss_mb": rss, "windows": s.windows, "refined": s.refined,
@@ -185,19 +190,15 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
 
 
 def _model_pass(m, batches, coarse_only: bool) -> None:
-    """The model alone over pre-read batches, with the engine's refine-where-needed rule."""
+    """The model alone over pre-read batches: the engine's own window inference
+    (:func:`idgbr_geo.predict.predict_windows`: refine where the coarse map has a boundary,
+    the card's steps and gate), without the reading, stitching and writing around it."""
     import torch
 
-    from idgbr_geo.engine import _has_boundary
+    from idgbr_geo.predict import predict_windows
 
     for x, origins in batches:
-        p = m.segmentor.predict(x)
-        if not coarse_only and m.refiner is not None:
-            need = _has_boundary(p, torch.ones_like(p[:, 0], dtype=torch.bool))
-            idx = need.nonzero().flatten()
-            if len(idx):
-                m.refiner.refine(x[idx], p[idx], steps=m.card.steps, seed=0,
-                                 origins=[origins[i] for i in idx.tolist()])
+        predict_windows(m, x, origins=origins, refine=not coarse_only)
         if m.device.type == "cuda":
             torch.cuda.synchronize()
 

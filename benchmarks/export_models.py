@@ -1,11 +1,13 @@
-"""Export the trained networks into models/<name>.json + .safetensors with a full card.
+"""Export the trained networks into idgbr_geo/models/<name>.json + .safetensors with a full card.
 
     .venv/bin/python benchmarks/export_models.py buildings roads landcover
 
 Reads the training runs ``.train/runs/<set>-coarse`` and ``-refiner`` and the validation
-results ``.train/val-<set>.json`` / ``.md`` (benchmarks/validate.py), and writes the card
-(classes, colours, bands, normalisation, GSD, defaults, training data with attribution,
-the exact training commands and the validation table) and ``models/VALIDATION.md``.
+results ``.train/val-<set>.json`` / ``.md`` (benchmarks/validate.py), and writes the card in
+the current schema (classes, colours, bands, normalisation, GSD, tiling; the architecture
+and each stage's training settings from the checkpoints; ``sampling``: the steps and gate
+the validation used; ``training``: data, licences and the exact commands; the validation
+table in ``extra``) and ``docs/validation.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from idgbr_geo.cards import ModelCard
+from research.sampling import DEFAULTS as RESEARCH_DEFAULTS  # noqa: I001  (benchmarks/ is on sys.path)
+
+from idgbr_geo.cards import ModelCard, TrainingRecord
+from idgbr_geo.config import SamplingConfig
 from idgbr_geo.training import export_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +78,7 @@ NOTES = {
                  "stride-4 model's maps. The stride-4 model is shipped although the stride-16 "
                  "one scores higher on Banepa (IoU 53.1 vs 44.6) because the stride-16 one "
                  "marks water, trees and roads as buildings on the bundled 0.25 m Dutch example "
-                 "(42% of its pixels). Dense CRF with the defaults of idgbr_geo.crf.dense_crf "
+                 "(42% of its pixels). Dense CRF with the defaults of research.crf.dense_crf "
                  "(sxy_gaussian 3, compat 3, sxy_bilateral 40, srgb 13, compat_bilateral 5, "
                  "5 iterations). The ablation refiners (no coarse map, one-shot) have the same "
                  "size and the same 1200 training iterations on the same data. " + GATE_NOTE,
@@ -87,7 +92,7 @@ NOTES = {
              "probabilities pooled 8x and upsampled (deliberately blurrier). " + GATE_NOTE,
     "landcover": "Metrics are means over all 6 classes ('unlabeled', 0.4% of the pixels, "
                  "included; its IoU pulls the means down). Dense CRF with the defaults of "
-                 "idgbr_geo.crf.dense_crf. The shipped refiner was trained with the "
+                 "research.crf.dense_crf. The shipped refiner was trained with the "
                  "boundary-weighted loss (boundary_weight 4: pixels within 2 px of a true "
                  "class boundary count 5x in the full-resolution loss); it was preferred to "
                  "the plain-loss one on the selection split (training scenes), where at each "
@@ -115,7 +120,7 @@ def commands(name: str, log: dict, refiner_tag: str = "refiner") -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sets", nargs="+")
-    ap.add_argument("--out", type=Path, default=REPO / "models")
+    ap.add_argument("--out", type=Path, default=REPO / "idgbr_geo" / "models")
     ap.add_argument("--refiner-tag", default="refiner", help="training run of the refiner")
     args = ap.parse_args()
     log = json.loads((REPO / "benchmarks" / "training_commands.json").read_text())
@@ -125,15 +130,23 @@ def main() -> None:
         from idgbr_geo.training import load_npz  # classes/gsd of the arrays
 
         meta = load_npz(TRAIN / f"{name}_val.npz")
-        steps = int(val["steps"]) if val else 4
+        steps = int(val["steps"]) if val else SamplingConfig().steps
+        gate = _gate(val.get("gate", 0.0)) if val else SamplingConfig().gate
+        if val:  # a card can only carry what the production refiner runs
+            research = {k: val[k] for k in ("start", "t_start", "band")
+                        if k in val and val[k] != RESEARCH_DEFAULTS[k]}
+            if research:
+                raise SystemExit(f"{val_json} was made with research sampler options "
+                                 f"{research}: the production refiner cannot ship them")
+        data = dict(DATA[name])
+        licences = {k: data.pop(k) for k in ("imagery", "labels")}
         card = ModelCard(
             name=name, classes=meta["classes"], colors=COLORS[name], bands=3,
-            gsd=float(meta["gsd"]), tile_size=512, overlap=64, steps=steps,
-            stride_multiple=16,
-            extra={
-                "training_data": {**DATA[name], "source": str(meta["source"])},
-                "training_commands": commands(name, log, args.refiner_tag),
-            },
+            gsd=float(meta["gsd"]), tile_size=512, overlap=64, stride_multiple=16,
+            sampling=SamplingConfig(steps=steps, gate=gate),
+            training=TrainingRecord(data={**data, "source": str(meta["source"])},
+                                    licences=licences,
+                                    commands=commands(name, log, args.refiner_tag)),
         )
         if val:
             card.extra["validation"] = {
@@ -148,22 +161,17 @@ def main() -> None:
         path = export_model(TRAIN / "runs" / f"{name}-coarse" / "checkpoint.pt",
                             TRAIN / "runs" / f"{name}-{args.refiner_tag}" / "checkpoint.pt", card,
                             args.out)
-        card = ModelCard.load(path)
-        if val:
-            card.refiner["config"].update(start=val["start"], t_start=val["t_start"],
-                                          steps=steps, band=int(val.get("band", 0)),
-                                          gate=_gate(val.get("gate", 0.0)))
-            card.save(path)
         print(path, (args.out / f"{name}.safetensors").stat().st_size // 1024, "KiB")
     parts = ["# Validation of the bundled models\n",
-             "Generated by `benchmarks/validate.py` (sliding 512 px windows, overlap 64, "
-             "over whole held-out scenes at the model GSD; metrics from "
-             "`idgbr_geo.metrics`, pooled over all scenes). Δ = refined minus coarse.\n"]
+             "Generated by `benchmarks/validate.py`: whole held-out scenes at the model "
+             "GSD through the engine (`refine_raster`: 512 px windows, overlap 64, only "
+             "windows whose coarse map holds a boundary refined); metrics from "
+             "`idgbr_geo.metrics`, pooled over all scenes. Δ = refined minus coarse.\n"]
     for name in ("buildings", "roads", "landcover"):
         md = TRAIN / f"val-{name}.md"
         if md.is_file():
             parts.append(f"## {name}\n\n" + md.read_text() + "\n" + NOTES[name] + "\n")
-    (args.out / "VALIDATION.md").write_text("\n".join(parts))
+    (REPO / "docs" / "validation.md").write_text("\n".join(parts))
 
 
 if __name__ == "__main__":

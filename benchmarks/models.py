@@ -5,7 +5,10 @@
 
 Times ``segmentor.predict`` and ``refiner.refine`` at the card's default steps (and at 1
 and 2x steps) on one 1x3x512x512 window, on CPU with ``--threads`` threads and on a CUDA
-GPU when one is available; prints a markdown table (milliseconds). The refiner's guidance
+GPU when one is available; prints a markdown table (milliseconds). These are the networks
+alone: the gate and the refine-only-where-a-boundary-is rule of the engine's inference
+(:func:`idgbr_geo.predict.predict_windows`) and everything around it are timed by
+benchmarks/engine.py. The refiner's guidance
 network runs once per window, the denoiser once per step, the decoder once.
 
 The networks run with the allocator settings the engine uses (``engine.tune_allocator``):
@@ -50,7 +53,7 @@ def bench(name: str, device: str, repeat: int, size: int = 512,
     img = torch.randn(1, m.card.bands, size, size, generator=g).to(dev)
     out = {"coarse": seconds(lambda: m.segmentor.predict(img), repeat, sync)}
     probs = m.segmentor.predict(img)
-    steps = m.card.steps
+    steps = m.card.sampling.steps
     for s in sorted({1, steps, 2 * steps}):
         out[f"refine_{s}"] = seconds(
             lambda s=s: m.refiner.refine(img, probs, steps=s, seed=0, origins=[(0, 0)]),

@@ -25,7 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idgbr_geo.cards import Normalization
+from idgbr_geo.cards import ModelCard, Normalization
+from idgbr_geo.interfaces import Model
+from idgbr_geo.predict import predict_windows
+from idgbr_geo.registry import load_checkpoint
 from idgbr_geo.training import load_npz, segmentor_from_checkpoint, train_coarse
 
 ROOT = Path(__file__).resolve().parent.parent / ".train"
@@ -63,14 +66,21 @@ def _train_fold(args: argparse.Namespace, fold: list[str]) -> Path:
 
 @torch.no_grad()
 def _predict(ckpt: Path, images: np.ndarray, batch: int = 8) -> np.ndarray:
-    """The fold model's probabilities (uint8 x 255) for whole chips, in its normalisation."""
+    """The fold model's probabilities (uint8 x 255) for whole chips (one window each), in
+    its normalisation, through the engine's window inference."""
     seg = segmentor_from_checkpoint(ckpt, "cpu")
-    norm = Normalization(**torch.load(ckpt, map_location="cpu", weights_only=False)
-                         ["normalization"])
+    state = load_checkpoint(ckpt)
+    bands = int(state["config"]["in_channels"])
+    card = ModelCard(name=ckpt.parent.name, classes=list(state["classes"]), bands=bands,
+                     band_names=[f"band_{b + 1}" for b in range(bands)],
+                     normalization=Normalization(**state["normalization"]))
+    model = Model(card=card, segmentor=seg, refiner=None)
+    norm = model.card.normalization
     out = []
     for i in range(0, len(images), batch):
         x = torch.from_numpy(norm.apply(images[i:i + batch], images.dtype))
-        out.append(np.rint(seg.predict(x).float().numpy() * 255).astype(np.uint8))
+        probs, _ = predict_windows(model, x, origins=[(0, 0)] * len(x), refine=False)
+        out.append(np.rint(probs.numpy() * 255).astype(np.uint8))
     return np.concatenate(out)
 
 

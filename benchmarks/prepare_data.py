@@ -4,7 +4,7 @@ Developer script for the bundled models (users go through ``idgbr-geo train``). 
 area exactly as the data README suggests. Writes, under ``.train/`` (git-ignored, never
 committed): ``<set>_train.npz`` and ``<set>_val.npz`` (256 px chips in the npz contract of
 ``idgbr_geo.datasets``) and ``<set>_val_scenes.npz`` (whole validation scenes at the model
-GSD, for sliding-window validation).
+GSD, refined through the engine by benchmarks/validate.py).
 
     .venv/bin/python benchmarks/prepare_data.py [--data /work/shared/data] [--out .train]
 """

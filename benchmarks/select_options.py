@@ -1,9 +1,12 @@
-"""Pick refiner options (band, steps) WITHOUT looking at the validation split.
+"""Pick refiner options (gate, steps) WITHOUT looking at the validation split.
 
 Scores coarse vs refined on chips of the *training* areas (``.train/<set>_train.npz``;
 every ``--every``-th training scene), so that sampler options are chosen on data from the
 training side of the area split only, and the validation split is used once, for the
-reported table (benchmarks/validate.py).
+reported table (benchmarks/validate.py). Like the validation, every map comes from the
+engine users run: each chip is refined by :func:`idgbr_geo.engine.refine_raster`
+(benchmarks/validate.py's ``Engine``). A variant is a JSON object of ``steps``, ``gate`` and
+research sampler options (:mod:`research.sampling`).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/select_options.py buildings \
         --variants '[{"gate": 0}, {"gate": 0.55}, {"gate": 0.6}, {"gate": 0.65}]'
@@ -28,14 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from validate import ROOT, Validator  # noqa: I001  (benchmarks/ is on sys.path when run)
+from validate import ROOT, Validator, card_from_checkpoint  # noqa: I001  (benchmarks/ is on sys.path when run)
 
-from idgbr_geo.cards import Normalization
+from idgbr_geo.config import SamplingConfig
 
 
 def main() -> None:
@@ -43,10 +47,11 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("set")
-    ap.add_argument("--variants", default='[{"band": 0}]', help="JSON list of refine kwargs")
+    ap.add_argument("--variants", default='[{"gate": 0}]',
+                    help="JSON list of variants: steps, gate and research sampler options")
     ap.add_argument("--refiner-tag", default="refiner")
     ap.add_argument("--coarse-tag", default="coarse")
-    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=SamplingConfig().steps)
     ap.add_argument("--every", type=int, default=4, help="use every N-th training scene")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--thresholds", default=None,
@@ -60,36 +65,34 @@ def main() -> None:
     def ckpt(tag: str) -> Path:
         return runs / f"{args.set}-{tag}" / "checkpoint.pt"
 
+    card = card_from_checkpoint(args.set, ckpt(args.coarse_tag), SamplingConfig(steps=args.steps))
+    classes = card.classes
+    if thresholds and len(classes) != 2:
+        raise SystemExit("--thresholds is for binary models")
     with np.load(ROOT / f"{args.set}_train.npz") as z:
         scenes = z["scene"]
         keep = sorted(set(scenes.tolist()))[:: args.every]
         idx = np.flatnonzero(np.isin(scenes, keep))
         images, labels = z["images"], z["labels"]  # read each array once
     chips = [(images[i], labels[i]) for i in idx]
-    state = torch.load(ckpt(args.coarse_tag), map_location="cpu", weights_only=False)
-    norm = Normalization(**state["normalization"])
-    classes = list(state["classes"])
-    if thresholds and len(classes) != 2:
-        raise SystemExit("--thresholds is for binary models")
-    v = Validator.__new__(Validator)
-    v.name, v.scenes, v.truths = args.set, chips, [lab for _, lab in chips]
-    v.steps, v.start, v.t_start, v.x0, v.device, v.rows = args.steps, "noise", 1.0, "soft", \
-        "cpu", []
     print(f"selection: {len(chips)} training chips from {len(keep)} training scenes")
-    seg = segmentor_from_checkpoint(ckpt(args.coarse_tag), "cpu")
-    cm = v.coarse_maps(seg, norm)
-    v.add("selection", "coarse", cm, None, classes, 0.0)
-    for th in thresholds:
-        v.add("selection", f"coarse at p > {th}", at_threshold(cm, th), cm, classes, 0.0)
-    for tag in args.refiner_tag.split(","):
-        ref = refiner_from_checkpoint(ckpt(tag), "cpu")
-        for kw in json.loads(args.variants):
-            t = time.time()
-            maps = v.refine_maps(ref, norm, cm, **kw)
-            v.add("selection", f"{tag} {json.dumps(kw)}", maps, cm, classes, time.time() - t)
-            for th in thresholds:
-                v.add("selection", f"{tag} {json.dumps(kw)} at p > {th}", at_threshold(maps, th),
-                      cm, classes, 0.0)
+    with tempfile.TemporaryDirectory(prefix="idgbr-select-") as tmp:
+        v = Validator(args.set, chips, card, Path(tmp))
+        seg = segmentor_from_checkpoint(ckpt(args.coarse_tag), "cpu")
+        cm = v.coarse_maps(seg)
+        v.add("selection", "coarse", cm, None, classes, 0.0)
+        for th in thresholds:
+            v.add("selection", f"coarse at p > {th}", at_threshold(cm, th), cm, classes, 0.0)
+        for tag in args.refiner_tag.split(","):
+            ref = refiner_from_checkpoint(ckpt(tag), "cpu")
+            for kw in json.loads(args.variants):
+                t = time.time()
+                maps = v.refine_maps(seg, ref, **kw)
+                v.add("selection", f"{tag} {json.dumps(kw)}", maps, cm, classes,
+                      time.time() - t)
+                for th in thresholds:
+                    v.add("selection", f"{tag} {json.dumps(kw)} at p > {th}",
+                          at_threshold(maps, th), cm, classes, 0.0)
 
 
 def at_threshold(maps: list[torch.Tensor], th: float) -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from idgbr_geo.config import TrainingConfig
 from idgbr_geo.training import segmentor_from_checkpoint, train_coarse, train_refiner
 
 ROOT = Path(__file__).resolve().parent.parent / ".train"
@@ -27,11 +28,13 @@ def main() -> None:
     ap.add_argument("stage", choices=["coarse", "refiner"])
     ap.add_argument("set")
     ap.add_argument("--tag", default=None)
-    ap.add_argument("--iterations", type=int, default=4000)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--crop", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--config", default="{}")
+    ap.add_argument("--iterations", type=int, default=4000,
+                    help="[4000, the bundled coarse models' length]")
+    ap.add_argument("--batch-size", type=int, default=TrainingConfig.batch_size)
+    ap.add_argument("--crop", type=int, default=TrainingConfig.crop)
+    ap.add_argument("--lr", type=float, default=TrainingConfig.lr)
+    ap.add_argument("--config", default="{}",
+                    help="JSON: network and training settings (idgbr_geo.config.split_config)")
     ap.add_argument("--coarse-run", default="coarse", help="tag of the coarse run to learn from")
     ap.add_argument("--no-coarse", action="store_true",
                     help="no coarse model: degradations (and the arrays' stored maps) only")

@@ -1,36 +1,52 @@
 """Validation tables for the bundled models: coarse vs refined vs dense CRF, plus ablations.
 
-Runs sliding windows (512 px, overlap 64, blended with :mod:`idgbr_geo.stitching` weights)
-over the whole validation scenes of ``.train/<set>_val_scenes.npz`` (written by
-benchmarks/prepare_data.py; split by area as /work/shared/data/README.md suggests) at the
-model GSD, and scores every map with :func:`idgbr_geo.metrics` pooled over all scenes.
+Every map comes from the code ``idgbr-geo refine`` runs: each held-out scene of
+``.train/<set>_val_scenes.npz`` (written by benchmarks/prepare_data.py; split by area as
+/work/shared/data/README.md suggests) is written as a GeoTIFF at the model GSD and refined with
+:func:`idgbr_geo.engine.refine_raster`, which writes float32 probabilities
+(``OutputOptions(probabilities_dtype="float32")``) that are read back: the engine's 512 px
+windows with overlap 64 and zero padding at the scene's edges, its rule of refining only
+windows whose coarse map holds a boundary, its stitching and its gate. The maps are scored with
+:mod:`idgbr_geo.metrics`, pooled over all scenes.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/validate.py buildings --ablations \
         --json .train/val-buildings.json --md .train/val-buildings.md
 
 Networks come from the training runs in ``.train/runs/<set>-<tag>/checkpoint.pt`` (tags:
 ``coarse``, ``coarse2`` = the second, blurrier coarse model, ``refiner``, and for the
-ablations ``refiner-norough`` and ``refiner-oneshot``) or, with ``--model``, from an
-exported model card.
+ablations ``refiner-norough`` and ``refiner-oneshot``). Ablations swap what the engine runs:
+another refiner, the card's sampling (steps, gate), or a research sampler option through
+:class:`research.sampling.ResearchRefiner`; the dense CRF baseline (:mod:`research.crf`)
+post-processes the engine's stitched coarse maps.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 import torch
+from rasterio.transform import from_origin
+from research.sampling import DEFAULTS as RESEARCH_DEFAULTS  # noqa: I001  (benchmarks/ is on sys.path)
+from research.sampling import ResearchRefiner
 
-from idgbr_geo.cards import Normalization
+from idgbr_geo.cards import ModelCard, Normalization
+from idgbr_geo.config import SamplingConfig
+from idgbr_geo.engine import refine_raster
+from idgbr_geo.interfaces import Model, Refiner, Segmentor
 from idgbr_geo.metrics import MetricAccumulator
-from idgbr_geo.stitching import window_weights
+from idgbr_geo.options import OutputOptions, RunOptions
+from idgbr_geo.registry import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent / ".train"
+#: the bundled cards' tiling
 TILE, OVERLAP, MULT = 512, 64, 16
 
 
@@ -41,38 +57,48 @@ def load_scenes(name: str, limit: int | None = None) -> list[tuple[np.ndarray, n
         return [(z[f"image_{i}"], z[f"label_{i}"]) for i in idx]
 
 
-def _starts(size: int) -> list[int]:
-    if size <= TILE:
-        return [0]
-    step = TILE - OVERLAP
-    s = list(range(0, size - TILE + 1, step))
-    if s[-1] != size - TILE:
-        s.append(size - TILE)
-    return s
+def card_from_checkpoint(name: str, path: Path, sampling: SamplingConfig) -> ModelCard:
+    """The card the engine runs the checkpoints with: the bundled cards' tiling, the
+    checkpoint's classes, bands, normalisation and GSD, and ``sampling``."""
+    state = load_checkpoint(path)
+    gsd = float(state.get("gsd", float("nan")))
+    bands = int(state["config"]["in_channels"])
+    return ModelCard(name=name, classes=list(state["classes"]), bands=bands,
+                     band_names=[f"band_{i + 1}" for i in range(bands)],
+                     normalization=Normalization(**state["normalization"]),
+                     gsd=gsd if np.isfinite(gsd) and gsd > 0 else None, tile_size=TILE,
+                     overlap=OVERLAP, stride_multiple=MULT, sampling=sampling)
 
 
-def sliding(fn: Callable[[torch.Tensor, torch.Tensor | None, tuple[int, int]], torch.Tensor],
-            image: torch.Tensor, k: int, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """Run ``fn(image_window, extra_window, origin) -> (1, K, h, w)`` over overlapping windows
-    of a (C, H, W) scene padded to a multiple of 16; blend; return (K, H, W)."""
-    _, h, w = image.shape
-    ph, pw = -(-h // MULT) * MULT, -(-w // MULT) * MULT
-    img = torch.nn.functional.pad(image[None], (0, pw - w, 0, ph - h), mode="reflect")[0]
-    ext = None
-    if extra is not None:
-        ext = torch.nn.functional.pad(extra[None], (0, pw - w, 0, ph - h), mode="replicate")[0]
-    acc = torch.zeros(k, ph, pw)
-    wsum = torch.zeros(ph, pw)
-    for r in _starts(ph):
-        for c in _starts(pw):
-            th, tw = min(TILE, ph), min(TILE, pw)
-            sl = (slice(r, r + th), slice(c, c + tw))
-            out = fn(img[:, sl[0], sl[1]][None], None if ext is None else
-                     ext[:, sl[0], sl[1]][None], (r, c))[0].float().cpu()
-            wt = torch.tensor(window_weights(r, c, th, tw, ph, pw, OVERLAP))
-            acc[:, sl[0], sl[1]] += out * wt
-            wsum[sl] += wt
-    return (acc / wsum.clamp_min(1e-6))[:, :h, :w]
+class Engine:
+    """Scenes (uint8 images) as GeoTIFFs in ``workdir``, refined by :func:`refine_raster`;
+    per scene the stitched float32 probabilities (K, H, W) come back."""
+
+    def __init__(self, scenes: list[tuple[np.ndarray, np.ndarray]], gsd: float | None,
+                 workdir: Path) -> None:
+        self.workdir = workdir
+        self.paths: list[Path] = []
+        res = gsd or 1.0
+        for i, (img, _) in enumerate(scenes):
+            path = workdir / f"scene_{i:05d}.tif"
+            with rasterio.open(path, "w", driver="GTiff", width=img.shape[2],
+                               height=img.shape[1], count=img.shape[0], dtype=img.dtype,
+                               crs="EPSG:32633", transform=from_origin(500000, 4000000, res, res),
+                               tiled=True, blockxsize=256, blockysize=256) as dst:
+                dst.write(img)
+            self.paths.append(path)
+
+    def maps(self, model: Model, *, coarse_only: bool = False) -> list[torch.Tensor]:
+        out = []
+        classes, probs = self.workdir / "classes.tif", self.workdir / "probabilities.tif"
+        for path in self.paths:
+            refine_raster(path, classes, model=model, probabilities=probs,
+                          options=RunOptions(coarse_only=coarse_only, seed=0),
+                          outputs=OutputOptions(probabilities_dtype="float32"),
+                          overwrite=True, quiet=True)
+            with rasterio.open(probs) as ds:
+                out.append(torch.from_numpy(ds.read()))
+        return out
 
 
 def score(preds: list[np.ndarray], truths: list[np.ndarray], coarse: list[np.ndarray] | None,
@@ -115,42 +141,38 @@ class Blurred:
 
 
 class Validator:
-    def __init__(self, name: str, limit: int | None, steps: int, start: str, t_start: float,
-                 device: str = "cpu", x0: str = "soft", band: int = 0,
-                 gate: float | list[float] = 0.0
-                 ) -> None:
-        from idgbr_geo.training import load_npz  # noqa: F401  (keeps import errors early)
+    """Maps of scenes (or chips) through the engine, and the table rows scoring them."""
 
-        self.name = name
-        self.scenes = load_scenes(name, limit)
-        self.truths = [lab for _, lab in self.scenes]
-        self.steps, self.start, self.t_start, self.x0 = steps, start, t_start, x0
-        self.band = band
-        self.gate = gate
-        self.device = device
+    def __init__(self, name: str, scenes: list[tuple[np.ndarray, np.ndarray]],
+                 card: ModelCard, workdir: Path) -> None:
+        self.name, self.scenes, self.card = name, scenes, card
+        self.truths = [lab for _, lab in scenes]
+        self.engine = Engine(scenes, card.gsd, workdir)
         self.rows: list[dict[str, Any]] = []
 
-    def images(self, norm: Normalization) -> list[torch.Tensor]:
-        return [torch.from_numpy(norm.apply(img, img.dtype)) for img, _ in self.scenes]
+    def model(self, segmentor: Segmentor, refiner: Refiner | None = None, *,
+              steps: int | None = None, gate: Any = None) -> Model:
+        """The engine's model: ``segmentor`` and ``refiner`` with the card's sampling, or
+        the ``steps`` / ``gate`` given."""
+        s = self.card.sampling
+        sampling = SamplingConfig(steps=s.steps if steps is None else steps,
+                                  gate=s.gate if gate is None else gate)
+        return Model(card=replace(self.card, sampling=sampling), segmentor=segmentor,
+                     refiner=refiner)
 
-    def coarse_maps(self, seg: Any, norm: Normalization) -> list[torch.Tensor]:
-        k = seg.num_classes
-        return [sliding(lambda x, _e, _o: seg.predict(x), im, k) for im in self.images(norm)]
+    def coarse_maps(self, seg: Segmentor) -> list[torch.Tensor]:
+        return self.engine.maps(self.model(seg), coarse_only=True)
 
-    def refine_maps(self, ref: Any, norm: Normalization, coarse: list[torch.Tensor],
-                    **kw: Any) -> list[torch.Tensor]:
-        k = ref.num_classes
-        steps = kw.pop("steps", self.steps)
-        kw.setdefault("start", self.start)
-        kw.setdefault("t_start", self.t_start)
-        kw.setdefault("x0", self.x0)
-        kw.setdefault("band", getattr(self, "band", 0))
-        kw.setdefault("gate", getattr(self, "gate", 0.0))
-        return [sliding(lambda x, e, o: ref.refine(x, e, steps=steps, seed=0, origins=[o], **kw),
-                        im, k, cm) for im, cm in zip(self.images(norm), coarse, strict=True)]
+    def refine_maps(self, seg: Segmentor, ref: Any, **kw: Any) -> list[torch.Tensor]:
+        """Refined maps; ``steps`` and ``gate`` set the sampling, the other keywords are
+        research sampler options (:class:`ResearchRefiner`)."""
+        steps, gate = kw.pop("steps", None), kw.pop("gate", None)
+        if any(v != RESEARCH_DEFAULTS.get(k) for k, v in kw.items()):
+            ref = ResearchRefiner(ref, **kw)
+        return self.engine.maps(self.model(seg, ref, steps=steps, gate=gate))
 
     def crf_maps(self, coarse: list[torch.Tensor], **kw: Any) -> list[torch.Tensor]:
-        from idgbr_geo.crf import dense_crf
+        from research.crf import dense_crf
 
         return [torch.from_numpy(dense_crf(img, cm.numpy(), **kw))
                 for (img, _), cm in zip(self.scenes, coarse, strict=True)]
@@ -198,14 +220,16 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("set")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--start", default="noise", choices=["noise", "coarse"])
-    ap.add_argument("--t-start", type=float, default=1.0)
-    ap.add_argument("--x0", default="soft", choices=["soft", "hard"])
-    ap.add_argument("--only", default=None, help="comma list of extra refine variants as JSON")
-    ap.add_argument("--band", type=int, default=0,
+    ap.add_argument("--steps", type=int, default=SamplingConfig().steps)
+    ap.add_argument("--start", default=RESEARCH_DEFAULTS["start"], choices=["noise", "coarse"])
+    ap.add_argument("--t-start", type=float, default=RESEARCH_DEFAULTS["t_start"])
+    ap.add_argument("--x0", default=RESEARCH_DEFAULTS["x0"], choices=["soft", "hard"])
+    ap.add_argument("--only", default=None,
+                    help="JSON list of refine variants (steps, gate and research options), "
+                         "on our coarse maps only")
+    ap.add_argument("--band", type=int, default=RESEARCH_DEFAULTS["band"],
                     help="keep the coarse map farther than this many px from its boundaries")
-    ap.add_argument("--gate", type=json.loads, default=0.0,
+    ap.add_argument("--gate", type=json.loads, default=SamplingConfig().gate,
                     help="keep the coarse class unless the refiner gives its own at least this "
                          "(a number, or a JSON list: one per class the pixel would turn into)")
     ap.add_argument("--limit", type=int, default=None, help="first N scenes only")
@@ -227,70 +251,12 @@ def main() -> None:
     def ckpt(tag: str) -> Path:
         return runs / f"{args.set}-{tag}" / "checkpoint.pt"
 
-    state = torch.load(ckpt(args.coarse_tag), map_location="cpu", weights_only=False)
-    norm = Normalization(**state["normalization"])
-    classes = list(state["classes"])
-    v = Validator(args.set, args.limit, args.steps, args.start, args.t_start, x0=args.x0,
-                  band=args.band, gate=args.gate)
-    seg = segmentor_from_checkpoint(ckpt(args.coarse_tag), "cpu")
-    ref = refiner_from_checkpoint(ckpt(args.refiner_tag), "cpu")
-    sources = {"coarse": seg}
-    if ckpt("coarse2").is_file():
-        sources["coarse2"] = segmentor_from_checkpoint(ckpt("coarse2"), "cpu")
-    else:
-        sources["coarse2"] = Blurred(seg, 8)
-    def describe(tag: str) -> str:
-        st = torch.load(ckpt(tag), map_location="cpu", weights_only=False)
-        return f"FPN, output stride {st['config'].get('output_stride', 4)}"
-
-    label = {"coarse": f"shipped coarse ({describe(args.coarse_tag)})",
-             "coarse2": f"second coarse ({describe('coarse2')}, trained separately)"
-             if ckpt("coarse2").is_file() else
-             "second coarse (shipped one blurred: probs pooled 8x, upsampled)"}
-    default = f"IDGBR refiner ({args.steps} steps, start={args.start}, x0={args.x0}" + (
-        f", band {args.band} px" if args.band else "") + (
-        f", gate {gate_label(args.gate)}" if args.gate else "") + ")"
-    if args.only:  # quick comparison of sampler settings on our coarse maps only
-        cm = v.coarse_maps(seg, norm)
-        v.add(label["coarse"], "coarse (no refinement)", cm, None, classes, 0.0)
-        for kw in json.loads(args.only):
-            t = time.time()
-            v.add(label["coarse"], json.dumps(kw), v.refine_maps(ref, norm, cm, **kw), cm,
-                  classes, time.time() - t)
-        sources = {}
-    for src, model in sources.items():
-        t = time.time()
-        cm = v.coarse_maps(model, norm)
-        v.add(label[src], "coarse (no refinement)", cm, None, classes, time.time() - t)
-        t = time.time()
-        v.add(label[src], default, v.refine_maps(ref, norm, cm), cm, classes, time.time() - t)
-        if args.gate:
-            t = time.time()
-            v.add(label[src], "refiner without the gate", v.refine_maps(ref, norm, cm, gate=0.0),
-                  cm, classes, time.time() - t)
-        if not args.no_crf:
-            t = time.time()
-            v.add(label[src], "dense CRF", v.crf_maps(cm, **json.loads(args.crf)), cm, classes,
-                  time.time() - t)
-        if src == "coarse" and (args.ablations or args.steps_ablation):
-            for steps in sorted({1, 2, 4, 2 * args.steps} - {args.steps}):
-                t = time.time()
-                v.add(label[src], f"refiner, {steps} step(s)",
-                      v.refine_maps(ref, norm, cm, steps=steps), cm, classes, time.time() - t)
-            if not args.ablations:
-                continue
-            other = "coarse" if args.start == "noise" else "noise"
-            t = time.time()
-            v.add(label[src], f"refiner, start={other}" + (" t=0.5" if other == "coarse" else ""),
-                  v.refine_maps(ref, norm, cm, start=other, t_start=0.5), cm, classes,
-                  time.time() - t)
-            for tag, what in ((args.norough_tag, "no coarse map (image-only guidance)"),
-                              (args.oneshot_tag, "one-shot refiner, same size")):
-                if ckpt(tag).is_file():
-                    r2 = refiner_from_checkpoint(ckpt(tag), "cpu")
-                    t = time.time()
-                    v.add(label[src], what, v.refine_maps(r2, norm, cm), cm, classes,
-                          time.time() - t)
+    card = card_from_checkpoint(args.set, ckpt(args.coarse_tag),
+                                SamplingConfig(steps=args.steps, gate=args.gate))
+    classes = card.classes
+    with tempfile.TemporaryDirectory(prefix="idgbr-validate-") as tmp:
+        v = Validator(args.set, load_scenes(args.set, args.limit), card, Path(tmp))
+        rows(args, v, ckpt, classes, segmentor_from_checkpoint, refiner_from_checkpoint)
     title = (f"Validation, {args.set}: {len(v.scenes)} held-out scenes, class "
              f"'{v.rows[0]['class']}' (IoU, BF, boundary IoU, IoU_imp in %; mIoU over classes)")
     md = markdown(v.rows, title)
@@ -302,6 +268,74 @@ def main() -> None:
                                          "start": args.start, "t_start": args.t_start,
                                          "band": args.band, "gate": args.gate,
                                          "rows": v.rows}, indent=1))
+
+
+def rows(args: argparse.Namespace, v: Validator, ckpt: Any, classes: list[str],
+         segmentor_from_checkpoint: Any, refiner_from_checkpoint: Any) -> None:
+    """The table's rows, in order."""
+    seg = segmentor_from_checkpoint(ckpt(args.coarse_tag), "cpu")
+    ref = refiner_from_checkpoint(ckpt(args.refiner_tag), "cpu")
+    sources: dict[str, Any] = {"coarse": seg}
+    if ckpt("coarse2").is_file():
+        sources["coarse2"] = segmentor_from_checkpoint(ckpt("coarse2"), "cpu")
+    else:
+        sources["coarse2"] = Blurred(seg, 8)
+
+    def describe(tag: str) -> str:
+        st = load_checkpoint(ckpt(tag))
+        return f"FPN, output stride {st['config'].get('output_stride', 4)}"
+
+    label = {"coarse": f"shipped coarse ({describe(args.coarse_tag)})",
+             "coarse2": f"second coarse ({describe('coarse2')}, trained separately)"
+             if ckpt("coarse2").is_file() else
+             "second coarse (shipped one blurred: probs pooled 8x, upsampled)"}
+    research = {"start": args.start, "t_start": args.t_start, "x0": args.x0, "band": args.band}
+    default = f"IDGBR refiner ({args.steps} steps, start={args.start}, x0={args.x0}" + (
+        f", band {args.band} px" if args.band else "") + (
+        f", gate {gate_label(args.gate)}" if args.gate else "") + ")"
+    if args.only:  # quick comparison of sampler settings on our coarse maps only
+        cm = v.coarse_maps(seg)
+        v.add(label["coarse"], "coarse (no refinement)", cm, None, classes, 0.0)
+        for kw in json.loads(args.only):
+            t = time.time()
+            v.add(label["coarse"], json.dumps(kw), v.refine_maps(seg, ref, **{**research, **kw}),
+                  cm, classes, time.time() - t)
+        return
+    for src, model in sources.items():
+        t = time.time()
+        cm = v.coarse_maps(model)
+        v.add(label[src], "coarse (no refinement)", cm, None, classes, time.time() - t)
+        t = time.time()
+        v.add(label[src], default, v.refine_maps(model, ref, **research), cm, classes,
+              time.time() - t)
+        if args.gate:
+            t = time.time()
+            v.add(label[src], "refiner without the gate",
+                  v.refine_maps(model, ref, **research, gate=0.0), cm, classes, time.time() - t)
+        if not args.no_crf:
+            t = time.time()
+            v.add(label[src], "dense CRF", v.crf_maps(cm, **json.loads(args.crf)), cm, classes,
+                  time.time() - t)
+        if src == "coarse" and (args.ablations or args.steps_ablation):
+            for steps in sorted({1, 2, 4, 2 * args.steps} - {args.steps}):
+                t = time.time()
+                v.add(label[src], f"refiner, {steps} step(s)",
+                      v.refine_maps(model, ref, **research, steps=steps), cm, classes,
+                      time.time() - t)
+            if not args.ablations:
+                continue
+            other = "coarse" if args.start == "noise" else "noise"
+            t = time.time()
+            v.add(label[src], f"refiner, start={other}" + (" t=0.5" if other == "coarse" else ""),
+                  v.refine_maps(model, ref, **{**research, "start": other, "t_start": 0.5}),
+                  cm, classes, time.time() - t)
+            for tag, what in ((args.norough_tag, "no coarse map (image-only guidance)"),
+                              (args.oneshot_tag, "one-shot refiner, same size")):
+                if ckpt(tag).is_file():
+                    r2 = refiner_from_checkpoint(ckpt(tag), "cpu")
+                    t = time.time()
+                    v.add(label[src], what, v.refine_maps(model, r2, **research), cm, classes,
+                          time.time() - t)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ModelCard": "cards", "Normalization": "cards",
     "UserError": "errors", "InputError": "errors", "OutputError": "errors",
+    "RunOptions": "options", "OutputOptions": "options", "VectorOptions": "options",
     "Model": "interfaces", "Segmentor": "interfaces", "Refiner": "interfaces",
     "load_model": "registry", "save_model": "registry", "register_architecture": "registry",
-    "refine_raster": "engine", "RefineSummary": "engine",
+    "refine_raster": "engine", "RefineSummary": "engine", "predict_windows": "predict",
     "run_batch": "batch",
     "vectorize_raster": "vectorize",
-    "evaluate_arrays": "metrics", "evaluate_rasters": "metrics",
+    "evaluate_arrays": "metrics", "evaluate_rasters": "evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

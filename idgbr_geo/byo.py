@@ -10,6 +10,11 @@ Nothing is downloaded: torchgeo tasks are rebuilt from their saved hyper-paramet
 
 A model trained with another input normalisation than the idgbr-geo card's can be given its
 own :class:`~idgbr_geo.cards.Normalization`; inputs are converted from one to the other.
+
+No file is unpickled with code: checkpoints are read with ``torch.load(weights_only=True)``.
+TorchScript is different: a TorchScript file *is* a program (its ``code/`` folder is compiled
+and run), so it is loaded only when the caller says it trusts the file
+(``trust_torchscript=True``, ``--trust-torchscript`` on the command line).
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from .cards import ModelCard, Normalization
-from .errors import InputError
+from .errors import InputError, UserError
 from .interfaces import Segmentor
-from .registry import register_architecture, resolve_device
+from .registry import load_checkpoint, register_architecture, resolve_device
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".jit")
 CHECKPOINT_SUFFIXES = (".ckpt",)
@@ -134,6 +139,15 @@ def task_from_checkpoint(ckpt: dict[str, Any], name: str = "checkpoint") -> torc
     return task
 
 
+def _read_checkpoint(p: Path) -> dict[str, Any]:
+    """:func:`~idgbr_geo.registry.load_checkpoint` (``weights_only``: a crafted pickle is
+    refused, never run), its errors as InputError like the rest of this module's."""
+    try:
+        return load_checkpoint(p)
+    except UserError as exc:
+        raise InputError(str(exc)) from None
+
+
 def _in_channels(module: torch.nn.Module, default: int) -> int:
     """Input bands of a module, guessed from its first 4-D (convolution) weight."""
     for p in module.parameters():
@@ -142,15 +156,24 @@ def _in_channels(module: torch.nn.Module, default: int) -> int:
     return default
 
 
+def _untrusted_torchscript(p: Path) -> InputError:
+    return InputError(f"{p} is a TorchScript module, and loading TorchScript runs code stored "
+                      "in the file: it is loaded only when asked for explicitly "
+                      "($trust_torchscript), for files you trust", options=["trust_torchscript"])
+
+
 def load_coarse_model(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
                       bands: int | None = None, card_normalization: Normalization | None = None,
                       model_normalization: Normalization | None = None,
-                      pad_multiple: int = 32) -> Segmentor:
+                      pad_multiple: int = 32, trust_torchscript: bool = False) -> Segmentor:
     """A torchgeo ``.ckpt`` or a TorchScript module as a probability Segmentor.
 
     ``bands``: input bands (read from the checkpoint's ``in_channels`` when omitted; 3 for
     TorchScript). ``card_normalization`` / ``model_normalization``: the normalisation the
     engine applies and the one the model was trained with; inputs are converted between them.
+    ``trust_torchscript``: loading a TorchScript module runs the code stored in the file, so
+    it is refused (one InputError) unless this is True; ``.ckpt`` files are read with
+    ``weights_only=True`` and need no trust.
     """
     p = Path(path)
     if not p.is_file():
@@ -159,16 +182,17 @@ def load_coarse_model(path: str | os.PathLike[str], device: str | torch.device =
     transform = (renormalizer(card_normalization, model_normalization)
                  if card_normalization is not None and model_normalization is not None else None)
     if p.suffix.lower() in CHECKPOINT_SUFFIXES:
-        try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling errors come in many types
-            raise InputError(f"cannot read checkpoint {p}: {str(exc).splitlines()[0]}") from None
-        if not isinstance(ckpt, dict):
-            raise InputError(f"{p} is not a Lightning checkpoint")
+        ckpt = _read_checkpoint(p)
         task = task_from_checkpoint(ckpt, p.name)
         in_channels = int(ckpt["hyper_parameters"].get("in_channels", 3))
         return TorchSegmentor(task, dev, bands=bands or in_channels, pad_multiple=pad_multiple,
                               input_transform=transform, name=p.name)
+    if not trust_torchscript:
+        if _is_torchscript(p):
+            raise _untrusted_torchscript(p)
+        kinds = ", ".join(CHECKPOINT_SUFFIXES + TORCHSCRIPT_SUFFIXES)
+        raise InputError(f"{p} is neither a TorchScript module nor a torchgeo checkpoint "
+                         f"({kinds})")
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated upstream, still common
             warnings.simplefilter("ignore", FutureWarning)
@@ -210,9 +234,15 @@ class CoarseStage:
 
 def load_coarse(spec: str | os.PathLike[str], device: str | torch.device = "cpu", *,
                 card_normalization: Normalization | None = None,
-                model_normalization: Normalization | None = None) -> CoarseStage:
+                model_normalization: Normalization | None = None,
+                trust_torchscript: bool = False) -> CoarseStage:
     """``--coarse-model``: a torchgeo checkpoint, a TorchScript file, a ``train coarse``
-    checkpoint, or an idgbr-geo model (bundled name or card path)."""
+    checkpoint, or an idgbr-geo model (bundled name or card path).
+
+    Checkpoints are read with ``weights_only=True`` (a crafted pickle is one UserError, its
+    code never runs); a TorchScript file runs its own code, so it needs
+    ``trust_torchscript=True`` (see :func:`load_coarse_model`).
+    """
     from .registry import load_model, resolve_card
 
     p = Path(spec)
@@ -220,17 +250,19 @@ def load_coarse(spec: str | os.PathLike[str], device: str | torch.device = "cpu"
     if suffix in TORCHSCRIPT_SUFFIXES and p.is_file() and not _is_torchscript(p):
         from .training import segmentor_from_checkpoint
 
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as exc:  # unpickling errors come in many types
-            raise InputError(f"cannot read {p}: {str(exc).splitlines()[0]}") from None
-        if not isinstance(state, dict) or state.get("kind") != "coarse":
+        state = _read_checkpoint(p)
+        if state.get("kind") != "coarse":
             raise InputError(f"{p} is neither TorchScript nor a `train coarse` checkpoint")
-        return CoarseStage(segmentor_from_checkpoint(p, device), "idgbr-checkpoint", p,
-                           normalization=Normalization(**state["normalization"]))
+        seg = segmentor_from_checkpoint(p, device, state=state)
+        try:
+            norm = Normalization(**state["normalization"])
+        except (KeyError, TypeError) as exc:
+            raise InputError(f"{p}: bad coarse-model checkpoint (normalization: {exc})") from None
+        return CoarseStage(seg, "idgbr-checkpoint", p, normalization=norm)
     if suffix in CHECKPOINT_SUFFIXES + TORCHSCRIPT_SUFFIXES:
         seg = load_coarse_model(p, device, card_normalization=card_normalization,
-                                model_normalization=model_normalization)
+                                model_normalization=model_normalization,
+                                trust_torchscript=trust_torchscript)
         kind = "torchgeo" if suffix in CHECKPOINT_SUFFIXES else "torchscript"
         return CoarseStage(seg, kind, p)
     model = load_model(spec, device)
@@ -246,7 +278,7 @@ def segmentor_section(path: str | os.PathLike[str], *,
     """A model-card ``segmentor`` section + tensors that embed a torchgeo checkpoint, so the
     exported model runs the user's coarse stage without the original .ckpt file."""
     p = Path(path)
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    ckpt = _read_checkpoint(p)
     task = task_from_checkpoint(ckpt, p.name)
     hp = {k: v for k, v in ckpt["hyper_parameters"].items()
           if isinstance(v, (str, int, float, bool, type(None)))}

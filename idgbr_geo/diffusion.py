@@ -7,8 +7,9 @@ with eta = 0, so the only randomness is the start noise, drawn with
 :func:`idgbr_geo.noise.batch_noise` at the windows' raster positions: results are
 bit-for-bit reproducible for a seed and identical in window overlaps.
 
-Two starting points are supported: ``"noise"`` (pure noise at t = 1, as in the paper)
-and ``"coarse"`` (the coarse map noised to an intermediate ``t_start``, SDEdit-like).
+Sampling starts from pure noise at t = 1, as in the paper. Research variants of the
+sampler (starting from the noised coarse map, classifier-free guidance, hard x0, trajectory
+averaging) live in ``benchmarks/research/sampling.py``: no shipped model uses them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import RefinerTrainingConfig as _T
 from .noise import batch_noise
 
 #: resolution divisor of the latent label map (the denoiser runs at 1/4 resolution)
@@ -101,11 +103,13 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Te
 
 
 def training_loss(net, image: torch.Tensor, coarse: torch.Tensor, labels: torch.Tensor, *,
-                  ignore_index: int = 255, t_max: float = 1.0, p_uncond: float = 0.0,
-                  p_coarse_x0: float = 0.0, oneshot: bool = False,
-                  boundary_weight: float = 0.0, boundary_radius: int = 2
+                  ignore_index: int = 255, t_max: float = _T.t_max,
+                  p_uncond: float = _T.p_uncond, p_coarse_x0: float = _T.p_coarse_x0,
+                  oneshot: bool = False, boundary_weight: float = _T.boundary_weight,
+                  boundary_radius: int = _T.boundary_radius
                   ) -> tuple[torch.Tensor, dict[str, float]]:
     """Diffusion objective: x0-prediction with cross-entropy at 1/4 plus full-res decode.
+    (Defaults: :class:`~idgbr_geo.config.RefinerTrainingConfig`'s.)
 
     ``coarse`` (B, K, H, W) is the coarse map the guidance sees (from a coarse model or a
     degradation of the ground truth). ``oneshot`` trains the same networks as a plain
@@ -116,8 +120,8 @@ def training_loss(net, image: torch.Tensor, coarse: torch.Tensor, labels: torch.
     diffusion training only ever shows the denoiser x_t built from perfect labels, so at
     small t it learns to copy x_t; at sampling time x_t carries its own earlier, imperfect
     estimate and extra steps cannot fix it (exposure bias). Noised coarse maps teach it to
-    correct an imperfect x_t at every t, which is what the iterations need - and what the
-    ``start="coarse"`` sampler starts from.
+    correct an imperfect x_t at every t, which is what the iterations need (and what the
+    research sampler's ``start="coarse"`` starts from).
 
     ``boundary_weight`` > 0 weights the full-resolution cross-entropy of pixels within
     ``boundary_radius`` px of a true class boundary by ``1 + boundary_weight``: most
@@ -157,26 +161,20 @@ def training_loss(net, image: torch.Tensor, coarse: torch.Tensor, labels: torch.
     return loss, {"loss4": loss4.item(), "loss1": loss1.item()}
 
 
-def timesteps(steps: int, t_start: float = 1.0) -> list[float]:
-    """Evenly spaced times from t_start down to 0 (steps + 1 values)."""
-    return [t_start * (1 - i / steps) for i in range(steps + 1)]
+def timesteps(steps: int) -> list[float]:
+    """Evenly spaced times from 1 down to 0 (steps + 1 values)."""
+    return [1 - i / steps for i in range(steps + 1)]
 
 
 @torch.no_grad()
 def sample(net, image: torch.Tensor, coarse: torch.Tensor, *, steps: int, seed: int,
-           origins: Sequence[tuple[int, int]], start: str = "noise", t_start: float = 1.0,
-           guidance_scale: float = 1.0, oneshot: bool = False, x0: str = "soft",
-           average: bool = False) -> torch.Tensor:
+           origins: Sequence[tuple[int, int]], oneshot: bool = False) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) sampling -> full-resolution class logits (B, K, H, W).
 
     Guidance features are computed once; only the denoiser runs per step, and the
-    full-resolution decode runs once at the end. ``start="coarse"`` starts from the
-    coarse map noised to ``t_start``; ``start="noise"`` from pure noise at t = 1.
-    ``guidance_scale`` != 1 applies classifier-free guidance (two denoiser passes per
-    step; only meaningful for refiners trained with ``p_uncond`` > 0). ``x0="hard"`` feeds
-    the one-hot of each step's argmax back instead of the soft probabilities (training only
-    ever shows the denoiser near-one-hot x0). ``average`` decodes every step and returns
-    the log of the mean of their probabilities (an ensemble over the trajectory).
+    full-resolution decode runs once at the end. Each step feeds back the soft class
+    probabilities of its x0 estimate. ``oneshot`` runs a refiner trained as a one-pass
+    refiner (one denoiser pass from zeros at t = 1).
     """
     b, k, h, w = coarse.shape
     if h % LATENT_SCALE or w % LATENT_SCALE:
@@ -188,41 +186,18 @@ def sample(net, image: torch.Tensor, coarse: torch.Tensor, *, steps: int, seed: 
         logits4, hid = denoise(net, torch.zeros(b, k, h // LATENT_SCALE, w // LATENT_SCALE,
                                                 device=dev), t, g4, coarse)
         return decode(net, hid, logits4, g1, g2, coarse)
-    if x0 not in ("soft", "hard"):
-        raise ValueError(f"unknown x0 mode {x0!r} (use 'soft' or 'hard')")
     steps = max(1, int(steps))
-    noise = batch_noise(seed, origins, (k, h // LATENT_SCALE, w // LATENT_SCALE),
-                        stream=START_STREAM, scale=LATENT_SCALE, device=dev)
-    if start == "coarse":
-        t0 = float(t_start)
-        x = q_sample(to_latent(coarse), torch.full((b,), t0, device=dev), noise)
-    elif start == "noise":
-        t0 = 1.0
-        x = noise
-    else:
-        raise ValueError(f"unknown start {start!r} (use 'noise' or 'coarse')")
-    ts = timesteps(steps, t0)
+    x = batch_noise(seed, origins, (k, h // LATENT_SCALE, w // LATENT_SCALE),
+                    stream=START_STREAM, scale=LATENT_SCALE, device=dev)
+    ts = timesteps(steps)
     logits4 = hid = None
-    mean_probs = None
     for i in range(steps):
         t = torch.full((b,), ts[i], device=dev)
         logits4, hid = denoise(net, x, t, g4, coarse)
-        if guidance_scale != 1.0:
-            un4, unh = denoise(net, x, t, torch.zeros_like(g4), coarse)
-            logits4 = un4 + guidance_scale * (logits4 - un4)
-            hid = unh + guidance_scale * (hid - unh)
-        if x0 == "hard":
-            x0_hat = 2.0 * F.one_hot(logits4.max(1).indices, k).permute(0, 3, 1, 2).float() - 1.0
-        else:
-            x0_hat = 2.0 * torch.softmax(logits4, 1) - 1.0
-        if average:
-            p = torch.softmax(decode(net, hid, logits4, g1, g2, coarse), 1) / steps
-            mean_probs = p if mean_probs is None else mean_probs + p
+        x0_hat = 2.0 * torch.softmax(logits4, 1) - 1.0
         ab_t = alpha_bar(t)[:, None, None, None]
         eps = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
         if i + 1 < steps:
             ab_n = alpha_bar(torch.full((b,), ts[i + 1], device=dev))[:, None, None, None]
             x = ab_n.sqrt() * x0_hat + (1 - ab_n).sqrt() * eps
-    if mean_probs is not None:
-        return torch.log(mean_probs.clamp_min(1e-8))
     return decode(net, hid, logits4, g1, g2, coarse)

@@ -31,9 +31,11 @@ from rasterio.errors import RasterioError
 from tqdm import tqdm
 
 from .cards import ModelCard
-from .errors import InputError, UserError
-from .files import atomic_output, check_output, temporary_path
+from .errors import InputError
+from .files import atomic_output, check_distinct, check_output, temporary_path
 from .interfaces import Model
+from .options import OutputOptions, RunOptions, raise_problems
+from .predict import predict_windows
 from .registry import load_model
 from .stitching import RowStitcher, window_weights
 from .tiling import (
@@ -125,8 +127,11 @@ def _coarse_probs(ds: Any, tile: Tile, src: Source, k: int) -> tuple[np.ndarray,
 
 def _background_priority() -> None:
     """Give the calling (reader/writer) thread a lower scheduling priority than the model's
-    threads. On a machine whose cores the network already fills, reading and writing then
-    run in the network's idle moments instead of stalling its parallel sections."""
+    threads, once :func:`tune_process` asked for it. On a machine whose cores the network
+    already fills, reading and writing then run in the network's idle moments instead of
+    stalling its parallel sections."""
+    if not _TUNED["priority"]:
+        return
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
@@ -134,22 +139,25 @@ def _background_priority() -> None:
 def _reader(src: Source, tiles: Sequence[Tile], coarse_ds: Any, card: ModelCard,
             out: queue.Queue, stop: threading.Event) -> None:
     """Background reader: windows in order onto ``out``, normalised for the network (off
-    the model's thread), then _DONE (or the exception)."""
+    the model's thread), then _DONE (or the exception). In its own rasterio Env, so that
+    GDAL's messages about the file (``Warning 1: ...``) go to Python logging, where the
+    CLI shows them as one ``Warning:`` line (or not at all with --quiet)."""
     _background_priority()
     try:
         torch.set_num_threads(1)  # torch ops here (resampling) stay serial
-        for tile in tiles:
-            if stop.is_set():
-                break  # _DONE below wakes a model worker waiting for windows
-            data, mask = read_tile(src, tile)
-            coarse = None
-            if coarse_ds is not None:
-                coarse, cvalid = _coarse_probs(coarse_ds, tile, src, card.num_classes)
-                mask = mask & cvalid
-            item = _Item(tile, card.normalization.apply(data, src.dtype), mask, coarse)
-            if not item.full:
-                item.data[:, ~mask] = 0.0
-            out.put(item)
+        with rasterio.Env():
+            for tile in tiles:
+                if stop.is_set():
+                    break  # _DONE below wakes a model worker waiting for windows
+                data, mask = read_tile(src, tile)
+                coarse = None
+                if coarse_ds is not None:
+                    coarse, cvalid = _coarse_probs(coarse_ds, tile, src, card.num_classes)
+                    mask = mask & cvalid
+                item = _Item(tile, card.normalization.apply(data, src.dtype), mask, coarse)
+                if not item.full:
+                    item.data[:, ~mask] = 0.0
+                out.put(item)
         out.put(_DONE)
     except BaseException as exc:  # forwarded to the consumer
         out.put(exc)
@@ -170,15 +178,6 @@ def _batches(q: queue.Queue, batch_size: int) -> Iterator[list[_Item]]:
         batch.append(item)
     if batch:
         yield batch
-
-
-def _has_boundary(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per window: does the coarse map hold more than one class over valid pixels?"""
-    ids = probs.max(1).indices  # (torch.argmax over dim 1 is ~40x slower on CPU)
-    big = torch.iinfo(ids.dtype).max
-    lo = torch.where(valid, ids, big).flatten(1).amin(1)
-    hi = torch.where(valid, ids, -1).flatten(1).amax(1)
-    return hi > lo
 
 
 class _Writer(threading.Thread):
@@ -258,7 +257,8 @@ def default_batch_size(device: torch.device) -> int:
     return 8 if device.type == "cuda" else 1
 
 
-_ALLOCATOR_TUNED = False
+#: what :func:`tune_process` and :func:`tune_allocator` changed in this process
+_TUNED = {"allocator": False, "priority": False}
 #: glibc mallopt parameters and the values the engine sets (bytes)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MALLOC_MMAP_THRESHOLD = 32 * 2**20
@@ -274,13 +274,13 @@ def tune_allocator() -> bool:
     measured 390k page faults (~0.6 CPU-s, 7 % of the run) in a process's first 67 MP scene,
     10k once adapted. Fixing the thresholds (mmap 32 MB, trim 256 MB) gives every run the
     adapted behaviour. Skipped when the user set glibc's own ``MALLOC_*``/``GLIBC_TUNABLES``
-    environment, or ``IDGBR_NO_MALLOPT``."""
-    global _ALLOCATOR_TUNED
+    environment, or ``IDGBR_NO_MALLOPT``. Process-wide: called by :func:`tune_process`,
+    never by :func:`refine_raster` itself."""
     if (not sys.platform.startswith("linux") or "IDGBR_NO_MALLOPT" in os.environ
             or "GLIBC_TUNABLES" in os.environ
             or any(k.startswith("MALLOC_") for k in os.environ)):
         return False
-    if _ALLOCATOR_TUNED:
+    if _TUNED["allocator"]:
         return True
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -288,8 +288,17 @@ def tune_allocator() -> bool:
               and libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1)
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         return False
-    _ALLOCATOR_TUNED = ok
+    _TUNED["allocator"] = ok
     return ok
+
+
+def tune_process() -> None:
+    """Tune this whole process for long runs, as the CLI does before ``refine`` and
+    ``batch``: glibc's allocator thresholds (:func:`tune_allocator`) and a lower scheduling
+    priority for the engine's reader and writer threads (:func:`_background_priority`).
+    Both change process-wide state, so a library call does neither unless asked."""
+    tune_allocator()
+    _TUNED["priority"] = True
 
 
 def default_workers(device: torch.device) -> int:
@@ -302,79 +311,107 @@ def default_workers(device: torch.device) -> int:
     return 2
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """The card's values for the options left at None."""
+
+    tile_size: int
+    overlap: int
+    steps: int
+
+
+def plan_run(card: ModelCard, options: RunOptions, *, coarse: bool, segmentor: bool
+             ) -> RunPlan:
+    """Fill ``options`` left at None from the card and check them against it: what would
+    fail every scene alike (a window not larger than twice the overlap, sizes off the
+    model's stride, no segmentor and no coarse map) is one :class:`UserError` before any
+    file is opened (:func:`idgbr_geo.batch.run_batch` checks it once for all scenes)."""
+    tile = card.tile_size if options.tile_size is None else options.tile_size
+    overlap = card.overlap if options.overlap is None else options.overlap
+    steps = card.sampling.steps if options.steps is None else options.steps
+    found: list[tuple[tuple[str, ...], str]] = []
+    if tile <= 2 * overlap:
+        found.append((("tile_size", "overlap"), f"$tile_size ({tile}) must be larger than "
+                                                f"twice the overlap ({overlap})"))
+    elif tile % card.stride_multiple or overlap % card.stride_multiple:
+        found.append((("tile_size", "overlap"),
+                      f"$tile_size ({tile}) and $overlap ({overlap}) must be multiples of "
+                      f"{card.stride_multiple} for model {card.name!r}"))
+    if not coarse and not segmentor:
+        found.append((("coarse",), f"model {card.name!r} has no segmentor: give a coarse "
+                                   "map ($coarse)"))
+    raise_problems(found)
+    return RunPlan(tile, overlap, steps)
+
+
 def refine_raster(
     input: str | os.PathLike[str],
     output: str | os.PathLike[str],
     *,
     model: str | os.PathLike[str] | Model = "buildings",
     coarse: str | os.PathLike[str] | None = None,
-    coarse_only: bool = False,
-    bands: Sequence[int] | None = None,
-    tile_size: int | None = None,
-    overlap: int | None = None,
-    steps: int | None = None,
-    batch_size: int | None = None,
-    model_workers: int | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    gsd: float | None = None,
     probabilities: str | os.PathLike[str] | None = None,
-    probabilities_dtype: str = "uint8",
-    confidence: bool = False,
-    cog: bool = False,
     vector: str | os.PathLike[str] | None = None,
-    vector_options: dict[str, Any] | None = None,
+    options: RunOptions | None = None,
+    outputs: OutputOptions | None = None,
     overwrite: bool = False,
     quiet: bool = False,
 ) -> RefineSummary:
     """Refine a scene: coarse segmentation (or a user's coarse map), diffusion refinement of
     windows that hold a boundary, seamless stitching, georeferenced class raster output.
 
-    ``vector`` also writes the refined map as polygons to a GeoPackage
-    (:func:`idgbr_geo.vectorize.vectorize_raster` with ``vector_options``), before the
-    raster outputs are renamed into place: a failed vectorization leaves no output at all.
-    ``probabilities_dtype="float32"`` writes unquantised probabilities (Python API only).
-    ``model_workers`` networks run side by side on torch's threads (default
-    :func:`default_workers`); the output does not depend on how many.
+    ``model``: a bundled name, a card path or a loaded :class:`~idgbr_geo.interfaces.Model`.
+    ``coarse``: refine this class raster (any model's) instead of running the segmentor.
+    ``probabilities``: also write per-class probabilities to this GeoTIFF. ``vector``: also
+    write the refined map as polygons to this GeoPackage
+    (:func:`idgbr_geo.vectorize.vectorize_raster`), before the raster outputs are renamed
+    into place: a failed vectorization leaves no output at all. ``options``
+    (:class:`~idgbr_geo.options.RunOptions`) say how the scene is run, ``outputs``
+    (:class:`~idgbr_geo.options.OutputOptions`) what is written and how; None: defaults.
+
+    A call changes no process-wide state: for long runs the CLI also calls
+    :func:`tune_process` first.
     """
     start = time.perf_counter()
-    tune_allocator()
+    options = RunOptions() if options is None else options
+    outputs = OutputOptions() if outputs is None else outputs
+    if not isinstance(options, RunOptions) or not isinstance(outputs, OutputOptions):
+        raise TypeError("options must be RunOptions and outputs OutputOptions")
+    # an output that is an input (or another output) is refused even with overwrite
+    check_distinct({"input": input, "$coarse map": coarse},
+                   {"output": output, "$probabilities file": probabilities,
+                    "$vector file": vector})
     out_path = check_output(output, overwrite)
     prob_path = check_output(probabilities, overwrite) if probabilities else None
-    if prob_path is not None and prob_path.resolve() == out_path.resolve():
-        raise UserError("--probabilities must name a different file than the output")
     if vector is not None:
         from .vectorize import check_gpkg_output
 
         check_gpkg_output(vector, overwrite)
-    m = model if isinstance(model, Model) else load_model(model, device)
+    m = model if isinstance(model, Model) else load_model(model, options.device)
     card = m.card
-    tile_size = tile_size or card.tile_size
-    overlap = card.overlap if overlap is None else overlap
-    steps = card.steps if steps is None else steps
-    if batch_size is None:
-        batch_size = default_batch_size(m.device)
-    if batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    workers = default_workers(m.device) if model_workers is None else model_workers
-    if workers < 1:
-        raise UserError("--model-workers must be at least 1")
-    if coarse is None and m.segmentor is None:
-        raise UserError(f"model {card.name!r} has no segmentor: give a coarse map with --coarse")
-    use_refiner = not coarse_only and m.refiner is not None and steps > 0
+    plan = plan_run(card, options, coarse=coarse is not None,
+                    segmentor=m.segmentor is not None)
+    steps, seed, cog = plan.steps, options.seed, outputs.cog
+    batch_size = (default_batch_size(m.device) if options.batch_size is None
+                  else options.batch_size)
+    workers = (default_workers(m.device) if options.model_workers is None
+               else options.model_workers)
+    use_refiner = not options.coarse_only and m.refiner is not None and steps > 0
     with contextlib.ExitStack() as stack:
         # each block is read and written once: GDAL's default cache (5% of RAM) would only
-        # keep the decompressed scene around and make memory grow with the scene
-        if "GDAL_CACHEMAX" not in os.environ:
-            stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20))  # bytes
-        src = open_source(input, model_bands=card.bands, bands=bands, model_gsd=card.gsd,
-                          gsd=gsd)
+        # keep the decompressed scene around and make memory grow with the scene; in an
+        # Env, GDAL's messages go to Python logging instead of straight to stderr
+        cache = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB * 2**20}
+        stack.enter_context(rasterio.Env(**cache))  # (bytes)
+        src = open_source(input, model_bands=card.bands, bands=options.bands,
+                          model_gsd=card.gsd, gsd=options.gsd,
+                          normalization=card.normalization)
         stack.callback(src.ds.close)
         coarse_ds = None
         if coarse is not None:
             coarse_ds = open_coarse(coarse, src.ds)
             stack.callback(coarse_ds.close)
-        tiles = plan_tiles(src.width, src.height, tile_size=tile_size, overlap=overlap,
+        tiles = plan_tiles(src.width, src.height, tile_size=plan.tile_size, overlap=plan.overlap,
                            factor=src.factor, multiple=card.stride_multiple)
         summary = RefineSummary(output=str(out_path), windows=len(tiles),
                                 megapixels=src.width * src.height / 1e6,
@@ -386,8 +423,8 @@ def refine_raster(
         try:
             _run(src, m, tiles, coarse_ds, summary, write_main, write_prob,
                  use_refiner=use_refiner, steps=steps, seed=seed, batch_size=batch_size,
-                 workers=workers, overlap=overlap, confidence=confidence, quiet=quiet,
-                 prob_dtype=probabilities_dtype,
+                 workers=workers, overlap=plan.overlap, confidence=outputs.confidence,
+                 quiet=quiet, prob_dtype=outputs.probabilities_dtype,
                  tags={"IDGBR_MODEL": card.name, "IDGBR_STEPS": steps if use_refiner else 0,
                        "IDGBR_SEED": seed})
             if cog:
@@ -399,7 +436,7 @@ def refine_raster(
 
                 vectorize_raster(main_tmp, vector, probabilities=prob_tmp, overwrite=overwrite,
                                  scene=Path(input).stem, progress=not quiet,
-                                 **(vector_options or {}))
+                                 **outputs.vectors.kwargs())
         finally:
             if cog:
                 for p in (write_main, write_prob):
@@ -506,10 +543,10 @@ def _helper_pool(n: int) -> ThreadPoolExecutor:
 def _process(batch: list[_Item], m: Model, src: Source, *, use_refiner: bool, steps: int,
              seed: int) -> tuple[list[tuple[Tile, np.ndarray | None, np.ndarray | None]], int,
                                  int]:
-    """Run one batch of same-shape windows through the models. Returns per window (tile,
-    probabilities on the input grid or None when skipped, validity), and the numbers of
-    windows skipped and refined."""
-    card, dev = m.card, m.device
+    """Run one batch of same-shape windows through the models (:func:`predict_windows`).
+    Returns per window (tile, probabilities on the input grid or None when skipped,
+    validity), and the numbers of windows skipped and refined."""
+    card = m.card
     live = [it for it in batch if it.any]
     skipped, refined_n = len(batch) - len(live), 0
     results: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
@@ -524,32 +561,25 @@ def _process(batch: list[_Item], m: Model, src: Source, *, use_refiner: bool, st
                 img[i, :, :mh, :mw] = it.data
                 img[i, :, mh:] = 0.0  # past the raster's edge (or a rounding pixel)
                 img[i, :, :mh, mw:] = 0.0
-        image = torch.from_numpy(img).to(dev)
+        coarse = None
         if live[0].coarse is not None:
             cp = np.zeros((len(live), card.num_classes, th, tw), np.float32)
             for i, it in enumerate(live):
                 cp[i, :, : it.mask.shape[0], : it.mask.shape[1]] = it.coarse
-            probs = torch.from_numpy(cp).to(dev)
-        else:
-            probs = m.segmentor.predict(image).float()
+            coarse = torch.from_numpy(cp)
+        valid = inside = None
         if use_refiner:
-            valid = np.zeros((len(live), th, tw), bool)
-            inside = np.zeros((len(live), 1, th, tw), np.float32)  # 0 where a window overhangs
+            va = np.zeros((len(live), th, tw), bool)
+            ins = np.zeros((len(live), 1, th, tw), np.float32)  # 0 where a window overhangs
             for i, it in enumerate(live):
                 mh, mw = it.mask.shape
-                valid[i, :mh, :mw] = it.mask
-                inside[i, :, :mh, :mw] = 1.0
-            need = _has_boundary(probs, torch.from_numpy(valid).to(dev))
-            idx = need.nonzero().flatten().tolist()
-            if idx:
-                sel = torch.tensor(idx, device=dev)
-                # outside the raster the refiner sees zeros, as for the image
-                guide = probs[sel] * torch.from_numpy(inside).to(dev)[sel]
-                refined = m.refiner.refine(image[sel], guide, steps=steps, seed=seed,
-                                           origins=[live[i].tile.origin for i in idx]).float()
-                probs = probs.clone()
-                probs[sel] = refined
-                refined_n = len(idx)
+                va[i, :mh, :mw] = it.mask
+                ins[i, :, :mh, :mw] = 1.0
+            valid, inside = torch.from_numpy(va), torch.from_numpy(ins)
+        probs, refined_n = predict_windows(
+            m, torch.from_numpy(img), coarse=coarse, valid=valid, inside=inside,
+            origins=[it.tile.origin for it in live], steps=steps, seed=seed,
+            refine=use_refiner)
         for i, it in enumerate(live):  # the part inside the raster, on the input grid
             mh, mw = it.mask.shape
             win = clip(it.tile.window, src.width, src.height)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,17 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .files import read_errors
 from .metrics import (
     BF_TOLERANCES,
     BOUNDARY_IOU_WIDTH,
     DEFAULT_K,
     MetricAccumulator,
     default_class_names,
-    evaluate_readers,
+    evaluate_arrays,
     iter_windows,
 )
+from .rasters import check_same_grid, first_line, open_raster
 
 #: suffixes read as vector truth (anything else is opened as a raster)
 VECTOR_SUFFIXES = {".gpkg", ".geojson", ".json", ".shp", ".fgb", ".geojsonl", ".geojsons"}
@@ -37,21 +38,10 @@ RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2", ".png"}
 DEFAULT_CLASS_FIELD = "class"
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def open_class_raster(path: str | os.PathLike[str], what: str) -> Any:
     """Open a single-band-or-more class raster, or raise one clear :class:`InputError`."""
-    from rasterio.errors import NotGeoreferencedWarning
-
-    from .tiling import open_raster
-
     p = Path(path)
-    with warnings.catch_warnings():  # plain PNG masks are fine when both sides are
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        ds = open_raster(p, what)
+    ds = open_raster(p, what)  # (plain PNG masks are fine when both sides are)
     if np.dtype(ds.dtypes[0]).kind == "f" and what != "TRUTH":
         ds.close()
         raise InputError(f"{what} {p} has float pixels; expected class ids (integers)")
@@ -60,20 +50,6 @@ def open_class_raster(path: str | os.PathLike[str], what: str) -> Any:
 
 def is_vector(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in VECTOR_SUFFIXES
-
-
-def check_same_grid(ref: Any, other: Any, what: str) -> None:
-    """Raise unless ``other`` lies on ``ref``'s pixel grid (size, transform, CRS)."""
-    if (ref.height, ref.width) != (other.height, other.width):
-        raise InputError(f"PRED and {what} are on different grids: {ref.width}x{ref.height} "
-                         f"vs {other.width}x{other.height} pixels")
-    tolerance = 1e-3 * max(abs(ref.transform.a), abs(ref.transform.e), 1e-12)  # 1/1000 px
-    if not ref.transform.almost_equals(other.transform, precision=tolerance):
-        raise InputError(f"PRED and {what} are on different grids: their geotransforms "
-                         f"differ ({tuple(ref.transform)[:6]} vs {tuple(other.transform)[:6]})")
-    if ref.crs and other.crs and ref.crs != other.crs:
-        raise InputError(f"PRED and {what} are on different grids: CRS {ref.crs} vs "
-                         f"{other.crs}")
 
 
 def raster_class_names(ds: Any) -> list[str] | None:
@@ -90,14 +66,16 @@ def raster_class_names(ds: Any) -> list[str] | None:
     return None
 
 
-def _raster_reader(ds: Any, nodata_to: int) -> Any:
-    """Window reader of band 1 with the dataset's own nodata value mapped to ``nodata_to``."""
+def _raster_reader(ds: Any, nodata_to: int, what: str = "raster") -> Any:
+    """Window reader of band 1 with the dataset's own nodata value mapped to ``nodata_to``;
+    a read failure (truncated or corrupt file) is an :class:`InputError` naming ``what``."""
     from rasterio.windows import Window
 
     nodata = ds.nodata
 
     def read(r0: int, c0: int, h: int, w: int) -> np.ndarray:
-        a = ds.read(1, window=Window(c0, r0, w, h))
+        with read_errors(ds.name, what):
+            a = ds.read(1, window=Window(c0, r0, w, h))
         if a.dtype.kind == "f":
             bad = ~np.isfinite(a) | (a == nodata if nodata is not None else False)
             a = np.where(bad, nodata_to, a)
@@ -140,7 +118,7 @@ class VectorTruth:
         try:
             gdf = gpd.read_file(p)
         except Exception as exc:  # pyogrio raises several types for unreadable files
-            raise InputError(f"TRUTH {p} is not a readable vector file ({_short(exc)})") \
+            raise InputError(f"TRUTH {p} is not a readable vector file ({first_line(exc)})") \
                 from None
         gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
         if len(gdf) and gdf.crs is not None and ref.crs is not None:
@@ -154,7 +132,8 @@ class VectorTruth:
         else:
             fields = ", ".join(c for c in gdf.columns if c != "geometry") or "none"
             raise InputError(f"TRUTH {p} has no attribute {class_field!r} (attributes: "
-                             f"{fields}); name the class attribute with --class-field")
+                             f"{fields}); name the class attribute with $class_field",
+                             options=["class_field"])
         self.geoms = np.asarray(gdf.geometry.values)
         self.values = np.asarray(values, np.int64)
         self.tree = gdf.sindex if len(gdf) else None
@@ -193,6 +172,44 @@ class VectorTruth:
                          fill=0, dtype="uint8")
 
 
+# --------------------------------------------------------------------------- streaming
+
+ReadWindow = Callable[[int, int, int, int], np.ndarray]
+
+
+def evaluate_readers(
+    read_pred: ReadWindow,
+    read_truth: ReadWindow,
+    shape: tuple[int, int],
+    classes: Sequence[str],
+    *,
+    read_coarse: ReadWindow | None = None,
+    window: int = 1024,
+    ignore_index: int = 255,
+    ignore_classes: Sequence[str] = (),
+    k: float = DEFAULT_K,
+    accumulator: MetricAccumulator | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Stream any window readers ``read(row0, col0, rows, cols) -> 2-D array``.
+
+    Pass ``accumulator`` to pool several scenes into one (folder mode); the result returned
+    is then the pooled one so far.
+    """
+    acc = accumulator or MetricAccumulator(
+        classes, ignore_index=ignore_index, ignore_classes=ignore_classes,
+        with_coarse=read_coarse is not None)
+    wins = list(iter_windows(shape[0], shape[1], window))
+    if progress:
+        from tqdm import tqdm
+
+        wins = tqdm(wins, desc="evaluate", unit="window", leave=False, disable=None)
+    for (r0, c0, h, w), core in wins:
+        acc.update(read_pred(r0, c0, h, w), read_truth(r0, c0, h, w),
+                   None if read_coarse is None else read_coarse(r0, c0, h, w), core)
+    return acc.result(k)
+
+
 def scene_classes(pred_ds: Any, classes: Sequence[str] | None, reads: Sequence[Any],
                   ignore_index: int, fallback: Sequence[str] | None = None) -> list[str]:
     """Class names: given, else PRED's tag, else ``fallback``, else sized by the largest id."""
@@ -228,17 +245,17 @@ def score_scene(
     """
     with ExitStack() as stack:
         pred_ds = stack.enter_context(open_class_raster(pred, "PRED"))
-        read_pred = _raster_reader(pred_ds, 255)
+        read_pred = _raster_reader(pred_ds, 255, "PRED")
         read_coarse = None
         if coarse is not None:
             coarse_ds = stack.enter_context(open_class_raster(coarse, "COARSE"))
             check_same_grid(pred_ds, coarse_ds, "COARSE")
-            read_coarse = _raster_reader(coarse_ds, 255)
+            read_coarse = _raster_reader(coarse_ds, 255, "COARSE")
         truth_ds = None
         if not is_vector(truth):
             truth_ds = stack.enter_context(open_class_raster(truth, "TRUTH"))
             check_same_grid(pred_ds, truth_ds, "TRUTH")
-            read_truth: Any = _raster_reader(truth_ds, ignore_index)
+            read_truth: Any = _raster_reader(truth_ds, ignore_index, "TRUTH")
         reads = [read_pred] + ([read_truth] if truth_ds is not None else [])
         reads += [read_coarse] if read_coarse is not None else []
         names = scene_classes(pred_ds, classes, reads, ignore_index, fallback_classes)
@@ -269,6 +286,31 @@ def evaluate_scene(
     return score_scene(pred, truth, coarse=coarse, classes=classes, window=window,
                        ignore_index=ignore_index, ignore_classes=ignore_classes,
                        class_field=class_field, progress=progress).result(k)
+
+
+def evaluate_rasters(
+    pred: str | os.PathLike[str],
+    truth: str | os.PathLike[str],
+    *,
+    coarse: str | os.PathLike[str] | None = None,
+    classes: Sequence[str] | None = None,
+    window: int = 1024,
+    ignore_index: int = 255,
+    ignore_classes: Sequence[str] = (),
+    k: float = DEFAULT_K,
+    class_field: str = DEFAULT_CLASS_FIELD,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score class rasters on one grid, streaming in haloed windows (band 1 of each).
+
+    Class names come from ``classes``, else PRED's ``IDGBR_CLASSES`` tag, else
+    ``background, class_1, ...`` sized by the largest id found. TRUTH may also be a vector
+    file (rasterized onto PRED's grid window by window). The result is the one
+    :func:`~idgbr_geo.metrics.evaluate_arrays` gives for the whole arrays.
+    """
+    return evaluate_scene(pred, truth, coarse=coarse, classes=classes, window=window,
+                          ignore_index=ignore_index, ignore_classes=ignore_classes, k=k,
+                          class_field=class_field, progress=progress)
 
 
 def _scenes(folder: Path, suffixes: set[str], what: str) -> dict[str, Path]:
@@ -440,7 +482,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 __all__ = [
-    "VectorTruth", "check_same_grid", "evaluate_folders", "evaluate_paths",
-    "evaluate_scene", "format_report", "format_table", "match_folders", "open_class_raster",
-    "raster_class_names", "score_scene", "to_json",
+    "VectorTruth", "check_same_grid", "evaluate_arrays", "evaluate_folders", "evaluate_paths",
+    "evaluate_rasters", "evaluate_readers", "evaluate_scene", "format_report", "format_table",
+    "match_folders", "open_class_raster", "raster_class_names", "score_scene", "to_json",
 ]

@@ -4,6 +4,8 @@ Every metric here is a ratio of pixel counts, so a scene is scored by accumulati
 window by window (:class:`MetricAccumulator`) and dividing once at the end. Boundary maps
 need neighbours, so each window is read with a halo of :data:`HALO` pixels and only its core
 is counted: the result is identical to scoring the whole array at once (see the tests).
+This module works on arrays only; :mod:`idgbr_geo.evaluate` streams rasters and vector truth
+through it (:func:`~idgbr_geo.evaluate.evaluate_rasters`).
 
 Definitions (``c`` is a class, ``V`` the valid pixels: TRUTH != ignore_index):
 
@@ -52,9 +54,8 @@ counts as "no class": a miss for the true class, a false positive for none.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -476,64 +477,3 @@ def evaluate_arrays(
         acc.update(pred[sl], truth[sl], None if coarse is None else np.asarray(coarse)[sl],
                    core)
     return acc.result(k)
-
-
-ReadWindow = Callable[[int, int, int, int], np.ndarray]
-
-
-def evaluate_readers(
-    read_pred: ReadWindow,
-    read_truth: ReadWindow,
-    shape: tuple[int, int],
-    classes: Sequence[str],
-    *,
-    read_coarse: ReadWindow | None = None,
-    window: int = 1024,
-    ignore_index: int = 255,
-    ignore_classes: Sequence[str] = (),
-    k: float = DEFAULT_K,
-    accumulator: MetricAccumulator | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Stream any window readers ``read(row0, col0, rows, cols) -> 2-D array``.
-
-    Pass ``accumulator`` to pool several scenes into one (folder mode); the result returned
-    is then the pooled one so far.
-    """
-    acc = accumulator or MetricAccumulator(
-        classes, ignore_index=ignore_index, ignore_classes=ignore_classes,
-        with_coarse=read_coarse is not None)
-    wins = list(iter_windows(shape[0], shape[1], window))
-    if progress:
-        from tqdm import tqdm
-
-        wins = tqdm(wins, desc="evaluate", unit="window", leave=False, disable=None)
-    for (r0, c0, h, w), core in wins:
-        acc.update(read_pred(r0, c0, h, w), read_truth(r0, c0, h, w),
-                   None if read_coarse is None else read_coarse(r0, c0, h, w), core)
-    return acc.result(k)
-
-
-def evaluate_rasters(
-    pred: str | Path,
-    truth: str | Path,
-    *,
-    coarse: str | Path | None = None,
-    classes: Sequence[str] | None = None,
-    window: int = 1024,
-    ignore_index: int = 255,
-    ignore_classes: Sequence[str] = (),
-    k: float = DEFAULT_K,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Score class rasters on one grid, streaming in haloed windows (band 1 of each).
-
-    Class names come from ``classes``, else PRED's ``IDGBR_CLASSES`` tag, else
-    ``background, class_1, ...`` sized by the largest id found. TRUTH may also be a vector
-    file; see :func:`idgbr_geo.evaluate.evaluate_scene` for that and for folders.
-    """
-    from .evaluate import evaluate_scene
-
-    return evaluate_scene(pred, truth, coarse=coarse, classes=classes, window=window,
-                          ignore_index=ignore_index, ignore_classes=ignore_classes, k=k,
-                          progress=progress)

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import CoarseConfig, RefinerConfig
 from .registry import register_architecture
 
 
@@ -76,7 +76,8 @@ class CoarseNet(nn.Module):
     """Compact FPN segmentor: encoder to 1/16, decoder back to ``output_stride``."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2,
-                 widths: Sequence[int] = (16, 32, 48, 64), output_stride: int = 4) -> None:
+                 widths: Sequence[int] = CoarseConfig.widths,
+                 output_stride: int = CoarseConfig.output_stride) -> None:
         super().__init__()
         w0, w1, w2, w3 = widths
         self.output_stride = output_stride
@@ -207,9 +208,12 @@ class Decoder(nn.Module):
 class RefinerNet(nn.Module):
     """Guidance network + denoiser + decoder. ``use_coarse=False`` is the 'no rough' case."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 2, use_coarse: bool = True,
-                 c1: int = 8, c2: int = 16, c4: int = 32, c8: int = 48, ch: int = 32,
-                 blocks: int = 2, residual: bool = False) -> None:
+    def __init__(self, in_channels: int = 3, num_classes: int = 2,
+                 use_coarse: bool = RefinerConfig.use_coarse, c1: int = RefinerConfig.c1,
+                 c2: int = RefinerConfig.c2, c4: int = RefinerConfig.c4,
+                 c8: int = RefinerConfig.c8, ch: int = RefinerConfig.ch,
+                 blocks: int = RefinerConfig.blocks,
+                 residual: bool = RefinerConfig.residual) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.use_coarse = use_coarse
@@ -230,19 +234,6 @@ class RefinerNet(nn.Module):
 
 
 # ------------------------------------------------------------------ interface wrappers
-
-
-def boundary_band(probs: torch.Tensor, radius: int) -> torch.Tensor:
-    """Soft mask (B, 1, H, W): 1 within ``radius`` px of a class boundary of the coarse map,
-    fading to 0 over another ``radius`` px. The refiner's output is used inside the band and
-    the coarse map outside, so the refiner fixes *where* and leaves far-from-boundary
-    decisions (the *what*) to the segmentor - it cannot invent or delete objects far from
-    any coarse boundary."""
-    k = probs.shape[1]
-    hard = F.one_hot(probs.max(1).indices, k).permute(0, 3, 1, 2).float()
-    edge = (F.max_pool2d(hard, 3, 1, 1) - (-F.max_pool2d(-hard, 3, 1, 1))).amax(1, keepdim=True)
-    near = F.max_pool2d(edge, 2 * radius + 1, 1, radius)
-    return F.avg_pool2d(near, 2 * radius + 1, 1, radius, count_include_pad=False)
 
 
 def fuse_batchnorm(net: nn.Module) -> nn.Module:
@@ -288,101 +279,48 @@ class CoarseSegmentor:
 
 
 class DiffusionRefiner:
-    """Refiner interface around :class:`RefinerNet` and the DDIM sampler."""
+    """Refiner interface around :class:`RefinerNet` and the DDIM sampler.
 
-    def __init__(self, net: RefinerNet, config: dict[str, Any],
+    Only what the shipped models use: the sampler's research options live in
+    ``benchmarks/research``, and the gate is applied by :func:`idgbr_geo.predict.predict_windows`
+    (it works for any refiner)."""
+
+    def __init__(self, net: RefinerNet, config: RefinerConfig | None = None,
                  device: torch.device | str = "cpu") -> None:
         self.net = fuse_batchnorm(net.to(device)).to(memory_format=torch.channels_last)
         self.device = torch.device(device)
         self.num_classes = net.num_classes
-        self.config = dict(config)
+        self.config = config or RefinerConfig()
 
     @torch.no_grad()
     def refine(self, image: torch.Tensor, coarse: torch.Tensor, *, steps: int, seed: int,
-               origins: Sequence[tuple[int, int]], start: str | None = None,
-               t_start: float | None = None, guidance_scale: float | None = None,
-               x0: str | None = None, band: int | None = None,
-               average: bool | None = None, gate: float | Sequence[float] | None = None
-               ) -> torch.Tensor:
-        """Refined probabilities (B, K, H, W). ``band`` > 0 limits changes to that many px
-        around the coarse map's boundaries; ``gate`` > 0 keeps the coarse class of a pixel
-        unless the refiner gives its own (different) class at least that probability, so
-        only confident corrections overturn the coarse map; a list gives one such threshold
-        per class the refiner would turn the pixel into (options default to the card's
-        ``refiner.config``)."""
+               origins: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Refined probabilities (B, K, H, W), contiguous (the layout the gate and the
+        stitching run fastest in)."""
         from .diffusion import sample
 
-        cfg = self.config
         # image and coarse map go in as they are (contiguous): the guidance network
         # concatenates them and its first convolution takes the result to channels-last
         # once (0.45 vs 1.0 ms for converting both and concatenating in channels-last)
-        logits = sample(
-            self.net, image.to(self.device).float(), coarse.to(self.device).float(),
-            steps=steps, seed=seed, origins=origins,
-            start=start or cfg.get("start", "noise"),
-            t_start=cfg.get("t_start", 1.0) if t_start is None else t_start,
-            guidance_scale=(cfg.get("guidance_scale", 1.0) if guidance_scale is None
-                            else guidance_scale),
-            oneshot=cfg.get("mode", "diffusion") == "oneshot",
-            x0=x0 or cfg.get("x0", "soft"),
-            average=bool(cfg.get("average", False) if average is None else average),
-        )
-        refined = torch.softmax(logits, dim=1)
-        band = int(cfg.get("band", 0) if band is None else band)
-        if band > 0:
-            w = boundary_band(coarse.to(refined.device), band)
-            refined = w * refined + (1 - w) * coarse.to(refined.device).float()
-        gates = gate_thresholds(cfg.get("gate", 0.0) if gate is None else gate,
-                                refined.shape[1])
-        refined = refined.contiguous()  # the layout callers get; the gate's ops run faster in it
-        if max(gates) > 0:
-            refined = apply_gate(refined, coarse.to(refined.device).float(), gates)
-        return refined
+        logits = sample(self.net, image.to(self.device).float(), coarse.to(self.device).float(),
+                        steps=steps, seed=seed, origins=origins,
+                        oneshot=self.config.mode == "oneshot")
+        return torch.softmax(logits, dim=1).contiguous()
 
 
-def gate_thresholds(gate: Any, num_classes: int) -> list[float]:
-    """A gate (one number, or one per class) as one threshold per class; ValueError for
-    anything else. (A threshold above 1 never lets the refiner give a pixel that class.)"""
-    per_class = isinstance(gate, (list, tuple))
-    values = list(gate) if per_class else [gate]
-    if (len(values) != (num_classes if per_class else 1)
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-        raise ValueError(f"gate must be a probability or a list of thresholds for "
-                         f"{num_classes} classes (one per class), not {gate!r}")
-    return [float(v) for v in values] * (1 if per_class else num_classes)
+def build_coarse_net(config: CoarseConfig, *, in_channels: int = 3,
+                     num_classes: int = 2) -> CoarseNet:
+    """The network ``config`` describes, for ``in_channels`` bands and ``num_classes``."""
+    return CoarseNet(in_channels, num_classes, widths=config.widths,
+                     output_stride=config.output_stride)
 
 
-def apply_gate(refined: torch.Tensor, coarse: torch.Tensor, gates: Sequence[float]
-               ) -> torch.Tensor:
-    """Keep the coarse probabilities of a pixel unless the refiner's class differs from the
-    coarse one and has at least ``gates[that class]`` probability. Ties go to the lower class
-    index, as ``argmax`` does. Two classes take an element-wise path (~0.5 vs ~3 ms per
-    512 px window: no arg-max reduction, no per-pixel table look-up)."""
-    if refined.shape[1] == 2:
-        cls = refined[:, 1:] > refined[:, :1]
-        conf = torch.maximum(refined[:, :1], refined[:, 1:])
-        need = torch.where(cls, gates[1], gates[0])
-        keep = (cls != (coarse[:, 1:] > coarse[:, :1])) & (conf < need)
-    else:
-        conf, idx = refined.max(dim=1, keepdim=True)
-        need = (gates[0] if len(set(gates)) == 1 else
-                torch.tensor(list(gates), dtype=refined.dtype, device=refined.device)[idx])
-        keep = (idx != coarse.max(dim=1, keepdim=True).indices) & (conf < need)
-    return torch.where(keep, coarse, refined)
-
-
-COARSE_KEYS = ("in_channels", "num_classes", "widths", "output_stride")
-REFINER_KEYS = ("in_channels", "num_classes", "use_coarse", "c1", "c2", "c4", "c8", "ch",
-                "blocks", "residual")
-
-
-def build_coarse_net(config: dict[str, Any]) -> CoarseNet:
-    return CoarseNet(**{k: (tuple(v) if k == "widths" else v)
-                        for k, v in config.items() if k in COARSE_KEYS})
-
-
-def build_refiner_net(config: dict[str, Any]) -> RefinerNet:
-    return RefinerNet(**{k: v for k, v in config.items() if k in REFINER_KEYS})
+def build_refiner_net(config: RefinerConfig, *, in_channels: int = 3,
+                      num_classes: int = 2) -> RefinerNet:
+    """The network ``config`` describes, for ``in_channels`` bands and ``num_classes``."""
+    return RefinerNet(in_channels, num_classes, use_coarse=config.use_coarse, c1=config.c1,
+                      c2=config.c2, c4=config.c4, c8=config.c8, ch=config.ch,
+                      blocks=config.blocks, residual=config.residual)
 
 
 def _load(net: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
@@ -398,23 +336,15 @@ def _load(net: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
 
 @register_architecture("idgbr-coarse")
 def _coarse_factory(card, config, weights, device):
-    cfg = {"in_channels": card.bands, "num_classes": card.num_classes, **config}
-    net = build_coarse_net(cfg)
+    cfg = CoarseConfig.from_dict(config, f"model {card.name!r}: segmentor config")
+    net = build_coarse_net(cfg, in_channels=card.bands, num_classes=card.num_classes)
     _load(net, weights, "idgbr-coarse")
     return CoarseSegmentor(net, device)
 
 
 @register_architecture("idgbr-refiner")
 def _refiner_factory(card, config, weights, device):
-    cfg = {"in_channels": card.bands, "num_classes": card.num_classes, **config}
-    try:  # a hand-edited card fails with one line when it is loaded, not inside a run
-        if not all(0 <= g <= 1 for g in gate_thresholds(cfg.get("gate", 0.0),
-                                                         card.num_classes)):
-            raise ValueError(f"gate must be probabilities (0..1), not {cfg['gate']!r}")
-    except ValueError as exc:
-        from .errors import UserError
-
-        raise UserError(f"model {card.name!r}: refiner {exc}") from None
-    net = build_refiner_net(cfg)
+    cfg = RefinerConfig.from_dict(config, f"model {card.name!r}: refiner config")
+    net = build_refiner_net(cfg, in_channels=card.bands, num_classes=card.num_classes)
     _load(net, weights, "idgbr-refiner")
     return DiffusionRefiner(net, cfg, device)

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from .centerlines import skeleton_lines
 from .errors import InputError
+from .files import output_name, read_errors
 
 #: halo (pixels) read around each window for the road skeleton (> half the widest road)
 CENTERLINE_HALO = 96
@@ -71,7 +72,8 @@ class ClassRasterInfo:
 
 def inspect_class_raster(src: rasterio.DatasetReader) -> ClassRasterInfo:
     """Validate a class raster (integer band 1, optional confidence band 2, a CRS)."""
-    name = Path(src.name).name
+    path = output_name(src.name)  # refine --vector reads its output's temporary file
+    name = path.name
     if src.count > 2:
         raise InputError(f"{name} has {src.count} bands: not a class raster (expected band 1 "
                          "= class ids, optional band 2 = confidence)")
@@ -92,7 +94,7 @@ def inspect_class_raster(src: rasterio.DatasetReader) -> ClassRasterInfo:
                 classes = parsed
         except json.JSONDecodeError:
             classes = None
-    return ClassRasterInfo(Path(src.name), classes, src.nodata, src.count == 2, src.crs,
+    return ClassRasterInfo(path, classes, src.nodata, src.count == 2, src.crs,
                            src.transform, src.width, src.height)
 
 
@@ -207,7 +209,8 @@ def polygonize_regions(
     n_win = math.ceil(info.width / window_size) * math.ceil(info.height / window_size)
     for i, j, win in tqdm(_windows(info.width, info.height, window_size), total=n_win,
                           desc="polygonize", unit="win", disable=not progress):
-        vals = src.read(1, window=win)
+        with read_errors(info.path, "class raster"):
+            vals = src.read(1, window=win)
         if vals.dtype.kind == "u" and vals.dtype.itemsize <= 2:  # bincount: ~4x faster
             uniq = np.nonzero(np.bincount(vals.ravel()))[0].astype(vals.dtype)
         else:
@@ -238,8 +241,9 @@ def polygonize_regions(
             cls_of[flat] = work.ravel()
             conf = np.zeros(n + 1)
             if info.has_confidence:
-                conf = np.bincount(flat, weights=_as_255(src.read(2, window=win)).ravel(),
-                                   minlength=n + 1)
+                with read_errors(info.path, "class raster"):
+                    band2 = src.read(2, window=win)
+                conf = np.bincount(flat, weights=_as_255(band2).ravel(), minlength=n + 1)
             prob = np.zeros(n + 1)
             if prob_bands:
                 pick = np.zeros(vals.shape, dtype=np.float64)
@@ -247,7 +251,9 @@ def polygonize_regions(
                     band = prob_bands.get(int(cid))
                     if band is not None:
                         m = keep & (vals == cid)
-                        pick[m] = _as_255(probabilities.read(band, window=win))[m]
+                        with read_errors(probabilities.name, "probabilities raster"):
+                            pband = probabilities.read(band, window=win)
+                        pick[m] = _as_255(pband)[m]
                 prob = np.bincount(flat, weights=pick.ravel(), minlength=n + 1)
             polys, labels = _polygonize_labels(lab, win)
             regions = Regions(polys, cls_of[labels],
@@ -297,7 +303,8 @@ def _window_centerlines(src: rasterio.DatasetReader, info: ClassRasterInfo, win:
     r0, c0 = max(0, int(win.row_off) - h), max(0, int(win.col_off) - h)
     r1 = min(info.height, int(win.row_off + win.height) + h)
     c1 = min(info.width, int(win.col_off + win.width) + h)
-    padded = src.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
+    with read_errors(info.path, "class raster"):
+        padded = src.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
     core = (slice(int(win.row_off) - r0, int(win.row_off) - r0 + int(win.height)),
             slice(int(win.col_off) - c0, int(win.col_off) - c0 + int(win.width)))
     return skeleton_lines(np.isin(padded, ids), core, (r0, c0))

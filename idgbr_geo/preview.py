@@ -10,6 +10,7 @@ resolution (downsampled only if larger than ``max_size``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import os
@@ -30,15 +31,15 @@ from .evaluate import (
     RASTER_SUFFIXES,
     VECTOR_SUFFIXES,
     VectorTruth,
-    check_same_grid,
     format_table,
     is_vector,
     open_class_raster,
     raster_class_names,
     score_scene,
 )
-from .files import atomic_output, check_output
+from .files import atomic_output, check_distinct, check_output, read_errors, write_errors
 from .metrics import DEFAULT_K, MetricAccumulator, default_class_names
+from .rasters import check_same_grid, open_raster
 
 #: boundary line colours (drawn truth first, then coarse, refined on top)
 LINE_COLORS = {"truth": "#00e5ff", "coarse": "#ff2d55", "refined": "#ffd60a"}
@@ -66,8 +67,8 @@ class PreviewWindow:
         except ValueError:
             parts = []
         if len(parts) != 4 or parts[0] < 0 or parts[1] < 0 or parts[2] < 1 or parts[3] < 1:
-            raise InputError(f"--window must be col_off,row_off,width,height (>= 0, sizes "
-                             f">= 1), got {text!r}")
+            raise InputError(f"$window must be col_off,row_off,width,height (>= 0, sizes "
+                             f">= 1), got {text!r}", options=["window"])
         return cls(*parts)
 
 
@@ -100,7 +101,8 @@ def _display_bands(ds: Any, bands: Sequence[int] | None) -> list[int]:
         if bad:
             raise InputError(f"band {bad[0]} does not exist (the image has {ds.count})")
         if len(bands) not in (1, 3):
-            raise InputError("--bands takes 1 (grey) or 3 (red,green,blue) band numbers")
+            raise InputError("$bands takes 1 (grey) or 3 (red,green,blue) band numbers",
+                             options=["bands"])
         return list(bands)
     from rasterio.enums import ColorInterp
 
@@ -134,9 +136,9 @@ class _Grid:
         else:
             if (window.col_off + window.width > ds.width
                     or window.row_off + window.height > ds.height):
-                raise InputError(f"--window {window.col_off},{window.row_off},{window.width},"
+                raise InputError(f"$window {window.col_off},{window.row_off},{window.width},"
                                  f"{window.height} extends beyond the image "
-                                 f"({ds.width}x{ds.height})")
+                                 f"({ds.width}x{ds.height})", options=["window"])
             self.win = Window(window.col_off, window.row_off, window.width, window.height)
         scale = max(1.0, max(self.win.width, self.win.height) / max(1, max_size))
         self.width = max(1, round(self.win.width / scale))
@@ -148,11 +150,12 @@ class _Grid:
             self.win.width / self.width, self.win.height / self.height)
         self.crs = ds.crs
 
-    def read_labels(self, ds: Any) -> np.ndarray:
+    def read_labels(self, ds: Any, what: str) -> np.ndarray:
         from rasterio.enums import Resampling
 
-        a = ds.read(1, window=self.win, out_shape=(self.height, self.width),
-                    resampling=Resampling.nearest)
+        with read_errors(ds.name, what):
+            a = ds.read(1, window=self.win, out_shape=(self.height, self.width),
+                        resampling=Resampling.nearest)
         a = a.astype(np.int64)
         if ds.nodata is not None and np.isfinite(ds.nodata):
             a[a == int(ds.nodata)] = 255
@@ -167,7 +170,7 @@ def _read_truth(path: str | os.PathLike[str], grid: _Grid, ref: Any, names: Sequ
         return VectorTruth(path, target, names, class_field)(0, 0, grid.height, grid.width)
     with open_class_raster(path, "TRUTH") as ds:
         check_same_grid(ref, ds, "TRUTH")
-        return grid.read_labels(ds)
+        return grid.read_labels(ds, "TRUTH")
 
 
 def render_preview(
@@ -199,16 +202,19 @@ def render_preview(
         _same_grid(img_ds, ref_ds, "REFINED")
         grid = _Grid(img_ds, window, max_size)
         idx = _display_bands(img_ds, bands)
-        data = img_ds.read(idx, window=grid.win, out_shape=(len(idx), grid.height, grid.width),
-                           resampling=Resampling.average if grid.scale > 1 else
-                           Resampling.nearest)
-        valid = img_ds.dataset_mask(window=grid.win, out_shape=(grid.height, grid.width)) > 0
+        with read_errors(img_ds.name, "INPUT"):
+            data = img_ds.read(idx, window=grid.win,
+                               out_shape=(len(idx), grid.height, grid.width),
+                               resampling=Resampling.average if grid.scale > 1 else
+                               Resampling.nearest)
+            valid = img_ds.dataset_mask(window=grid.win,
+                                        out_shape=(grid.height, grid.width)) > 0
         rgb = stretch(data, valid)
         rgb = np.repeat(rgb, 3, axis=0) if rgb.shape[0] == 1 else rgb
         canvas = np.moveaxis(rgb, 0, -1).astype(np.float64)
 
         names = raster_class_names(ref_ds)
-        labels = grid.read_labels(ref_ds)
+        labels = grid.read_labels(ref_ds, "REFINED")
         if names is None:
             top = int(labels[labels != 255].max(initial=0))
             names = default_class_names(max(top + 1, 2))
@@ -225,7 +231,7 @@ def render_preview(
         if coarse is not None:
             with open_class_raster(coarse, "COARSE") as cds:
                 _same_grid(img_ds, cds, "COARSE")
-                layers.append(("coarse", grid.read_labels(cds)))
+                layers.append(("coarse", grid.read_labels(cds, "COARSE")))
         layers.append(("refined", labels))
         out = canvas.astype(np.uint8)
         for name, lab in layers:
@@ -247,21 +253,17 @@ def render_preview(
 
 
 def _open_image(path: str | os.PathLike[str]) -> Any:
-    """:func:`~idgbr_geo.tiling.open_raster`, with a hint for folders (they need --html)."""
-    from .tiling import open_raster
-
+    """:func:`~idgbr_geo.rasters.open_raster`, with a hint for folders (a report)."""
     p = Path(path)
     if p.is_dir():
-        raise InputError(f"INPUT {p} is a folder, not a raster (use --html for folders)")
+        raise InputError(f"INPUT {p} is a folder, not a raster (folders of scenes make an "
+                         "HTML report)")
     return open_raster(p, "INPUT")
 
 
 def _same_grid(img_ds: Any, ds: Any, what: str) -> None:
     """Class maps must lie on the image's grid (the engine writes them so)."""
-    try:
-        check_same_grid(img_ds, ds, what)
-    except InputError as exc:
-        raise InputError(str(exc).replace("PRED and", "INPUT and", 1)) from None
+    check_same_grid(img_ds, ds, what, ref_what="INPUT")
 
 
 def _class_colors(ds: Any, n: int) -> list[str]:
@@ -312,15 +314,52 @@ def _with_legend(img: Image.Image, title: str, lines: Sequence[str],
     return out
 
 
+def _check_not_input(output: str | os.PathLike[str], what: str,
+                     scenes: Sequence[dict[str, Any]]) -> None:
+    """Refuse, with or without overwrite, an output that is one of the files it shows."""
+    opts = {"image": "input", "refined": "$refined map", "coarse": "$coarse map",
+            "truth": "$truth"}
+    for s in scenes:
+        check_distinct({label: s.get(key) for key, label in opts.items()}, {what: output})
+
+
 def write_preview(image: str | os.PathLike[str], output: str | os.PathLike[str], *,
                   refined: str | os.PathLike[str], overwrite: bool = False,
                   **kwargs: Any) -> Path:
     """Render :func:`render_preview` and save it as PNG atomically."""
+    _check_not_input(output, "preview", [{"image": image, "refined": refined,
+                                          "coarse": kwargs.get("coarse"),
+                                          "truth": kwargs.get("truth")}])
     check_output(output, overwrite)
     img = render_preview(image, refined, **kwargs)
-    with atomic_output(output, overwrite) as tmp:
+    with atomic_output(output, overwrite) as tmp, write_errors(output):
         img.save(tmp, format="PNG", optimize=False)
     return Path(output)
+
+
+class _TextOut:
+    """A text file whose write failures (disk full, ...) are one :class:`OutputError`
+    naming the user's output; only the writes are covered, not the work between them."""
+
+    def __init__(self, path: Path, name: str | os.PathLike[str]) -> None:
+        self.name = name
+        with write_errors(name):
+            self.f = open(path, "w", encoding="utf-8")  # closed in __exit__
+
+    def write(self, text: str) -> None:
+        with write_errors(self.name):
+            self.f.write(text)
+
+    def __enter__(self) -> _TextOut:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:  # the first error is the one to tell
+            with contextlib.suppress(OSError):
+                self.f.close()
+            return
+        with write_errors(self.name):
+            self.f.close()
 
 
 def _png_base64(img: Image.Image) -> str:
@@ -331,7 +370,8 @@ def _png_base64(img: Image.Image) -> str:
 
 def _stems(folder: Path, suffixes: set[str], what: str) -> dict[str, Path]:
     if not folder.is_dir():
-        raise InputError(f"{what} {folder} is not a folder (INPUT is a folder)")
+        raise InputError(f"{what} {folder} is not a folder (INPUT is a folder)",
+                         options=[what[1:]] if what.startswith("$") else [])
     return {p.stem: p for p in sorted(folder.iterdir())
             if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")}
 
@@ -349,9 +389,9 @@ def match_scenes(images: str | os.PathLike[str], refined: str | os.PathLike[str]
                  "coarse": Path(coarse) if coarse else None,
                  "truth": Path(truth) if truth else None}]
     imgs = _stems(Path(images), RASTER_SUFFIXES, "INPUT")
-    refs = _stems(Path(refined), RASTER_SUFFIXES, "--refined")
-    coarses = _stems(Path(coarse), RASTER_SUFFIXES, "--coarse") if coarse else {}
-    truths = _stems(Path(truth), RASTER_SUFFIXES | VECTOR_SUFFIXES, "--truth") if truth else {}
+    refs = _stems(Path(refined), RASTER_SUFFIXES, "$refined")
+    coarses = _stems(Path(coarse), RASTER_SUFFIXES, "$coarse") if coarse else {}
+    truths = _stems(Path(truth), RASTER_SUFFIXES | VECTOR_SUFFIXES, "$truth") if truth else {}
     scenes = [{"name": n, "image": p, "refined": refs[n], "coarse": coarses.get(n),
                "truth": truths.get(n)} for n, p in imgs.items() if n in refs]
     if not scenes:
@@ -380,10 +420,13 @@ def write_html_report(
 ) -> Path:
     """A self-contained HTML report: per scene a preview (base64 PNG) and, when a truth
     is given, the evaluate table; then the pooled table over all scenes."""
+    _check_not_input(output, "HTML report", [{"image": images, "refined": refined,
+                                              "coarse": coarse, "truth": truth}])
     check_output(output, overwrite)
     scenes = match_scenes(images, refined, coarse, truth)
+    _check_not_input(output, "HTML report", scenes)  # the files of a folder report
     pooled: MetricAccumulator | None = None
-    with atomic_output(output, overwrite) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(output, overwrite) as tmp, _TextOut(tmp, output) as f:
         f.write("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
                 f"<title>idgbr-geo report</title><style>{_CSS}</style></head><body>\n"
                 f"<h1>idgbr-geo report: {html.escape(str(images))}</h1>\n"

@@ -1,17 +1,25 @@
 """Find, load and save models: a JSON card plus one safetensors file of weights.
 
 A model is named either by a bundled name (``buildings``, ``roads``, ``landcover``: cards
-in the repository's ``models/`` folder, or in ``$IDGBR_GEO_MODELS``) or by the path of a card.
+shipped inside the package as ``idgbr_geo/models/``, or in ``$IDGBR_GEO_MODELS``) or by the path of
+a card.
 The card says which architecture builds the segmentor and the refiner; architectures
-register a factory here, so the engine and CLI never import network code directly.
-Nothing is ever downloaded.
+register a factory here, so the engine and CLI never import network code directly (modules
+named in ``$IDGBR_GEO_ARCHITECTURES`` are imported to register more, e.g. on Dask workers).
+Nothing is ever downloaded, and nothing is loaded in a way that can run code from a file:
+weights are safetensors (beside the card, in its folder) and torch checkpoints are read with
+``weights_only=True`` (:func:`load_checkpoint`).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from collections.abc import Callable
-from pathlib import Path
+from importlib import resources
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -19,11 +27,15 @@ from safetensors.torch import load_file, save_file
 
 from .cards import ModelCard
 from .errors import UserError
-from .interfaces import ConvRefiner, ConvSegmentor, Model
+from .interfaces import Model
 
 #: factory(card, config, weights-with-prefix-stripped, device) -> Segmentor or Refiner
 Factory = Callable[[ModelCard, dict[str, Any], dict[str, torch.Tensor], torch.device], Any]
 _ARCHITECTURES: dict[str, Factory] = {}
+#: comma-separated modules whose import registers more architectures, imported when a card
+#: names an architecture not registered yet: how processes this one starts (Dask workers,
+#: the CLI in a subprocess) find architectures registered outside the package
+ARCHITECTURES_ENV = "IDGBR_GEO_ARCHITECTURES"
 
 
 def register_architecture(name: str) -> Callable[[Factory], Factory]:
@@ -37,9 +49,12 @@ def register_architecture(name: str) -> Callable[[Factory], Factory]:
 
 
 def models_dir() -> Path:
-    """Where bundled models live: ``$IDGBR_GEO_MODELS`` or the repository's ``models/``."""
+    """Where bundled models live: ``$IDGBR_GEO_MODELS``, else the package data folder
+    ``idgbr_geo/models`` (installed with the package, editable or not)."""
     env = os.environ.get("IDGBR_GEO_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "models"
+    if env:
+        return Path(env)
+    return Path(str(resources.files("idgbr_geo") / "models"))
 
 
 def bundled_models() -> list[str]:
@@ -78,17 +93,71 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A torch checkpoint's contents (a dict), read with ``weights_only=True``.
+
+    A ``.pt``/``.ckpt`` file is a pickle, and a crafted one runs code when unpickled: only
+    tensors and plain values are accepted. Anything else (a foreign or malicious file) is one
+    UserError line, never a fallback to unsafe loading.
+    """
+    try:
+        with warnings.catch_warnings():  # (torch warns about the pickle protocol of junk)
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # (torch words it several ways)
+        if found:
+            raise UserError(f"{path} is not loaded: it holds Python objects ({found.group(1)}) "
+                            "besides tensors and plain values, and unpickling them could run "
+                            "code from the file") from None
+        raise UserError(f"cannot read checkpoint {path}: not a torch checkpoint of tensors "
+                        "and plain values") from None
+    except Exception as exc:  # missing, truncated or corrupt files fail in many types
+        raise UserError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a checkpoint (a dict of tensors and values)")
+    return state
+
+
+def weights_path(card: ModelCard, card_path: Path) -> Path:
+    """The card's safetensors file: a relative path inside the card's folder, so a card
+    cannot make the tool read (or a model folder depend on) a file elsewhere."""
+    name = str(card.weights)
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if (PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute()
+            or PureWindowsPath(name).drive or ".." in parts):
+        raise UserError(f"model card {card_path}: weights {name!r} must be a file in the "
+                        "card's folder (no absolute path, no '..')")
+    if not name.endswith(".safetensors"):
+        raise UserError(f"model card {card_path}: weights {name!r} must be a .safetensors "
+                        "file (other formats can run code when loaded)")
+    return card_path.parent / name
+
+
 def _build(card: ModelCard, section: dict[str, Any], prefix: str,
-           weights: dict[str, torch.Tensor], device: torch.device) -> Any:
+           weights: dict[str, torch.Tensor], device: torch.device, where: Any = None) -> Any:
     if not section:
         return None
+    where = where or f"model {card.name!r}"
     arch = section.get("arch")
     if arch not in _ARCHITECTURES:
         _import_builtin_architectures()
     if arch not in _ARCHITECTURES:
-        raise UserError(f"model {card.name!r}: unknown architecture {arch!r}")
+        _import_named_architectures()
+    if arch not in _ARCHITECTURES:
+        raise UserError(f"{where}: unknown architecture {arch!r}")
     sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    return _ARCHITECTURES[arch](card, section.get("config", {}), sub, device)
+    try:
+        return _ARCHITECTURES[arch](card, section.get("config", {}), sub, device)
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+        # weights or config that do not fit the architecture (missing tensor, wrong shape)
+        what = prefix.rstrip(".")
+        raise UserError(f"{where}: cannot build the {what} ({arch}) from the card and "
+                        f"weights: {type(exc).__name__}: {_first_line(exc)}") from None
 
 
 def _import_builtin_architectures() -> None:
@@ -103,6 +172,19 @@ def _import_builtin_architectures() -> None:
                 raise
 
 
+def _import_named_architectures() -> None:
+    """Import the modules named in ``$IDGBR_GEO_ARCHITECTURES`` (only when a card names an
+    architecture that neither the package nor the caller registered)."""
+    import importlib
+
+    for mod in filter(None, (m.strip() for m in os.environ.get(ARCHITECTURES_ENV, "").split(","))):
+        try:
+            importlib.import_module(mod)
+        except ImportError as exc:
+            raise UserError(f"${ARCHITECTURES_ENV} names {mod!r}, which cannot be imported: "
+                            f"{_first_line(exc)}") from None
+
+
 def load_model(name_or_path: str | os.PathLike[str] = "buildings",
                device: str | torch.device = "auto") -> Model:
     """Load a bundled or user model (card + safetensors) onto a device."""
@@ -111,12 +193,17 @@ def load_model(name_or_path: str | os.PathLike[str] = "buildings",
     dev = resolve_device(device)
     weights: dict[str, torch.Tensor] = {}
     if card.weights:
-        wpath = card_path.parent / card.weights
+        wpath = weights_path(card, card_path)
         if not wpath.is_file():
             raise UserError(f"weights {wpath} named by card {card_path} do not exist")
-        weights = load_file(str(wpath))
-    seg = _build(card, card.segmentor, "segmentor.", weights, dev)
-    ref = _build(card, card.refiner, "refiner.", weights, dev)
+        try:
+            weights = load_file(str(wpath))
+        except Exception as exc:  # SafetensorError, OSError, ... for a file of another kind
+            raise UserError(f"model card {card_path}: weights {wpath.name} are not a readable "
+                            f"safetensors file ({_first_line(exc)})") from None
+    where = f"model card {card_path}"
+    seg = _build(card, card.segmentor, "segmentor.", weights, dev, where)
+    ref = _build(card, card.refiner, "refiner.", weights, dev, where)
     return Model(card=card, segmentor=seg, refiner=ref, device=dev)
 
 
@@ -132,13 +219,3 @@ def save_model(card: ModelCard, tensors: dict[str, torch.Tensor], folder: str | 
     path = folder / f"{card.name}.json"
     card.save(path)
     return path
-
-
-@register_architecture("conv-segmentor")
-def _conv_segmentor(card, config, weights, device):
-    return ConvSegmentor(weights["weight"].to(device), weights.get("bias"))
-
-
-@register_architecture("conv-refiner")
-def _conv_refiner(card, config, weights, device):
-    return ConvRefiner(weights["weight"].to(device), float(config.get("noise_scale", 0.1)))

@@ -12,7 +12,6 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import rasterio
@@ -21,73 +20,33 @@ from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from .errors import InputError, UserError
+from .cards import Normalization
+from .errors import IdgbrWarning, InputError, UserError
+from .rasters import first_line, grid_difference, ground_gsd, open_raster, same_gsd
 
-#: relative GSD difference under which an input is used as is (no resampling)
-GSD_TOLERANCE = 0.05
+#: Largest resampling factor, either way, between the input's GSD and the model's.
+#: Shrinking by f reads (f x window)^2 input pixels per window and keeps f x window input
+#: rows of per-class sums in the stitcher: at 16 and the cards' 512-pixel windows that is
+#: 8192^2 pixels per read (0.8 GB as float32 RGB) and ~70 kB per input column, and beyond it
+#: memory runs away (1000 m pixels on a 0.25 m model used 3.3 GB and crashed). Enlarging by
+#: f multiplies the windows by f^2 and gives the model nothing finer than f x f of its pixels
+#: per input pixel, no boundary left to refine (100 m on 0.25 m planned 71,824 windows for a
+#: small file). 16 still covers 3 cm drone imagery on a 0.25 m model and 10 m imagery on a
+#: 1 m land-cover model; anything further is almost surely a wrong pixel size.
+MAX_RESAMPLING = 16.0
+#: A value range "fits" the card when the valid values lie within
+#: [-SLACK x range, (1 + SLACK) x range]: reflectances a little over 1 pass, 0..255 data on a
+#: 0..1 card does not.
+VALUE_RANGE_SLACK = 0.5
 
 
-class NoCRSWarning(UserWarning):
+class NoCRSWarning(IdgbrWarning):
     """The input has no CRS: the run continues in pixel space."""
 
 
-def open_raster(path: str | os.PathLike[str], what: str = "input") -> rasterio.DatasetReader:
-    """Open a raster or raise one clear :class:`InputError`."""
-    p = os.fspath(path)
-    if "://" not in p and not p.startswith("/vsi") and not os.path.exists(p):
-        raise InputError(f"{what} {p} does not exist")
-    if os.path.isdir(p):
-        raise InputError(f"{what} {p} is a folder, not a raster")
-    try:
-        return rasterio.open(p)
-    except RasterioError as exc:
-        raise InputError(f"{what} {p} is not a readable raster ({_short(exc)})") from None
-
-
-def _short(exc: BaseException) -> str:
-    """First line of an error, preferring GDAL's own cause over rasterio's wrapper text."""
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and "previous exception" in str(exc):
-        exc = cause
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-def ground_gsd(ds: rasterio.DatasetReader) -> float | None:
-    """Ground pixel size in metres (mean of across and down), or None without a CRS.
-
-    The same measurement as the training chips use (:func:`pixel_ground_size`), so a model's
-    declared GSD and an input's GSD are comparable.
-    """
-    if ds.crs is None:
-        return None
-    dx, dy = pixel_ground_size(ds.crs, ds.transform, ds.width, ds.height)
-    return (dx + dy) / 2
-
-
-def pixel_ground_size(crs: Any, transform: Any, width: int, height: int) -> tuple[float, float]:
-    """Ground size in metres of one pixel (across, down) at the raster centre.
-
-    Map units are not ground metres: Web-Mercator pixels shrink by cos(latitude) on the
-    ground, geographic pixels are degrees, UTM has a scale factor. So the centre pixel and
-    its neighbours are taken to longitude/latitude and measured on the WGS 84 ellipsoid.
-    """
-    from pyproj import CRS, Geod, Transformer
-
-    c = CRS.from_user_input(crs)
-    cx, cy = width / 2.0, height / 2.0
-    pts = [transform @ (cx, cy), transform @ (cx + 1, cy), transform @ (cx, cy + 1)]
-    if c.is_geographic or c.is_projected:
-        to_ll = Transformer.from_crs(c, c.geodetic_crs or "EPSG:4326", always_xy=True)
-        lon, lat = to_ll.transform([p[0] for p in pts], [p[1] for p in pts])
-        geod = Geod(ellps="WGS84")
-        _, _, dx = geod.inv(lon[0], lat[0], lon[1], lat[1])
-        _, _, dy = geod.inv(lon[0], lat[0], lon[2], lat[2])
-        if math.isfinite(dx) and math.isfinite(dy) and dx > 0 and dy > 0:
-            return float(dx), float(dy)
-    unit = c.axis_info[0].unit_conversion_factor if c.axis_info else 1.0
-    return (math.hypot(transform.a, transform.d) * unit,
-            math.hypot(transform.b, transform.e) * unit)
+class ValueRangeWarning(IdgbrWarning):
+    """The input's values do not fit the model card's normalisation (e.g. 0..255 floats on
+    a card for 0..1 floats): the run continues, but the model sees the wrong brightness."""
 
 
 @dataclass
@@ -101,6 +60,8 @@ class Source:
     #: input pixels per model pixel (1.0 = no resampling)
     factor: float = 1.0
     warnings: list[str] = field(default_factory=list)
+    #: (low, high) raw values that fit the model card's normalisation; None: no check
+    value_limits: tuple[float, float] | None = None
 
     @property
     def width(self) -> int:
@@ -120,28 +81,56 @@ class Source:
     def dtype(self) -> str:
         return self.ds.dtypes[self.bands[0] - 1]
 
+    def check_values(self, data: np.ndarray, valid: np.ndarray) -> None:
+        """Warn (once per source, so once per run) when valid values do not fit the card's
+        value range: the network would then run on wrong brightness without a word."""
+        if self.value_limits is None:
+            return
+        vals = data if valid.all() else data[:, valid]
+        if vals.size == 0:
+            return
+        lo, hi = self.value_limits
+        vmin, vmax = float(vals.min()), float(vals.max())
+        if vmin < lo or vmax > hi:
+            self.value_limits = None  # once
+            span = hi / (1 + VALUE_RANGE_SLACK)
+            self._warn(f"{self.path} has values from {vmin:g} to {vmax:g} but the model card "
+                       f"normalises {self.dtype} input as 0..{span:g}: the results may be "
+                       f"meaningless; rescale the input to 0..{span:g}")
+
+    def _warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        warnings.warn(msg, ValueRangeWarning, stacklevel=3)
+
 
 def select_bands(ds: rasterio.DatasetReader, wanted: int, bands: Sequence[int] | None) -> list[int]:
     """The 1-based band indexes to feed a model that reads ``wanted`` bands."""
     if bands:
         bad = [b for b in bands if b < 1 or b > ds.count]
         if bad:
-            raise InputError(f"--bands {','.join(map(str, bands))}: the input has bands "
-                             f"1..{ds.count} only")
+            raise InputError(f"$bands {','.join(map(str, bands))}: the input has bands "
+                             f"1..{ds.count} only", options=["bands"])
         if len(bands) != wanted:
-            raise InputError(f"the model reads {wanted} band(s) but --bands selects {len(bands)}")
+            raise InputError(f"the model reads {wanted} band(s) but $bands selects {len(bands)}",
+                             options=["bands"])
         return list(bands)
     usable = [i + 1 for i, ci in enumerate(ds.colorinterp) if ci != ColorInterp.alpha]
     if len(usable) == wanted:
         return usable
     raise InputError(f"the input has {ds.count} band(s) ({len(usable)} not alpha) but the model "
-                     f"reads {wanted}; choose them with --bands, e.g. --bands "
-                     f"{','.join(str(i) for i in range(1, wanted + 1))}")
+                     f"reads {wanted}; choose them with $bands (e.g. "
+                     f"{','.join(str(i) for i in range(1, wanted + 1))})", options=["bands"])
 
 
 def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequence[int] | None,
-                model_gsd: float | None, gsd: float | None = None) -> Source:
-    """Open and validate an input raster for a model reading ``model_bands`` bands."""
+                model_gsd: float | None, gsd: float | None = None,
+                normalization: Normalization | None = None) -> Source:
+    """Open and validate an input raster for a model reading ``model_bands`` bands.
+
+    ``gsd`` overrides the file's pixel size; ``normalization`` (the card's) enables the
+    :class:`ValueRangeWarning` checks."""
+    if gsd is not None and not (math.isfinite(gsd) and gsd > 0):
+        raise InputError(f"GSD {gsd} m: give a finite pixel size greater than 0")
     ds = open_raster(path)
     try:
         chosen = select_bands(ds, model_bands, bands)
@@ -151,21 +140,58 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
         dt = np.dtype(dtypes.pop())
         if dt.kind not in "uif":
             raise InputError(f"unsupported data type {dt.name}")
-        src = Source(ds=ds, path=os.fspath(path), bands=chosen, gsd=gsd or ground_gsd(ds))
+        src = Source(ds=ds, path=os.fspath(path), bands=chosen,
+                     gsd=gsd if gsd is not None else ground_gsd(ds))
+        if src.gsd is not None and not (math.isfinite(src.gsd) and src.gsd > 0):
+            raise InputError(f"{src.path}: its geotransform gives no usable pixel size "
+                             f"({src.gsd:g} m; corrupt?): give the true one with $gsd",
+                             options=["gsd"])
         if ds.crs is None:
             msg = (f"{src.path} has no CRS: continuing in pixel space (the output has no CRS "
-                   "either" + (", and its GSD is assumed to be the model's; set --gsd)"
+                   "either" + (", and its GSD is assumed to be the model's unless given)"
                                if gsd is None else ")"))
             src.warnings.append(msg)
             warnings.warn(msg, NoCRSWarning, stacklevel=2)
         if model_gsd and src.gsd:
             ratio = model_gsd / src.gsd
-            if abs(ratio - 1.0) > GSD_TOLERANCE:
+            if not 1 / MAX_RESAMPLING <= ratio <= MAX_RESAMPLING:
+                raise InputError(_resampling_error(src.path, src.gsd, model_gsd, gsd is None),
+                                 options=["gsd"])
+            if not same_gsd(src.gsd, model_gsd):
                 src.factor = ratio
+        if normalization is not None:
+            _value_limits(src, dt, normalization)
         return src
     except BaseException:
         ds.close()
         raise
+
+
+def _resampling_error(path: str, gsd: float, model_gsd: float, from_file: bool) -> str:
+    """One line for a GSD too far from the model's (see :data:`MAX_RESAMPLING`)."""
+    lo, hi = model_gsd / MAX_RESAMPLING, model_gsd * MAX_RESAMPLING
+    what = f"{path} has {gsd:.4g} m pixels" if from_file else f"the given GSD is {gsd:.4g} m"
+    hint = ("; if the file's pixel size is wrong, give the true one with $gsd" if from_file
+            else "")
+    return (f"{what} but the model works at {model_gsd:g} m: resampling by more than "
+            f"{MAX_RESAMPLING:g}x is refused; resample the input to between {lo:g} and "
+            f"{hi:g} m first{hint}")
+
+
+def _value_limits(src: Source, dt: np.dtype, norm: Normalization) -> None:
+    """Set ``src.value_limits`` for the per-window check, or warn at once when the card
+    declares no range for the input's type (e.g. uint32 on a card for uint8/uint16)."""
+    key = "float" if dt.kind == "f" else dt.name
+    divisor = norm.divisor(dt)
+    if key not in norm.value_range:
+        src._warn(f"{src.path} holds {dt.name} pixels but the model card declares value "
+                  f"ranges for {', '.join(norm.value_range) or 'no type'} only: values are "
+                  f"divided by {divisor:g}; rescale the input to a declared type")
+        return
+    lo, hi = -VALUE_RANGE_SLACK * divisor, (1 + VALUE_RANGE_SLACK) * divisor
+    if dt.kind in "ui" and lo <= np.iinfo(dt).min and np.iinfo(dt).max <= hi:
+        return  # every value of the type fits: nothing to check
+    src.value_limits = (lo, hi)
 
 
 @dataclass(frozen=True)
@@ -243,25 +269,52 @@ def model_extent(tile: Tile, clipped: Window, factor: float) -> tuple[int, int]:
 def read_tile(src: Source, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
     """Raw pixels (bands, mh, mw) and validity mask (mh, mw; True = data) of a tile's part
     inside the raster, on the model grid. Nodata values, internal masks and alpha bands are
-    all honoured through GDAL's dataset mask.
+    all honoured through GDAL's dataset mask, and non-finite values (NaN, inf) are nodata
+    too: a float raster without a nodata tag often marks gaps with NaN.
 
     Pixels are read at the input's resolution and resampled to the model grid with torch
     (:func:`resample`): GDAL's resampling on read costs five times the read itself and would
-    not hide behind the network on a small machine."""
+    not hide behind the network on a small machine. Where some pixels are invalid they are
+    left out of the resampling (:func:`_resample_valid`), so they never bleed into their
+    valid neighbours; invalid pixels hold 0."""
     win = clip(tile.window, src.width, src.height)
     out = model_extent(tile, win, src.factor)
     try:
         data = src.ds.read(src.bands, window=win)
-        if src.all_valid:
-            mask = np.ones(out, bool)
-        else:
-            mask = src.ds.dataset_mask(window=win, out_shape=out,
-                                       resampling=Resampling.nearest) > 0
+        valid = None if src.all_valid else src.ds.dataset_mask(window=win) > 0
     except RasterioError as exc:
         raise InputError(f"failed to read {src.path} at window {win.col_off},{win.row_off}: "
-                         f"{_short(exc)} (truncated or corrupt file?)") from None
-    if data.shape[1:] != out:
-        data = resample(data, out)
+                         f"{first_line(exc)} (truncated or corrupt file?)") from None
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data).all(0)
+        if not finite.all():
+            valid = finite if valid is None else valid & finite
+    if valid is None or valid.all():
+        mask = np.ones(out, bool)
+        if data.shape[1:] != out:
+            data = resample(data, out)
+    elif data.shape[1:] == out:
+        mask = valid
+        data[:, ~valid] = 0
+    else:
+        data, mask = _resample_valid(data, valid, out)
+    src.check_values(data, mask)
+    return data, mask
+
+
+def _resample_valid(data: np.ndarray, valid: np.ndarray, out: tuple[int, int]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Resample only the valid pixels (normalised convolution: the resampled data with
+    invalid pixels at 0, divided by the resampled validity) -> float32 data and the mask of
+    model pixels at least half covered by valid ones."""
+    stack = np.empty((data.shape[0] + 1, *data.shape[1:]), np.float32)
+    stack[:-1] = data
+    stack[:-1, ~valid] = 0
+    stack[-1] = valid
+    res = resample(stack, out)
+    weight = res[-1]
+    mask = weight >= 0.5
+    data = np.divide(res[:-1], weight, out=np.zeros_like(res[:-1]), where=mask)
     return data, mask
 
 
@@ -287,9 +340,7 @@ def open_coarse(path: str | os.PathLike[str], like: rasterio.DatasetReader
                 ) -> rasterio.io.DatasetReaderBase:
     """Open a user's coarse map on the input's grid (reprojected with nearest if needed)."""
     ds = open_raster(path, what="coarse map")
-    same = (ds.width == like.width and ds.height == like.height
-            and ds.transform.almost_equals(like.transform) and ds.crs == like.crs)
-    if same:
+    if grid_difference(like, ds) is None:
         return ds
     if ds.crs is None or like.crs is None:
         ds.close()

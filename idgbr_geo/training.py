@@ -8,7 +8,14 @@ nothing from the geospatial stack, so training runs on any machine with torch, i
 GPU box. Augmentation: random scale (0.7-1.4x, since the scenes users refine come from
 other sensors and GSDs), flips/rot90 and colour jitter. Every ``checkpoint_every``
 iterations the full training state goes to ``out_dir/checkpoint.pt`` (resumable with
-``resume=True``) and a row to ``out_dir/log.csv``. Seeds fix the run.
+``resume=True``) and a row to ``out_dir/log.csv``. Seeds fix the run. Settings are typed
+(:mod:`idgbr_geo.config`): the architecture (:class:`CoarseConfig`, :class:`RefinerConfig`) and
+the training settings (:class:`TrainingConfig`, :class:`RefinerTrainingConfig`) are stored
+apart in the checkpoint and, by :func:`export_model`, in the card.
+
+Checkpoints hold only tensors and plain values (dicts, lists, numbers, strings) and are read
+with ``torch.load(weights_only=True)`` (:func:`~idgbr_geo.registry.load_checkpoint`): a ``.pt``
+file is a pickle, and a crafted one would otherwise run code when loaded.
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ import csv
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,17 +36,26 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .cards import ModelCard, Normalization
+from .config import (
+    DERIVED_KEYS,
+    RESEARCH_DEFAULTS,
+    RUN_KEYS,
+    CoarseConfig,
+    RefinerConfig,
+    RefinerTrainingConfig,
+    SamplingConfig,
+    TrainingConfig,
+    split_config,
+    split_legacy,
+)
 from .degrade import degrade
 from .diffusion import training_loss
 from .errors import UserError
 from .networks import CoarseSegmentor, DiffusionRefiner, build_coarse_net, build_refiner_net
-from .registry import resolve_device, save_model
+from .registry import load_checkpoint, resolve_device, save_model
 
-DEFAULT_COARSE = {"widths": [16, 32, 64, 96], "output_stride": 4}
-DEFAULT_REFINER = {"c1": 8, "c2": 16, "c4": 32, "c8": 48, "ch": 32, "blocks": 2,
-                   "use_coarse": True, "mode": "diffusion", "t_max": 1.0, "p_uncond": 0.0,
-                   "start": "noise", "t_start": 1.0, "p_model": 0.5,
-                   "p_coarse_x0": 0.5, "coarse_perturb": 0.0}
+#: the defaults of the training functions' keyword arguments
+_T = TrainingConfig
 
 
 # --------------------------------------------------------------------------- data
@@ -164,6 +180,29 @@ def _lr_at(it: int, iterations: int, lr: float, warmup: int = 100) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, iterations - warmup)))
 
 
+#: what a checkpoint of the wrong shape raises when its contents are used
+_BAD_STATE = (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with numpy scalars/arrays and paths turned into plain Python values, so the
+    checkpoint loads under ``weights_only=True`` (tensors are kept as they are)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_plain(v) for v in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -193,12 +232,35 @@ def _val_batches(val: dict[str, Any], norm: Normalization, limit: int = 48):
         yield img, torch.from_numpy(val["labels"][sel].astype(np.int64))
 
 
+def checkpoint_settings(state: Mapping[str, Any], kind: str, where: Any
+                        ) -> tuple[CoarseConfig | RefinerConfig, TrainingConfig, int, int]:
+    """A checkpoint's (architecture, training settings, in_channels, num_classes).
+
+    Older checkpoints kept everything in one flat ``config`` (the training validation's
+    sampler options included; they never shaped the weights and are dropped)."""
+    stage = "coarse" if kind == "coarse" else "refiner"
+    arch_cls = CoarseConfig if stage == "coarse" else RefinerConfig
+    train_cls = TrainingConfig if stage == "coarse" else RefinerTrainingConfig
+    cfg = dict(state["config"])
+    what = f"{where} settings"
+    if "training" in state:
+        arch = arch_cls.from_dict({k: v for k, v in cfg.items() if k not in DERIVED_KEYS},
+                                  what)
+        training = train_cls.from_dict(dict(state["training"]), what)
+    else:
+        old = {k: v for k, v in cfg.items()
+               if k not in RESEARCH_DEFAULTS and k not in SamplingConfig.keys()}
+        a, t, _ = split_legacy(stage, old, what)
+        arch, training = arch_cls.from_dict(a, what), train_cls.from_dict(t, what)
+    return arch, training, int(cfg["in_channels"]), int(cfg["num_classes"])
+
+
 class _Run:
     """Shared bookkeeping: device, seeds, resume, checkpoints, CSV log, progress bar."""
 
-    def __init__(self, kind: str, out_dir: str | Path, train_npz: str | Path, *, seed: int,
+    def __init__(self, kind: str, out_dir: str | Path, train_npz: str | Path, *,
                  device: str, resume: bool, normalization: Normalization | None,
-                 config: dict[str, Any]) -> None:
+                 arch: CoarseConfig | RefinerConfig, training: TrainingConfig) -> None:
         self.kind = kind
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -208,32 +270,48 @@ class _Run:
         self.data = load_npz(train_npz)
         self.classes = self.data["classes"]
         self.norm = normalization or fit_normalization(self.data["images"])
-        torch.manual_seed(seed)
-        self.rng = np.random.default_rng(seed)
-        self.config = {"in_channels": int(self.data["images"].shape[1]),
-                       "num_classes": len(self.classes), **config}
+        torch.manual_seed(training.seed)
+        self.rng = np.random.default_rng(training.seed)
+        self.arch, self.training = arch, training
+        self.in_channels, self.num_classes = int(self.data["images"].shape[1]), len(self.classes)
         self.start = 0
         self.state: dict[str, Any] | None = None
         if resume and self.ckpt.is_file():
-            self.state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+            self.state = load_checkpoint(self.ckpt)
             if self.state.get("kind") != kind:
                 raise UserError(f"{self.ckpt} is a {self.state.get('kind')} checkpoint, "
                                 f"not {kind}")
-            self.config = self.state["config"]
-            self.norm = Normalization(**self.state["normalization"])
-            self.start = int(self.state["iteration"])
-            self.rng.bit_generator.state = self.state["numpy_rng"]
-            torch.set_rng_state(self.state["torch_rng"])
+            try:
+                # the network and its objective come from the checkpoint, the run's length
+                # and pace (iterations, batch size, lr, ...) from this call
+                self.arch, saved, _, _ = checkpoint_settings(self.state, kind, self.ckpt)
+                self.training = replace(saved, **{k: getattr(training, k) for k in RUN_KEYS
+                                                  if k in training.keys()})
+                self.norm = Normalization(**self.state["normalization"])
+                self.start = int(self.state["iteration"])
+                self.rng.bit_generator.state = self.state["numpy_rng"]
+                torch.set_rng_state(self.state["torch_rng"])
+            except _BAD_STATE as exc:
+                raise UserError(f"{self.ckpt} cannot be resumed: {_first_line(exc)}") from None
         elif self.log.exists():
             self.log.unlink()
 
+    @property
+    def shape(self) -> dict[str, int]:
+        """The network's input channels and classes (the data's)."""
+        return {"in_channels": self.in_channels, "num_classes": self.num_classes}
+
     def restore(self, net: torch.nn.Module, opt: torch.optim.Optimizer,
                 ema: AveragedModel | None = None) -> None:
-        if self.state is not None:
+        if self.state is None:
+            return
+        try:
             net.load_state_dict(self.state.get("trained_model", self.state["model"]))
             opt.load_state_dict(self.state["optimizer"])
             if ema is not None:  # (the config, "ema" included, came from the checkpoint)
                 ema.load_state_dict(self.state["ema"])
+        except _BAD_STATE as exc:
+            raise UserError(f"{self.ckpt} cannot be resumed: {_first_line(exc)}") from None
 
     def save(self, net: torch.nn.Module, opt: torch.optim.Optimizer, it: int,
              arch: str, ema: AveragedModel | None = None) -> None:
@@ -242,13 +320,15 @@ class _Run:
         extra = {} if ema is None else {"trained_model": net.state_dict(),
                                         "ema": ema.state_dict()}
         _save_atomic({
-            "kind": self.kind, "arch": arch, "config": self.config,
-            "normalization": asdict(self.norm), "classes": self.classes,
-            "gsd": float(self.data.get("gsd", np.nan)),
-            "source": str(self.data.get("source", "")),
+            **_plain({"kind": self.kind, "arch": arch,
+                      "config": {**self.shape, **self.arch.to_dict()},
+                      "training": self.training.to_dict(),
+                      "normalization": asdict(self.norm), "classes": list(self.classes),
+                      "gsd": float(self.data.get("gsd", np.nan)),
+                      "source": str(self.data.get("source", "")), "iteration": int(it),
+                      "numpy_rng": self.rng.bit_generator.state}),
             "model": (net if ema is None else ema.module).state_dict(),
-            "optimizer": opt.state_dict(), "iteration": it,
-            "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
             **extra,
         }, self.ckpt)
 
@@ -275,26 +355,32 @@ def train_coarse(
     out_dir: str | Path,
     *,
     val_npz: str | Path | None = None,
-    iterations: int = 3000,
-    batch_size: int = 8,
-    lr: float = 2e-3,
-    seed: int = 0,
+    iterations: int = _T.iterations,
+    batch_size: int = _T.batch_size,
+    lr: float = _T.lr,
+    seed: int = _T.seed,
     device: str = "auto",
     resume: bool = False,
-    config: dict[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
     progress: bool = True,
-    crop: int = 128,
+    crop: int = _T.crop,
     normalization: Normalization | None = None,
-    checkpoint_every: int = 250,
+    checkpoint_every: int = _T.checkpoint_every,
 ) -> Path:
     """Train the coarse segmentor (cross-entropy + soft Dice); return the checkpoint path.
 
-    ``config`` overrides :data:`DEFAULT_COARSE` (``widths``, ``output_stride``).
+    ``config``: :class:`CoarseConfig` settings (``widths``, ``output_stride``) and ``ema``
+    (:class:`TrainingConfig`), in one flat object as ``train coarse --config`` takes them;
+    an unknown key is a UserError.
     """
-    run = _Run("coarse", out_dir, train_npz, seed=seed, device=device, resume=resume,
-               normalization=normalization, config={**DEFAULT_COARSE, **(config or {})})
+    arch, extra = split_config("coarse", config, "config")
+    training = TrainingConfig.from_dict(
+        {"iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed,
+         "crop": crop, "checkpoint_every": checkpoint_every, **extra}, "training settings")
+    run = _Run("coarse", out_dir, train_npz, device=device, resume=resume,
+               normalization=normalization, arch=arch, training=training)
     k = len(run.classes)
-    net = build_coarse_net(run.config).to(run.device)
+    net = build_coarse_net(cast(CoarseConfig, run.arch), **run.shape).to(run.device)
 
     def step(img: torch.Tensor, lab: torch.Tensor, _pre: torch.Tensor | None
              ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -304,8 +390,7 @@ def train_coarse(
         return ce + 0.5 * _soft_dice(logits, lab, k), {}
 
     val = load_npz(val_npz) if val_npz else None
-    return _fit(run, net, step, "idgbr-coarse", iterations=iterations, batch_size=batch_size,
-                lr=lr, crop=crop, checkpoint_every=checkpoint_every, progress=progress,
+    return _fit(run, net, step, "idgbr-coarse", progress=progress,
                 validate=None if val is None else
                 (lambda: _validate_coarse(net, val, run.norm, k, run.device)))
 
@@ -313,22 +398,24 @@ def train_coarse(
 def _fit(run: _Run, net: torch.nn.Module,
          step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
                         tuple[torch.Tensor, dict[str, float]]],
-         arch: str, *, iterations: int, batch_size: int, lr: float, crop: int,
-         checkpoint_every: int, progress: bool,
+         arch: str, *, progress: bool,
          validate: Callable[[], dict[str, float]] | None) -> Path:
     """The loop both stages share: AdamW with the warm-up/cosine schedule, gradient clipping,
     and every ``checkpoint_every`` iterations a CSV row (mean loss, ``step``'s extra parts,
     optional validation) and a resumable checkpoint.
 
-    ``config["ema"]`` > 0 keeps an exponential moving average of the weights (and batch-norm
+    ``ema`` > 0 keeps an exponential moving average of the weights (and batch-norm
     statistics) with that decay, as diffusion models are usually trained: the averaged
     weights are validated and exported, smoothing out the last noisy optimiser steps."""
+    tc = run.training
+    iterations, batch_size, lr = tc.iterations, tc.batch_size, tc.lr
+    checkpoint_every = tc.checkpoint_every
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    decay = float(run.config.get("ema", 0.0))
+    decay = tc.ema
     ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
            if decay > 0 else None)
     run.restore(net, opt, ema)
-    sampler = ChipSampler(run.data, run.norm, crop, run.rng)
+    sampler = ChipSampler(run.data, run.norm, tc.crop, run.rng)
     t0, acc = time.time(), []
     for it in run.progress(iterations, progress):
         net.train()
@@ -384,13 +471,19 @@ def _validate_coarse(net, val, norm, k, device) -> dict[str, float]:
             "val_miou": _miou(torch.cat(preds), torch.cat(labs), k)}
 
 
-def segmentor_from_checkpoint(path: str | Path, device: str = "auto") -> CoarseSegmentor:
-    """A Segmentor from a coarse training checkpoint (e.g. to train a refiner on its maps)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def segmentor_from_checkpoint(path: str | Path, device: str = "auto", *,
+                              state: dict[str, Any] | None = None) -> CoarseSegmentor:
+    """A Segmentor from a coarse training checkpoint (e.g. to train a refiner on its maps);
+    ``state``: its contents when already read with :func:`load_checkpoint`."""
+    state = load_checkpoint(path) if state is None else state
     if state.get("kind") != "coarse":
         raise UserError(f"{path} is not a coarse-model checkpoint")
-    net = build_coarse_net(state["config"])
-    net.load_state_dict(state["model"])
+    try:
+        settings, _, bands, k = checkpoint_settings(state, "coarse", path)
+        net = build_coarse_net(cast(CoarseConfig, settings), in_channels=bands, num_classes=k)
+        net.load_state_dict(state["model"])
+    except _BAD_STATE as exc:
+        raise UserError(f"{path}: bad coarse-model checkpoint: {_first_line(exc)}") from None
     return CoarseSegmentor(net, resolve_device(device))
 
 
@@ -403,36 +496,44 @@ def train_refiner(
     *,
     coarse: Any = None,
     val_npz: str | Path | None = None,
-    iterations: int = 3000,
-    batch_size: int = 8,
-    lr: float = 2e-3,
-    seed: int = 0,
+    iterations: int = _T.iterations,
+    batch_size: int = _T.batch_size,
+    lr: float = _T.lr,
+    seed: int = _T.seed,
     device: str = "auto",
     resume: bool = False,
-    config: dict[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
     progress: bool = True,
-    degradation: bool = True,
-    crop: int = 128,
+    degradation: bool = RefinerTrainingConfig.degradation,
+    crop: int = _T.crop,
     normalization: Normalization | None = None,
-    checkpoint_every: int = 250,
+    checkpoint_every: int = _T.checkpoint_every,
 ) -> Path:
     """Train the guidance network + denoiser; return the checkpoint path.
 
     Each sample's coarse map comes from ``coarse`` (any Segmentor, fed the same normalised
-    crops - so it must use the same normalisation) with probability ``config["p_model"]``,
-    otherwise from a random degradation of the ground truth (:func:`idgbr_geo.degrade`).
-    Training arrays that carry ``coarse`` maps use those (cropped and augmented with the
-    image) in place of running ``coarse``: maps made by a model that never saw the chip's
-    area carry the errors it makes on new scenes, which its maps of its own training chips
-    do not. ``config`` overrides :data:`DEFAULT_REFINER`; ``use_coarse=False`` trains the
-    image-only ('no rough') ablation and ``mode="oneshot"`` the non-iterative one.
+    crops - so it must use the same normalisation) with probability ``p_model``, otherwise
+    from a random degradation of the ground truth (:func:`idgbr_geo.degrade`). Training
+    arrays that carry ``coarse`` maps use those (cropped and augmented with the image) in
+    place of running ``coarse``: maps made by a model that never saw the chip's area carry
+    the errors it makes on new scenes, which its maps of its own training chips do not.
+    ``config``: :class:`RefinerConfig` and :class:`RefinerTrainingConfig` settings in one flat
+    object, as ``train refiner --config`` takes them (an unknown key is a UserError);
+    ``use_coarse=False`` trains the image-only ('no rough') ablation and ``mode="oneshot"``
+    the non-iterative one.
     """
-    run = _Run("refiner", out_dir, train_npz, seed=seed, device=device, resume=resume,
-               normalization=normalization, config={**DEFAULT_REFINER, **(config or {})})
-    cfg = run.config
+    arch, extra = split_config("refiner", config, "config")
+    training = RefinerTrainingConfig.from_dict(
+        {"iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed,
+         "crop": crop, "checkpoint_every": checkpoint_every, "degradation": degradation,
+         **extra}, "training settings")
+    run = _Run("refiner", out_dir, train_npz, device=device, resume=resume,
+               normalization=normalization, arch=arch, training=training)
+    tc = cast(RefinerTrainingConfig, run.training)
+    oneshot = cast(RefinerConfig, run.arch).mode == "oneshot"
     k = len(run.classes)
     stored = run.data.get("coarse")
-    if coarse is None and stored is None and not degradation:
+    if coarse is None and stored is None and not tc.degradation:
         raise UserError("the refiner needs coarse maps: give a coarse model, coarse maps in "
                         "the training arrays, or keep degradation")
     if stored is not None and stored.shape[1] != k:
@@ -441,33 +542,32 @@ def train_refiner(
     if coarse is not None and int(getattr(coarse, "num_classes", k)) != k:
         raise UserError(f"the coarse model predicts {coarse.num_classes} classes, the training "
                         f"arrays have {k}")
-    net = build_refiner_net(cfg).to(run.device)
+    net = build_refiner_net(cast(RefinerConfig, run.arch), **run.shape).to(run.device)
     gen = torch.Generator().manual_seed(seed + run.start)
-    p_model = float(cfg.get("p_model", 0.5)) if coarse is not None or stored is not None else 0.0
-    if not degradation:
+    p_model = tc.p_model if coarse is not None or stored is not None else 0.0
+    if not tc.degradation:
         p_model = 1.0
 
     def step(img: torch.Tensor, lab: torch.Tensor, pre: torch.Tensor | None
              ) -> tuple[torch.Tensor, dict[str, float]]:
         probs = _coarse_maps(img, lab, k, coarse, p_model, gen, run.rng,
-                             perturb=float(cfg.get("coarse_perturb", 0.0)), stored=pre)
-        return training_loss(net, img, probs, lab, t_max=float(cfg.get("t_max", 1.0)),
-                             p_uncond=float(cfg.get("p_uncond", 0.0)),
-                             p_coarse_x0=float(cfg.get("p_coarse_x0", 0.0)),
-                             oneshot=cfg.get("mode") == "oneshot",
-                             boundary_weight=float(cfg.get("boundary_weight", 0.0)),
-                             boundary_radius=int(cfg.get("boundary_radius", 2)))
+                             perturb=tc.coarse_perturb, stored=pre)
+        return training_loss(net, img, probs, lab, t_max=tc.t_max, p_uncond=tc.p_uncond,
+                             p_coarse_x0=tc.p_coarse_x0, oneshot=oneshot,
+                             boundary_weight=tc.boundary_weight,
+                             boundary_radius=tc.boundary_radius)
 
     val = load_npz(val_npz) if val_npz else None
-    return _fit(run, net, step, "idgbr-refiner", iterations=iterations, batch_size=batch_size,
-                lr=lr, crop=crop, checkpoint_every=checkpoint_every, progress=progress,
+    return _fit(run, net, step, "idgbr-refiner", progress=progress,
                 validate=None if val is None else
-                (lambda: _validate_refiner(net, val, run.norm, k, run.device, coarse, cfg)))
+                (lambda: _validate_refiner(net, val, run.norm, k, run.device, coarse,
+                                           oneshot)))
 
 
 @torch.no_grad()
-def _validate_refiner(net, val, norm, k, device, coarse, cfg) -> dict[str, float]:
-    """mIoU of the coarse maps (coarse model, else fixed degradations) and of their refinement."""
+def _validate_refiner(net, val, norm, k, device, coarse, oneshot: bool) -> dict[str, float]:
+    """mIoU of the coarse maps (coarse model, else fixed degradations) and of their
+    refinement (the default sampling steps, :class:`SamplingConfig`)."""
     from .diffusion import sample
 
     net.eval()
@@ -477,10 +577,8 @@ def _validate_refiner(net, val, norm, k, device, coarse, cfg) -> dict[str, float
         img = img.to(device)
         probs = (coarse.predict(img).float() if coarse is not None
                  else degrade(lab, k, generator=gen).to(device))
-        logits = sample(net, img, probs, steps=int(cfg.get("steps", 4)), seed=0,
-                        origins=[(0, 0)] * len(img), start=cfg.get("start", "noise"),
-                        t_start=float(cfg.get("t_start", 1.0)),
-                        oneshot=cfg.get("mode") == "oneshot")
+        logits = sample(net, img, probs, steps=SamplingConfig().steps, seed=0,
+                        origins=[(0, 0)] * len(img), oneshot=oneshot)
         cs.append(probs.argmax(1).cpu())
         rs.append(logits.argmax(1).cpu())
         labs.append(lab)
@@ -532,26 +630,33 @@ def export_model(coarse_ckpt: str | Path | None, refiner_ckpt: str | Path | None
                  card: ModelCard, folder: str | Path) -> Path:
     """Write ``card`` + one safetensors file with both networks into ``folder``.
 
-    Fills the card's segmentor/refiner sections, classes and normalisation from the
-    checkpoints (the networks were trained with that normalisation).
+    Fills the card's segmentor/refiner sections (architecture), its training settings
+    (``training.segmentor`` / ``training.refiner``), classes and normalisation from the
+    checkpoints (the networks were trained with that normalisation). The sampling defaults
+    are the card's own: a checkpoint does not choose how it is run.
     """
     tensors: dict[str, torch.Tensor] = {}
     for prefix, path, arch in (("segmentor.", coarse_ckpt, "idgbr-coarse"),
                                ("refiner.", refiner_ckpt, "idgbr-refiner")):
         if path is None:
             continue
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path)
         if state.get("arch") != arch:
             raise UserError(f"{path} is not a {arch} checkpoint")
         if list(state["classes"]) != list(card.classes):
             raise UserError(f"{path} was trained for classes {state['classes']}, the card "
                             f"says {card.classes}")
-        cfg = {k: v for k, v in state["config"].items() if k not in ("in_channels", "num_classes")}
-        section = {"arch": arch, "config": cfg}
+        try:
+            settings, training, _, _ = checkpoint_settings(state, state["kind"], path)
+        except _BAD_STATE as exc:
+            raise UserError(f"{path}: bad checkpoint: {_first_line(exc)}") from None
+        section = {"arch": arch, "config": settings.to_dict()}
         if prefix == "segmentor.":
             card.segmentor = section
+            card.training.segmentor = training.to_dict()
         else:
             card.refiner = section
+            card.training.refiner = training.to_dict()
         card.normalization = Normalization(**state["normalization"])
         tensors.update({prefix + k: v for k, v in state["model"].items()})
     if not tensors:
@@ -561,9 +666,14 @@ def export_model(coarse_ckpt: str | Path | None, refiner_ckpt: str | Path | None
 
 def refiner_from_checkpoint(path: str | Path, device: str = "auto") -> DiffusionRefiner:
     """A Refiner from a refiner training checkpoint (for validation before export)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)
     if state.get("kind") != "refiner":
         raise UserError(f"{path} is not a refiner checkpoint")
-    net = build_refiner_net(state["config"])
-    net.load_state_dict(state["model"])
-    return DiffusionRefiner(net, state["config"], resolve_device(device))
+    try:
+        settings, _, bands, k = checkpoint_settings(state, "refiner", path)
+        arch = cast(RefinerConfig, settings)
+        net = build_refiner_net(arch, in_channels=bands, num_classes=k)
+        net.load_state_dict(state["model"])
+    except _BAD_STATE as exc:
+        raise UserError(f"{path}: bad refiner checkpoint: {_first_line(exc)}") from None
+    return DiffusionRefiner(net, arch, resolve_device(device))

@@ -14,9 +14,11 @@ ground metres (to UTM's < 0.1 % scale error within a zone).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +29,11 @@ import pyproj
 import rasterio
 import shapely
 from affine import Affine
-from rasterio.errors import RasterioIOError
 from shapely.geometry import Polygon
 
 from .centerlines import build_centerlines
-from .errors import InputError, OutputError
-from .files import atomic_output, check_output
+from .errors import InputError, OutputError, UserError
+from .files import atomic_output, check_distinct, check_output
 from .polygonize import (
     CENTERLINE_HALO,
     ClassRasterInfo,
@@ -41,14 +42,15 @@ from .polygonize import (
     inspect_class_raster,
     polygonize_regions,
 )
+from .rasters import open_raster
 from .regularize import regularize_polygons, separate_overlaps, simplify_fast
 
 # the polygonization names are re-exported: they were long importable from here
 __all__ = [
     "CENTERLINE_HALO", "DEFAULT_MIN_AREA_M2", "DEFAULT_MIN_AREA_PIXELS", "GDAL_CACHE_MB",
     "AreaSpec", "ClassRasterInfo", "Finisher", "GeoPackageWriter", "Ground", "Regions",
-    "check_gpkg_output", "default_min_area", "inspect_class_raster", "layer_name",
-    "polygonize_regions", "vectorize_layers", "vectorize_raster",
+    "check_class_names", "check_gpkg_output", "default_min_area", "inspect_class_raster",
+    "layer_name", "polygonize_regions", "vectorize_layers", "vectorize_raster",
 ]
 
 #: minimum feature area (m^2) per class keyword; other classes default to 9 pixels
@@ -60,22 +62,50 @@ GDAL_CACHE_MB = 64
 AreaSpec = float | dict[str, float] | None
 
 
-# ----------------------------------------------------------------------------- raster input
-def _open(path: str | Path) -> rasterio.DatasetReader:
-    if not Path(path).exists():
-        raise InputError(f"{path} does not exist")
-    try:
-        return rasterio.open(path)
-    except RasterioIOError as exc:
-        raise InputError(f"cannot open {path} as a raster: {str(exc).splitlines()[0]}") from None
-
-
+# ----------------------------------------------------------------------------- names
 def layer_name(class_name: str) -> str:
     """GeoPackage layer name for a class ('building' -> 'buildings', 'road' -> 'roads')."""
     name = re.sub(r"[^0-9a-zA-Z_]+", "_", class_name.strip().lower()).strip("_") or "class"
     plural = {"building": "buildings", "road": "roads"}
     name = plural.get(name, name)
     return name if not name[0].isdigit() else f"c_{name}"
+
+
+#: layer name prefixes a GeoPackage reserves for its own tables (and SQLite for its own)
+_RESERVED_LAYER_PREFIXES = ("gpkg_", "rtree_", "sqlite_")
+
+
+def check_class_names(names: Sequence[str] | str) -> list[str]:
+    """Validate class names given by class id (``["background", "building"]``, or the same as
+    one comma-separated string) and return them stripped.
+
+    For class rasters made by other tools, which carry no ``IDGBR_CLASSES`` tag. Each name must
+    contain a letter or digit, and the names must give distinct, usable GeoPackage layer names
+    (see :func:`layer_name`; so ``Building`` and ``building`` are the same name). Ids named
+    ``background``, ``bg`` or ``nodata`` give no layer. Raises :class:`UserError`.
+    """
+    if isinstance(names, str):
+        names = names.split(",")
+    try:
+        out = [n.strip() for n in names]
+    except (TypeError, AttributeError):
+        raise UserError(f"class names must be a list of strings, not {names!r}") from None
+    if not out:
+        raise UserError("no class names given")
+    layers: dict[str, str] = {}
+    for cid, name in enumerate(out):
+        if not re.search(r"[0-9A-Za-z]", name):
+            raise UserError(f"class name {name!r} (id {cid}) has no letter or digit: every "
+                            "class needs a name that can be a layer name")
+        layer = layer_name(name)
+        if layer.startswith(_RESERVED_LAYER_PREFIXES) or layer == "road_centerlines":
+            raise UserError(f"class name {name!r} (id {cid}) gives the layer name {layer!r}, "
+                            "which is reserved (GeoPackage tables, the centerline layer)")
+        if layer in layers:
+            raise UserError(f"class names {layers[layer]!r} and {name!r} (id {cid}) both give "
+                            f"the layer {layer!r}: class names must be unique")
+        layers[layer] = name
+    return out
 
 
 # --------------------------------------------------------------------------- ground metres
@@ -94,6 +124,8 @@ class Ground:
         if self.reproject:
             lon, lat = pyproj.Transformer.from_crs(self.crs, "EPSG:4326", always_xy=True) \
                 .transform(cx, cy)
+            if not (math.isfinite(lon) and math.isfinite(lat)):
+                raise ValueError(f"the scene centre ({cx}, {cy}) has no longitude/latitude")
             zone = int((lon + 180) // 6) % 60 + 1
             utm = pyproj.CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
             self._to_utm = pyproj.Transformer.from_crs(self.crs, utm, always_xy=True)
@@ -179,6 +211,7 @@ def vectorize_layers(
     spur_length: float | None = None,
     window_size: int = 2048,
     scene: str | None = None,
+    classes: Sequence[str] | str | None = None,
     progress: bool = False,
 ) -> dict[str, gpd.GeoDataFrame]:
     """Vectorize a class raster into ``{layer name: GeoDataFrame}`` in the raster's CRS.
@@ -190,20 +223,30 @@ def vectorize_layers(
     9 pixels; holes default to the class's minimum area. ``regularize`` makes building
     footprints rectilinear; ``centerlines`` adds a ``road_centerlines`` layer (spurs shorter than
     ``spur_length`` metres, default 20 pixels, are pruned). Background and nodata give nothing.
+
+    ``classes``: class names by class id (e.g. ``["background", "building"]``), for rasters
+    without the ``IDGBR_CLASSES`` tag that ``refine`` writes (their layers are otherwise
+    ``class_1``, ``class_2``, ...); they replace the tag's names. Checked by
+    :func:`check_class_names`; a class id in the raster without a name is an error.
     """
+    names = check_class_names(classes) if classes is not None else None
     # every block is read once (plus centerline halos): GDAL's default block cache (5 % of RAM)
     # would only keep the whole decompressed scene in memory
     # (rasterio.Env takes GDAL_CACHEMAX in bytes)
     cache = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB * 2**20}
     with rasterio.Env(**cache):
-        src = _open(class_raster)
-        prob = _open(probabilities) if probabilities is not None else None
+        src = open_raster(class_raster, "class raster")
+        prob = (open_raster(probabilities, "probabilities raster")
+                if probabilities is not None else None)
         try:
             info = inspect_class_raster(src)
+            if names is not None:
+                info = dataclasses.replace(info, classes=names)
             scene = scene if scene is not None else info.path.stem
             n_known = len(info.classes) if info.classes else 0
             road_ids = [k for k in range(max(n_known, 1)) if "road" in info.name(k).lower()]
-            shaper = _Shaper(info, simplify, min_area, fill_holes, regularize)
+            shaper = _Shaper(info, simplify, min_area, fill_holes, regularize,
+                             named=names is not None)
             regions, road_parts = polygonize_regions(
                 src, info, window_size=window_size, probabilities=prob,
                 centerline_ids=road_ids if centerlines else (), finish=shaper, progress=progress)
@@ -215,7 +258,8 @@ def vectorize_layers(
     ids = sorted(set(int(c) for c in regions.class_id)
                  | {k for k in range(n_known) if not info.is_background(k)})
     if not ids and info.classes is not None:
-        raise InputError(f"{info.path.name}: its classes {info.classes} have no foreground "
+        whose = "the class names" if names is not None else "its classes"
+        raise InputError(f"{info.path.name}: {whose} {info.classes} have no foreground "
                          "class to vectorize")
     ids = ids or [1]  # untagged and all background: an empty `class_1` layer
     layers: dict[str, gpd.GeoDataFrame] = {}
@@ -259,13 +303,24 @@ class _Shaper:
     drop small features, simplify or regularize (see :func:`polygonize_regions`)."""
 
     def __init__(self, info: ClassRasterInfo, simplify: float | None, min_area: AreaSpec,
-                 fill_holes: AreaSpec, regularize: bool) -> None:
+                 fill_holes: AreaSpec, regularize: bool, named: bool = False) -> None:
         tr = info.transform
         self.info, self.regularize = info, regularize
+        self.named = named  # class names were given: an id without one is an error
         self.matrix = [tr.a, tr.b, tr.d, tr.e, tr.c, tr.f]
         self.pixel = math.sqrt(abs(tr.a * tr.e - tr.b * tr.d))
-        self.ground = Ground(info.crs, _bounds(info))
-        self.m2_per_u2 = self.ground.m2_per_unit2(tr, info.width / 2, info.height / 2)
+        # a corrupt or absurd transform (zero pixel size, a centre outside the CRS's world)
+        # has no ground size: say so instead of dividing by it
+        try:
+            with np.errstate(all="ignore"):
+                self.ground = Ground(info.crs, _bounds(info))
+                self.m2_per_u2 = self.ground.m2_per_unit2(tr, info.width / 2, info.height / 2)
+        except (ValueError, OverflowError, pyproj.exceptions.ProjError):
+            self.m2_per_u2 = math.nan
+        if not (0 < self.pixel < math.inf and 0 < self.m2_per_u2 < math.inf):
+            raise InputError(f"{info.path.name}: its georeferencing gives no ground size "
+                             f"(pixel size {tr.a:g} x {tr.e:g}, origin {tr.c:g}, {tr.f:g} in "
+                             f"{info.crs}): check its transform and CRS")
         pixel_m2 = self.pixel ** 2 * self.m2_per_u2
         self.tol = self.pixel if simplify is None else float(simplify)
         self.min_area, self.fill_holes, self.pixel_m2 = min_area, fill_holes, pixel_m2
@@ -279,6 +334,13 @@ class _Shaper:
     def __call__(self, geoms_px: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
         out = np.full(len(geoms_px), None, dtype=object)
         for cid in np.unique(class_ids):
+            classes = self.info.classes or []
+            if self.named and not 0 <= cid < len(classes):
+                need = (f"name every id from 0 to {int(cid)} (nodata excepted)" if cid >= 0
+                        else "names cover class ids 0, 1, 2, ... only")
+                raise InputError(
+                    f"{self.info.path.name} has class id {int(cid)}, but {len(classes)} class "
+                    f"names were given ({', '.join(classes)}): {need}")
             sel = np.nonzero(class_ids == cid)[0]
             name = self.info.name(int(cid))
             min_a = _per_class(self.min_area, name, default_min_area(name, self.pixel_m2))
@@ -388,18 +450,27 @@ def vectorize_raster(
     spur_length: float | None = None,
     window_size: int = 2048,
     scene: str | None = None,
+    classes: Sequence[str] | str | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Vectorize a class raster into a GeoPackage (or into an open :class:`GeoPackageWriter`,
     e.g. to merge several scenes with a ``scene`` attribute). Returns a summary:
-    ``{"output", "scene", "layers": {name: feature count}}``. See :func:`vectorize_layers`."""
+    ``{"output", "scene", "layers": {name: feature count}}``. See :func:`vectorize_layers`
+    (``classes``: names by class id for rasters without the ``IDGBR_CLASSES`` tag)."""
+    if classes is not None:
+        classes = check_class_names(classes)  # before any file is touched
+    # fail before the expensive part; an input is never replaced, even with overwrite
+    target = out_gpkg.path if isinstance(out_gpkg, GeoPackageWriter) else out_gpkg
+    check_distinct({"class raster": class_raster, "$probabilities raster": probabilities},
+                   {"output": target})
     if not isinstance(out_gpkg, GeoPackageWriter):
-        out = check_gpkg_output(out_gpkg, overwrite)  # fail before the expensive part
+        out = check_gpkg_output(out_gpkg, overwrite)
     layers = vectorize_layers(class_raster, probabilities=probabilities, simplify=simplify,
                               min_area=min_area, fill_holes=fill_holes, regularize=regularize,
                               centerlines=centerlines, spur_length=spur_length,
-                              window_size=window_size, scene=scene, progress=progress)
+                              window_size=window_size, scene=scene, classes=classes,
+                              progress=progress)
     if isinstance(out_gpkg, GeoPackageWriter):
         out_gpkg.add(layers)
         out = out_gpkg.path

@@ -18,9 +18,12 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from .cards import hex_to_rgb
+from .errors import OutputError
+from .files import output_name, write_errors
 from .stitching import Strip
 
 NODATA = 255
@@ -58,7 +61,11 @@ def colormap(colors: list[str]) -> dict[int, tuple[int, int, int, int]]:
 
 
 class ResultWriter:
-    """Writes class ids (+ confidence) and optional probabilities for finished strips."""
+    """Writes class ids (+ confidence) and optional probabilities for finished strips.
+
+    Write failures (disk full, folder made read-only) raise one :class:`OutputError` naming
+    the output, also those GDAL only notices when it closes the file (see :meth:`close`).
+    """
 
     def __init__(self, path: Path, like: rasterio.DatasetReader, classes: list[str],
                  colors: list[str], *, confidence: bool = False,
@@ -68,22 +75,31 @@ class ResultWriter:
         self.confidence = confidence
         profile = base_profile(like, 2 if confidence else 1)
         profile["zlevel"] = CLASS_ZLEVEL
-        self.ds = rasterio.open(path, "w", nodata=NODATA, **profile)
-        self.ds.write_colormap(1, colormap(colors))
-        self.ds.set_band_description(1, "class")
-        if confidence:
-            self.ds.set_band_description(2, "confidence")
-        self.ds.update_tags(IDGBR_CLASSES=json.dumps(classes), IDGBR_COLORS=json.dumps(colors),
-                            **{k: str(v) for k, v in (tags or {}).items()})
+        self.path, self.prob_path = Path(path), probabilities
         self.prob = None
+        self.height, self.rows_written = like.height, 0
+        with write_errors(path):
+            self.ds = rasterio.open(path, "w", nodata=NODATA, **profile)
+            self.ds.write_colormap(1, colormap(colors))
+            self.ds.set_band_description(1, "class")
+            if confidence:
+                self.ds.set_band_description(2, "confidence")
+            self.ds.update_tags(IDGBR_CLASSES=json.dumps(classes),
+                                IDGBR_COLORS=json.dumps(colors),
+                                **{k: str(v) for k, v in (tags or {}).items()})
         self.prob_dtype = np.dtype(prob_dtype)
         if probabilities is not None:
             profile = base_profile(like, len(classes))
             profile["dtype"] = self.prob_dtype.name
-            self.prob = rasterio.open(probabilities, "w", nodata=None, **profile)
-            for i, name in enumerate(classes):
-                self.prob.set_band_description(i + 1, name)
-            self.prob.update_tags(IDGBR_CLASSES=json.dumps(classes))
+            try:
+                with write_errors(probabilities):
+                    self.prob = rasterio.open(probabilities, "w", nodata=None, **profile)
+                    for i, name in enumerate(classes):
+                        self.prob.set_band_description(i + 1, name)
+                    self.prob.update_tags(IDGBR_CLASSES=json.dumps(classes))
+            except BaseException:
+                self.ds.close()
+                raise
 
     def write(self, row0: int, row1: int, strip: Strip) -> None:
         """Write rows ``row0..row1`` of a finished strip (class ids, confidence, probabilities)."""
@@ -111,21 +127,66 @@ class ResultWriter:
                     p[:, a:b] = part.probs
                 if hole is not None:
                     p[:, a:b][:, hole] = 0
-        self.ds.write(ids, 1, window=win)
-        if conf is not None:
-            self.ds.write(conf, 2, window=win)
+        with write_errors(self.path):
+            self.ds.write(ids, 1, window=win)
+            if conf is not None:
+                self.ds.write(conf, 2, window=win)
         if p is not None:
-            self.prob.write(p, window=win)
+            with write_errors(self.prob_path):
+                self.prob.write(p, window=win)
+        self.rows_written += row1 - row0
 
     def close(self) -> None:
-        self.ds.close()
+        """Close both files and check them: GDAL reports a write that fails while it
+        closes (the last blocks, the block index) only on stderr, so a full disk would
+        otherwise leave a truncated GeoTIFF that looks complete. (Not checked when the run
+        stopped early: the files are then discarded and the first error is the one to tell.)"""
+        with write_errors(self.path):
+            self.ds.close()
         if self.prob is not None:
-            self.prob.close()
+            with write_errors(self.prob_path):
+                self.prob.close()
+        if self.rows_written >= self.height:
+            check_complete(self.path)
+            if self.prob is not None:
+                check_complete(self.prob_path)
+
+
+def check_complete(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`OutputError` unless the GeoTIFF at ``path`` holds every block it
+    indexes: the file opens, and no block is missing or runs past the end of the file.
+
+    Reads the block index only (no pixels): ~10 ms for 67 MP.
+    """
+    name = output_name(path)
+    size = os.path.getsize(path)
+    try:
+        with rasterio.open(path) as ds:
+            end = 0
+            for b in ds.indexes:
+                bh, bw = ds.block_shapes[b - 1]
+                for i in range(-(-ds.height // bh)):
+                    for j in range(-(-ds.width // bw)):
+                        off = ds.get_tag_item(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=b)
+                        n = ds.get_tag_item(f"BLOCK_SIZE_{j}_{i}", "TIFF", bidx=b)
+                        if not off or not n or int(off) == 0:
+                            raise OutputError(f"cannot write {name}: block {i},{j} of band {b} "
+                                              "is missing (disk full?)")
+                        end = max(end, int(off) + int(n))
+    except RasterioError:
+        raise OutputError(f"cannot write {name}: the written file is unreadable "
+                          "(disk full?)") from None
+    if end > size:
+        raise OutputError(f"cannot write {name}: the file was cut short at {size} bytes "
+                          "(disk full?)")
 
 
 def to_cog(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, categorical: bool) -> None:
     """Copy a GeoTIFF to a Cloud-Optimized GeoTIFF with overviews (mode for class ids)."""
-    rasterio.shutil.copy(
-        src, dst, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512, BIGTIFF="IF_SAFER",
-        OVERVIEW_RESAMPLING=(Resampling.mode if categorical else Resampling.average).name.upper(),
-    )
+    with write_errors(dst):
+        rasterio.shutil.copy(
+            src, dst, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512, BIGTIFF="IF_SAFER",
+            OVERVIEW_RESAMPLING=(Resampling.mode if categorical else Resampling.average
+                                 ).name.upper(),
+        )
+    check_complete(dst)

@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
+import toy_models  # noqa: F401  (registers the conv-segmentor / conv-refiner architectures)
 from rasterio.transform import from_origin
 
 from idgbr_geo.cards import ModelCard, Normalization
+from idgbr_geo.config import SamplingConfig
 from idgbr_geo.registry import save_model
 
 
@@ -46,7 +48,8 @@ def conv_model(folder: Path, *, classes=("background", "building"), bands: int =
                kernel: int = 5, gsd: float | None = 0.3, refiner: bool = True,
                tile_size: int = 96, overlap: int = 32, steps: int = 2, seed: int = 0,
                name: str = "toy") -> Path:
-    """A tiny fixed-convolution segmentor (+ toy refiner) saved as card + safetensors."""
+    """A tiny fixed-convolution segmentor (+ toy refiner) saved as card + safetensors
+    (architectures of toy_models.py)."""
     g = torch.Generator().manual_seed(seed)
     k = len(classes)
     tensors = {"segmentor.weight": torch.randn(k, bands, kernel, kernel, generator=g) * 0.3,
@@ -54,8 +57,9 @@ def conv_model(folder: Path, *, classes=("background", "building"), bands: int =
     card = ModelCard(name=name, classes=list(classes), bands=bands,
                      band_names=[f"b{i}" for i in range(bands)],
                      normalization=Normalization(mean=[0.3] * bands, std=[0.2] * bands),
-                     gsd=gsd, tile_size=tile_size, overlap=overlap, steps=steps,
-                     stride_multiple=8, segmentor={"arch": "conv-segmentor"})
+                     gsd=gsd, tile_size=tile_size, overlap=overlap,
+                     sampling=SamplingConfig(steps=steps), stride_multiple=8,
+                     segmentor={"arch": "conv-segmentor"})
     if refiner:
         tensors["refiner.weight"] = torch.randn(k, bands + k, 3, 3, generator=g) * 0.3
         card.refiner = {"arch": "conv-refiner", "config": {"noise_scale": 0.05}}

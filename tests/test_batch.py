@@ -3,9 +3,9 @@ the batch's own outputs, a malformed manifest is one clear error, and no output 
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -13,10 +13,16 @@ import rasterio
 from click.testing import CliRunner
 from synth import conv_model, synthetic_scene, write_raster
 
-from idgbr_geo import batch as batch_mod
-from idgbr_geo.batch import MANIFEST_NAME, SUMMARY_NAME, options_fingerprint, run_batch
+from idgbr_geo.batch import (
+    MANIFEST_NAME,
+    SUMMARY_NAME,
+    SceneSettings,
+    options_fingerprint,
+    run_batch,
+)
 from idgbr_geo.cli import main
 from idgbr_geo.errors import UserError
+from idgbr_geo.options import OutputOptions, RunOptions, VectorOptions
 
 
 @pytest.fixture(scope="module")
@@ -158,11 +164,11 @@ def test_an_output_the_manifest_does_not_know_stays(folders, model):
     assert {Path(s.scene).name: s.status for s in res.scenes} == {"a.tif": "skipped",
                                                                   "b.tif": "done"}
     # other options: b (ours) is redone, a (not ours) still stays
-    res = run_batch(ind, out, model=model, quiet=True, seed=3)
+    res = run_batch(ind, out, model=model, quiet=True, options=RunOptions(seed=3))
     assert {Path(s.scene).name: s.status for s in res.scenes} == {"a.tif": "skipped",
                                                                   "b.tif": "done"}
     assert (out / "a.tif").read_bytes() == b"not ours"
-    res = run_batch(ind, out, model=model, quiet=True, seed=3, overwrite=True)
+    res = run_batch(ind, out, model=model, quiet=True, overwrite=True, options=RunOptions(seed=3))
     assert res.counts() == {"done": 1, "skipped": 1}
     assert read(out / "a.tif")[1]["IDGBR_SEED"] == "3"
 
@@ -182,40 +188,55 @@ def test_ours_after_a_failed_redo_is_still_ours(folders, model, monkeypatch):
         return real(input, output, **kw)
 
     monkeypatch.setattr(engine, "refine_raster", fail_a)
-    res = run_batch(ind, out, model=model, quiet=True, coarse_only=True, retries=0)
+    res = run_batch(ind, out, model=model, quiet=True, retries=0,
+                    options=RunOptions(coarse_only=True))
     assert res.counts() == {"done": 1, "failed": 1}
     monkeypatch.setattr(engine, "refine_raster", real)
-    res = run_batch(ind, out, model=model, quiet=True, coarse_only=True)
+    res = run_batch(ind, out, model=model, quiet=True, options=RunOptions(coarse_only=True))
     assert {Path(s.scene).name: s.status for s in res.scenes} == {"a.tif": "done",
                                                                   "b.tif": "skipped"}
     assert read(out / "a.tif")[1]["IDGBR_STEPS"] == "0"
 
 
-def test_fingerprint_defaults_and_neutral_options(model):
+def test_fingerprint_covers_every_option_that_shapes_the_bytes(model):
     """The CLI passes every option (None, False, seed 0); the Python API only those given:
-    both mean the same outputs, so the same fingerprint. Every option that shapes the bytes
-    changes it."""
-    from idgbr_geo.engine import refine_raster
+    both mean the same outputs, so the same fingerprint. Every field of the run and output
+    options changes it, except the neutral ones; the polygon options only when polygons are
+    written. (A new option field fails this test until it is listed here.)"""
 
-    cli_kw = {"coarse_only": False, "bands": None, "tile_size": None, "overlap": None,
-              "steps": None, "batch_size": None, "model_workers": None, "seed": 0,
-              "gsd": None, "confidence": False, "cog": False, "overwrite": False,
-              "quiet": True, "device": "auto"}
-    fp = options_fingerprint(str(model), cli_kw)
-    assert options_fingerprint(str(model), {}) == fp
-    assert options_fingerprint(str(model), {"model_workers": 4, "device": "cpu",
-                                            "overwrite": True}) == fp
-    changes = {"coarse_only": True, "bands": [3, 2, 1], "tile_size": 64, "overlap": 8,
-               "steps": 5, "batch_size": 2, "seed": 1, "gsd": 0.5, "confidence": True,
-               "cog": True, "probabilities_dtype": "float32",
-               "vector_per_scene": True, "vector_options": {"simplify": 1.0}}
-    for key, value in changes.items():
-        assert options_fingerprint(str(model), {key: value}) != fp, key
-    # every refine_raster default the fingerprint folds in is the engine's own
-    for name, p in inspect.signature(refine_raster).parameters.items():
-        if name != "model" and p.default not in (inspect.Parameter.empty, None, False):
-            assert batch_mod._OPTION_DEFAULTS.get(name, p.default) == p.default, name
-            assert name in batch_mod._OPTION_DEFAULTS or name in batch_mod._NEUTRAL_OPTIONS, name
+    def fp(settings: SceneSettings) -> str:
+        return options_fingerprint(str(model), settings)
+
+    base = fp(SceneSettings())
+    cli = SceneSettings(
+        RunOptions(coarse_only=False, bands=None, tile_size=None, overlap=None, steps=None,
+                   batch_size=None, model_workers=None, device="auto", seed=0, gsd=None),
+        OutputOptions(confidence=False, cog=False, probabilities_dtype="uint8",
+                      vectors=VectorOptions(simplify=None, regularize=False)))
+    assert fp(cli) == base
+    assert fp(SceneSettings(RunOptions(model_workers=4, device="cpu"), overwrite=True,
+                            tune_process=True)) == base
+    assert RunOptions.NEUTRAL == {"device", "model_workers"}
+    run = {"coarse_only": True, "bands": [3, 2, 1], "tile_size": 64, "overlap": 8, "steps": 5,
+           "batch_size": 2, "seed": 1, "gsd": 0.5}
+    assert set(run) == {f.name for f in fields(RunOptions)} - RunOptions.NEUTRAL
+    for key, value in run.items():
+        assert fp(SceneSettings(RunOptions(**{key: value}))) != base, key
+    out = {"confidence": True, "cog": True, "probabilities_dtype": "float32"}
+    assert set(out) | {"vectors"} == {f.name for f in fields(OutputOptions)}
+    for key, value in out.items():
+        assert fp(SceneSettings(outputs=OutputOptions(**{key: value}))) != base, key
+    # polygons: writing them changes it, and then so does every way of shaping them
+    shaped = OutputOptions(vectors=VectorOptions(simplify=1.0))
+    assert fp(SceneSettings(outputs=shaped)) == base  # no polygons written: no change
+    with_vectors = fp(SceneSettings(vector=True))
+    assert with_vectors != base
+    vec = {"simplify": 1.0, "min_area": 5.0, "fill_holes": {"building": 3.0},
+           "regularize": True, "centerlines": True, "spur_length": 5.0}
+    assert set(vec) == {f.name for f in fields(VectorOptions)}
+    for key, value in vec.items():
+        settings = SceneSettings(outputs=OutputOptions(vectors={key: value}), vector=True)
+        assert fp(settings) != with_vectors, key
 
 
 # -- item 11: a malformed manifest is one clear error ------------------------------------------
@@ -292,3 +313,57 @@ def test_out_dir_inside_in_dir_is_fine(tmp_path, model):
     for _ in range(2):  # the second run does not see OUT's a.tif (the pattern is not **)
         res = run_batch(tmp_path, tmp_path / "out", model=model, quiet=True)
     assert [s.status for s in res.scenes] == ["skipped"]
+
+
+# -- issue 14: OUT is created; what fails every scene fails once, before any scene --------------
+
+def test_batch_creates_the_output_folder(tmp_path, model):
+    ind = tmp_path / "in"
+    ind.mkdir()
+    write_raster(ind / "a.tif", synthetic_scene(40, 40))
+    out = tmp_path / "new"
+    assert cli("batch", str(ind), str(out), "--model", str(model), "-q") == (0, "")
+    assert (out / "a.tif").exists() and states(out) == {"a.tif": "done"}
+    # not a whole tree: a mistyped parent is an error, and nothing is made
+    code, err = cli("batch", str(ind), str(tmp_path / "typo" / "out"), "--model", str(model))
+    assert code == 2 and "typo does not exist" in one_error_line(err)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_batch_that_fails_before_any_scene_leaves_no_new_folder(tmp_path, model):
+    ind = tmp_path / "in"
+    ind.mkdir()
+    write_raster(ind / "a.tif", synthetic_scene(40, 40))
+    out = tmp_path / "new"
+    code, err = cli("batch", str(ind), str(out), "--model", str(model), "--vector-merge",
+                    str(out / "all.shp"))
+    assert code == 2 and "must end in .gpkg" in one_error_line(err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (RunOptions(tile_size=40), r"tile_size \(40\) must be larger than twice the overlap"),
+    (RunOptions(tile_size=68, overlap=8), "must be multiples of 8 for model"),
+])
+def test_options_that_fail_every_scene_fail_once_up_front(folders, model, monkeypatch, options,
+                                                          message):
+    """Valid on their own, wrong for this model's card: one error before any scene starts
+    (no scene tried, no manifest), instead of every scene failing alike."""
+    import idgbr_geo.engine as engine
+
+    ind, out = folders
+    calls = []
+    monkeypatch.setattr(engine, "refine_raster", lambda *a, **k: calls.append(a))
+    with pytest.raises(UserError, match=message):
+        run_batch(ind, out, model=model, quiet=True, options=options)
+    assert calls == [] and list(out.iterdir()) == []
+    code, err = cli("batch", str(ind), str(out), "--model", str(model),
+                    *(["--tile-size", "40"] if options.tile_size == 40 else
+                      ["--tile-size", "68", "--overlap", "8"]))
+    assert code == 2 and "--tile-size" in one_error_line(err) and list(out.iterdir()) == []
+
+
+def test_batch_options_must_be_option_objects(folders, model):
+    ind, out = folders
+    with pytest.raises(TypeError, match="RunOptions"):
+        run_batch(ind, out, model=model, options={"seed": 1})  # type: ignore[arg-type]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +17,7 @@ from idgbr_geo.byo import (
     segmentor_section,
 )
 from idgbr_geo.cards import ModelCard, Normalization
-from idgbr_geo.errors import InputError
+from idgbr_geo.errors import InputError, UserError
 from idgbr_geo.interfaces import Segmentor
 from idgbr_geo.registry import load_model, save_model
 
@@ -35,6 +38,25 @@ def save_ckpt(task, path):
     return path
 
 
+class Payload:
+    """Unpickling this runs a shell command that creates ``marker``: what a crafted ``.pt``
+    could do to whoever loads it with ``weights_only=False``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+def evil_checkpoint(path, marker, kind="coarse"):
+    """A checkpoint that looks like a `train` one and carries the payload."""
+    torch.save({"kind": kind, "arch": f"idgbr-{kind}", "config": {}, "classes": ["a", "b"],
+                "hyper_parameters": {"model": "fcn", "num_classes": 2}, "state_dict": {},
+                "payload": Payload(marker)}, path)
+    return path
+
+
 def reference(task, x, multiple=32):
     """Softmax of the task's logits on the reflect-padded input, cropped back."""
     h, w = x.shape[-2:]
@@ -45,6 +67,7 @@ def reference(task, x, multiple=32):
 
 @pytest.mark.parametrize("kw", [dict(model="fcn", num_filters=8, num_classes=3),
                                 dict(model="unet", backbone="resnet18", num_classes=2)])
+@pytest.mark.slow
 def test_torchgeo_checkpoint_roundtrip(tmp_path, kw):
     task = make_task(**kw)
     seg = load_coarse_model(save_ckpt(task, tmp_path / "m.ckpt"), "cpu")
@@ -74,13 +97,37 @@ def test_torchscript_module(tmp_path):
                               torch.nn.Conv2d(8, 5, 1)).eval()
     path = tmp_path / "net.pt"
     torch.jit.script(net).save(str(path))
-    seg = load_coarse_model(path, "cpu", pad_multiple=1)
+    seg = load_coarse_model(path, "cpu", pad_multiple=1, trust_torchscript=True)
     assert seg.num_classes == 5 and seg.bands == 4  # bands read from the first convolution
     x = torch.randn(2, 4, 24, 24)
     with torch.no_grad():
         torch.testing.assert_close(seg.predict(x), torch.softmax(net(x), 1))
-    stage = load_coarse(path, "cpu")
+    stage = load_coarse(path, "cpu", trust_torchscript=True)
     assert stage.kind == "torchscript" and stage.card is None
+
+
+def test_torchscript_runs_code_so_it_needs_trust(tmp_path):
+    path = tmp_path / "net.pt"
+    torch.jit.script(torch.nn.Conv2d(3, 2, 1)).save(str(path))
+    for load in (load_coarse, load_coarse_model):
+        with pytest.raises(InputError, match="runs code stored in the file.*trust_torchscript"):
+            load(path, "cpu")
+
+
+@pytest.mark.parametrize("name", ["evil.pt", "evil.pth", "evil.ckpt"])
+def test_a_crafted_pickle_is_refused_and_never_run(tmp_path, name):
+    marker = tmp_path / "MARKER"
+    evil = evil_checkpoint(tmp_path / name, marker)
+    torch.load(evil, weights_only=False)  # the payload is live: unsafe loading runs it ...
+    assert marker.exists()
+    marker.unlink()
+    loaders = [load_coarse] + ([load_coarse_model, segmentor_section]
+                               if name.endswith(".ckpt") else [])
+    for load in loaders:  # ... ours refuse the file with one line, without running it
+        with pytest.raises(UserError, match="could run code") as err:
+            load(evil)
+        assert "posix.system" in str(err.value) and "\n" not in str(err.value)
+        assert not marker.exists()
 
 
 def test_renormalisation_between_card_and_model():
@@ -140,4 +187,4 @@ def test_bad_coarse_models(tmp_path):
     script = tmp_path / "bad.pt"
     torch.jit.script(torch.nn.Conv2d(3, 2, 1)).save(str(script))
     with pytest.raises(InputError, match="does not run on a 5-band image"):
-        load_coarse_model(script, bands=5)
+        load_coarse_model(script, bands=5, trust_torchscript=True)

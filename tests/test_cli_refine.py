@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from synth import synthetic_scene, write_raster
 
 from idgbr_geo.cli import main
+from idgbr_geo.options import RunOptions
 from idgbr_geo.registry import models_dir
 
 
@@ -69,6 +70,7 @@ def test_truncated_tiff(tmp_path, toy_model):
     _assert_clean_error(code, err, tmp_path, "trunc.tif")
 
 
+@pytest.mark.slow
 def test_wrong_band_count(tmp_path, toy_model):
     one = write_raster(tmp_path / "one.tif", synthetic_scene(50, 50, bands=1))
     code, _, err = run("refine", str(one), str(tmp_path / "out.tif"), "--model", str(toy_model))
@@ -86,6 +88,7 @@ def test_missing_crs_warns_and_continues(tmp_path, toy_model):
     assert (tmp_path / "out.tif").exists()
 
 
+@pytest.mark.slow
 def test_existing_output_needs_overwrite(tmp_path, toy_model, scene):
     out = tmp_path / "out.tif"
     out.write_bytes(b"precious")
@@ -128,14 +131,14 @@ def test_unknown_model(tmp_path, scene):
 def test_card_with_a_bad_gate(tmp_path, scene, gate):
     """A hand-edited card fails with one line when loaded, before any output exists."""
     card = json.loads((models_dir() / "buildings.json").read_text())
-    card["refiner"]["config"]["gate"] = gate
+    card["sampling"]["gate"] = gate
     folder = tmp_path / "edited"
     folder.mkdir()
     (folder / "buildings.json").write_text(json.dumps(card))
     shutil.copy(models_dir() / card["weights"], folder / card["weights"])
     code, _, err = run("refine", str(scene), str(tmp_path / "out.tif"), "--model",
                        str(folder / "buildings.json"))
-    _assert_clean_error(code, err, tmp_path, "refiner gate must be")
+    _assert_clean_error(code, err, tmp_path, "sampling 'gate' must be")
 
 
 def test_failed_run_leaves_no_output(tmp_path, toy_model, monkeypatch):
@@ -155,8 +158,8 @@ def test_failed_run_leaves_no_output(tmp_path, toy_model, monkeypatch):
 
     monkeypatch.setattr(writing.ResultWriter, "write", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        refine_raster(src, tmp_path / "out.tif", model=toy_model, quiet=True, device="cpu",
-                      probabilities=tmp_path / "p.tif")
+        refine_raster(src, tmp_path / "out.tif", model=toy_model, quiet=True,
+                      probabilities=tmp_path / "p.tif", options=RunOptions(device="cpu"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "model"]
 
 

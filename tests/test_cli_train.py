@@ -181,10 +181,12 @@ def test_train_coarse_then_refiner(tmp_path):
     assert card["gsd"] == pytest.approx(RES / 0.9996, abs=1e-3)
     assert card["segmentor"]["arch"] and not card["refiner"]
     assert len(card["normalization"]["mean"]) == 3
-    training = card["extra"]["training"]
-    assert training["command"].startswith("idgbr-geo train coarse --") and "--val-fraction" in \
-        training["command"]
+    training = card["training"]
+    command = training["commands"][-1]
+    assert command.startswith("idgbr-geo train coarse --") and "--val-fraction" in command
     assert training["data"]["train"]["chips"] == 1 and training["data"]["val"]["chips"] == 1
+    assert training["segmentor"]["iterations"] == 2 and training["segmentor"]["crop"] == 32
+    assert card["segmentor"]["config"] == {"widths": [4, 8, 8, 8], "output_stride": 4}
     assert (out / "coarse" / "log.csv").is_file() and (out / "data" / "val.npz").is_file()
     # a second run must not silently replace the first
     again = run(["coarse", "--data", str(out / "data"), "--out", str(out), "--name", "tiny",
@@ -198,8 +200,11 @@ def test_train_coarse_then_refiner(tmp_path):
     assert r.exit_code == 0, r.output
     card = json.loads((ref_out / "ref.json").read_text())
     assert card["segmentor"] and card["refiner"]
-    assert card["refiner"]["config"]["boundary_weight"] == 4  # a loss option, kept on record
-    assert card["extra"]["training"]["coarse_model"]["kind"] == "idgbr"
+    assert card["training"]["refiner"]["boundary_weight"] == 4  # a loss option, on record
+    assert "boundary_weight" not in card["refiner"]["config"]  # not an architecture setting
+    assert card["training"]["data"]["coarse_model"]["kind"] == "idgbr"
+    # the coarse model's provenance comes along: its command, then the refiner's
+    assert [c.split()[2] for c in card["training"]["commands"]] == ["coarse", "refiner"]
     model = load_model(ref_out / "ref.json", "cpu")
     coarse = load_model(out / "tiny.json", "cpu")
     x = torch.randn(1, 3, 32, 32)
@@ -235,3 +240,60 @@ def test_refiner_with_torchgeo_checkpoint(tmp_path):
                "--coarse-model", str(ckpt), "--coarse-mean", "0,0", "--out",
                str(tmp_path / "byo2"), "--quiet"])
     assert bad.exit_code == 2 and "one per band" in bad.stderr
+
+
+@pytest.mark.parametrize("case", ["coarse-model", "resume-coarse", "resume-refiner"])
+def test_a_crafted_checkpoint_never_runs_code(tmp_path, case):
+    """`--coarse-model evil.pt` or a planted OUT/<stage>/checkpoint.pt with --resume: the
+    pickle payload is refused with one line, before it can run."""
+    from test_byo import evil_checkpoint
+
+    img, lab = labelled_scenes(tmp_path, n=1, size=64)
+    marker, out = tmp_path / "MARKER", tmp_path / "run"
+    stage = "coarse" if case == "resume-coarse" else "refiner"
+    args = [stage, "--images", str(img), "--labels", str(lab), "--chip-size", "64",
+            "--iterations", "1", "--batch-size", "1", "--crop", "32", "--device", "cpu",
+            "--out", str(out), "--quiet"]
+    if case == "coarse-model":
+        args += ["--coarse-model", str(evil_checkpoint(tmp_path / "evil.pt", marker))]
+    else:
+        (out / stage).mkdir(parents=True)
+        evil_checkpoint(out / stage / "checkpoint.pt", marker, kind=stage)
+        args.append("--resume")
+    r = run(args)
+    assert r.exit_code == 2 and not marker.exists()
+    assert r.stderr.startswith("Error: ") and "could run code" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+
+
+def test_torchscript_coarse_model_needs_trust_torchscript(tmp_path):
+    torch.set_num_threads(1)
+    img, lab = labelled_scenes(tmp_path, n=1, size=64)
+    script = tmp_path / "net.pt"
+    torch.jit.script(torch.nn.Conv2d(3, 2, 1)).save(str(script))
+    args = ["refiner", "--images", str(img), "--labels", str(lab), "--chip-size", "64",
+            "--coarse-model", str(script), "--iterations", "1", "--batch-size", "1",
+            "--crop", "32", "--device", "cpu", "--config", json.dumps(
+                {"c1": 4, "c2": 4, "c4": 8, "c8": 8, "ch": 8, "blocks": 1}), "--quiet"]
+    r = run([*args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "runs code stored in the file" in r.stderr
+    assert "--trust-torchscript" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run([*args, "--out", str(tmp_path / "b"), "--trust-torchscript"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b" / "b.json").read_text())["training"]["data"][
+        "coarse_model"]["kind"] == "torchscript"
+
+
+@pytest.mark.parametrize(("stage", "config", "message"), [
+    ("coarse", '{"widht": [4, 8, 8, 8]}', "--config: unknown coarse setting 'widht'"),
+    ("refiner", '{"boundary_wieght": 4}', "--config: unknown refiner setting 'boundary_wieght'"),
+    ("refiner", '{"gate": 0.6}', "--config: unknown refiner setting 'gate'"),
+    ("coarse", '{"lr": 0.1}', "'lr' has its own option (--lr)"),
+])
+def test_unknown_config_keys_are_one_error_before_any_work(tmp_path, stage, config, message):
+    img, lab = labelled_scenes(tmp_path, n=1, size=64)
+    r = run([stage, "--images", str(img), "--labels", str(lab), "--chip-size", "64",
+             "--out", str(tmp_path / "out"), "--config", config, "--quiet"])
+    assert r.exit_code == 2 and message in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()  # no chips were cut

@@ -1,6 +1,10 @@
-"""Dense CRF baseline: snaps an uncertain coarse map to image edges."""
+"""Dense CRF baseline (research code, benchmarks/research/crf.py): snaps an uncertain coarse
+map to image edges."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +12,10 @@ import pytest
 from idgbr_geo.errors import UserError
 
 pytest.importorskip("pydensecrf.densecrf")
+if str(Path(__file__).resolve().parent.parent / "benchmarks") not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from idgbr_geo.crf import dense_crf  # noqa: E402
+from research.crf import dense_crf  # noqa: E402
 
 
 def test_crf_moves_a_blurry_boundary_onto_the_image_edge():

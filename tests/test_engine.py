@@ -13,6 +13,7 @@ from rasterio.enums import Compression
 from synth import conv_model, synthetic_scene, write_raster
 
 from idgbr_geo.engine import refine_raster
+from idgbr_geo.options import OutputOptions, RunOptions
 from idgbr_geo.registry import load_model
 
 
@@ -41,9 +42,9 @@ def test_stitched_equals_whole_image_coarse(tmp_path, shape):
     model = conv_model(tmp_path / "m", kernel=9, tile_size=80, overlap=32)
     data = synthetic_scene(*shape, seed=shape[0])
     src = write_raster(tmp_path / "in.tif", data)
-    refine_raster(src, tmp_path / "out.tif", model=model, coarse_only=True,
-                  probabilities=tmp_path / "p.tif", probabilities_dtype="float32", quiet=True,
-                  device="cpu")
+    refine_raster(src, tmp_path / "out.tif", model=model, probabilities=tmp_path / "p.tif",
+                  quiet=True, options=RunOptions(coarse_only=True, device="cpu"),
+                  outputs=OutputOptions(probabilities_dtype="float32"))
     got = read_probs(tmp_path / "p.tif")
     ref = whole_image(model, data)
     assert got.shape == ref.shape
@@ -58,9 +59,11 @@ def test_stitched_equals_whole_image_with_refiner(tmp_path, workers):
     data = synthetic_scene(181, 149, seed=3)
     data[:, ::16, :] = 250  # stripes: every window holds a boundary, so all are refined
     src = write_raster(tmp_path / "in.tif", data)
-    summary = refine_raster(src, tmp_path / "out.tif", model=model, steps=2, seed=7,
-                            probabilities=tmp_path / "p.tif", probabilities_dtype="float32",
-                            quiet=True, device="cpu", model_workers=workers)
+    summary = refine_raster(src, tmp_path / "out.tif", model=model,
+                            probabilities=tmp_path / "p.tif", quiet=True,
+                            options=RunOptions(steps=2, seed=7, device="cpu",
+                                               model_workers=workers),
+                            outputs=OutputOptions(probabilities_dtype="float32"))
     assert summary.refined == summary.windows > 1
     ref = whole_image(model, data, refine=True, steps=2, seed=7)
     np.testing.assert_allclose(read_probs(tmp_path / "p.tif"), ref, atol=1e-5, rtol=0)
@@ -70,8 +73,8 @@ def test_same_seed_same_output_bit_for_bit(tmp_path, toy_model, scene):
     outs = []
     for i, seed in enumerate([1, 1, 2]):
         out = tmp_path / f"o{i}.tif"
-        refine_raster(scene, out, model=toy_model, seed=seed, probabilities=tmp_path / f"p{i}.tif",
-                      quiet=True, device="cpu")
+        refine_raster(scene, out, model=toy_model, probabilities=tmp_path / f"p{i}.tif", quiet=True,
+                      options=RunOptions(seed=seed, device="cpu"))
         outs.append(read_probs(tmp_path / f"p{i}.tif"))
     assert np.array_equal(outs[0], outs[1])
     assert not np.array_equal(outs[0], outs[2])
@@ -90,9 +93,10 @@ def test_output_does_not_depend_on_the_number_of_model_workers(tmp_path):
         outs = []
         for workers in (1, 3):
             p = tmp_path / f"p{workers}.tif"
-            s = refine_raster(src, tmp_path / f"o{workers}.tif", model=model, steps=2, seed=3,
-                              probabilities=p, probabilities_dtype="float32", quiet=True,
-                              device="cpu", model_workers=workers)
+            s = refine_raster(src, tmp_path / f"o{workers}.tif", model=model, probabilities=p,
+                              quiet=True, options=RunOptions(steps=2, seed=3, device="cpu",
+                                                             model_workers=workers),
+                              outputs=OutputOptions(probabilities_dtype="float32"))
             outs.append((read_probs(p), read_probs(tmp_path / f"o{workers}.tif"), s))
     finally:
         torch.set_num_threads(before)
@@ -116,8 +120,8 @@ def test_a_failing_model_worker_fails_the_run_without_output(tmp_path, toy_model
     m.segmentor.predict = flaky
     big = write_raster(tmp_path / "big.tif", synthetic_scene(400, 400))
     with pytest.raises(RuntimeError, match="boom in a worker"):
-        refine_raster(big, tmp_path / "out.tif", model=m, quiet=True, model_workers=2,
-                      tile_size=64, overlap=16)
+        refine_raster(big, tmp_path / "out.tif", model=m, quiet=True,
+                      options=RunOptions(model_workers=2, tile_size=64, overlap=16))
     assert not (tmp_path / "out.tif").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif", "model", "scene.tif"]
 
@@ -144,7 +148,8 @@ def test_allocator_tuning_respects_the_users_malloc_settings(monkeypatch):
 
 def test_output_is_georeferenced_with_classes_and_colours(tmp_path, toy_model, scene):
     out = tmp_path / "out.tif"
-    refine_raster(scene, out, model=toy_model, confidence=True, quiet=True, device="cpu")
+    refine_raster(scene, out, model=toy_model, quiet=True, options=RunOptions(device="cpu"),
+                  outputs=OutputOptions(confidence=True))
     with rasterio.open(scene) as a, rasterio.open(out) as b:
         assert b.crs == a.crs and b.transform == a.transform
         assert (b.width, b.height) == (a.width, a.height)
@@ -162,8 +167,8 @@ def test_output_is_georeferenced_with_classes_and_colours(tmp_path, toy_model, s
 def test_cog_output(tmp_path, toy_model):
     src = write_raster(tmp_path / "big.tif", synthetic_scene(700, 650))
     out = tmp_path / "cog.tif"
-    refine_raster(src, out, model=toy_model, cog=True, probabilities=tmp_path / "p.tif",
-                  quiet=True, device="cpu")
+    refine_raster(src, out, model=toy_model, probabilities=tmp_path / "p.tif", quiet=True,
+                  options=RunOptions(device="cpu"), outputs=OutputOptions(cog=True))
     with rasterio.open(out) as ds:
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         assert ds.overviews(1)
@@ -176,7 +181,7 @@ def test_nodata_is_respected_and_nodata_windows_skipped(tmp_path, toy_model):
     data[:, :, 100:] = 0
     src = write_raster(tmp_path / "in.tif", data, nodata=0)
     out = tmp_path / "out.tif"
-    s = refine_raster(src, out, model=toy_model, quiet=True, device="cpu")
+    s = refine_raster(src, out, model=toy_model, quiet=True, options=RunOptions(device="cpu"))
     assert s.skipped > 0
     with rasterio.open(out) as ds:
         ids = ds.read(1)
@@ -190,7 +195,8 @@ def test_internal_mask_is_respected(tmp_path, toy_model):
         mask = np.full((100, 120), 255, np.uint8)
         mask[:30] = 0
         ds.write_mask(mask)
-    refine_raster(path, tmp_path / "out.tif", model=toy_model, quiet=True, device="cpu")
+    refine_raster(path, tmp_path / "out.tif", model=toy_model, quiet=True,
+                  options=RunOptions(device="cpu"))
     with rasterio.open(tmp_path / "out.tif") as ds:
         ids = ds.read(1)
     assert (ids[:30] == 255).all() and (ids[30:] != 255).all()
@@ -204,8 +210,9 @@ def test_other_dtypes_are_normalised_like_uint8(tmp_path, dtype):
     data = (conv * 65535).round().astype(np.uint16) if dtype == np.uint16 else conv.astype(dtype)
     for name, arr in (("a", base), ("b", data)):
         refine_raster(write_raster(tmp_path / f"{name}.tif", arr), tmp_path / f"{name}_o.tif",
-                      model=model, probabilities=tmp_path / f"{name}_p.tif",
-                      probabilities_dtype="float32", quiet=True, device="cpu")
+                      model=model, probabilities=tmp_path / f"{name}_p.tif", quiet=True,
+                      options=RunOptions(device="cpu"),
+                      outputs=OutputOptions(probabilities_dtype="float32"))
     np.testing.assert_allclose(read_probs(tmp_path / "a_p.tif"), read_probs(tmp_path / "b_p.tif"),
                                atol=1e-4)
 
@@ -216,10 +223,11 @@ def test_band_selection(tmp_path):
     five = np.concatenate([np.zeros((1, 80, 80), np.uint8), rgb[::-1], rgb[:1]])
     write_raster(tmp_path / "rgb.tif", rgb)
     write_raster(tmp_path / "five.tif", five)
-    kw = dict(model=model, probabilities_dtype="float32", quiet=True, device="cpu")
-    refine_raster(tmp_path / "rgb.tif", tmp_path / "a.tif", probabilities=tmp_path / "pa.tif", **kw)
+    kw = dict(model=model, quiet=True, outputs=OutputOptions(probabilities_dtype="float32"))
+    refine_raster(tmp_path / "rgb.tif", tmp_path / "a.tif", probabilities=tmp_path / "pa.tif",
+                  options=RunOptions(device="cpu"), **kw)
     refine_raster(tmp_path / "five.tif", tmp_path / "b.tif", probabilities=tmp_path / "pb.tif",
-                  bands=[4, 3, 2], **kw)
+                  options=RunOptions(device="cpu", bands=[4, 3, 2]), **kw)
     np.testing.assert_array_equal(read_probs(tmp_path / "pa.tif"), read_probs(tmp_path / "pb.tif"))
 
 
@@ -231,10 +239,11 @@ def test_gsd_resampling_writes_on_input_grid(tmp_path):
     data = np.kron(low, np.ones((1, 2, 2), np.uint8))  # the same scene at 0.3 m
     fine = write_raster(tmp_path / "fine.tif", data, res=0.3)
     coarse = write_raster(tmp_path / "coarse.tif", data[:, ::2, ::2], res=0.6)
-    kw = dict(model=model, coarse_only=True, quiet=True, device="cpu",
-              probabilities_dtype="float32")
-    refine_raster(fine, tmp_path / "f.tif", probabilities=tmp_path / "fp.tif", **kw)
-    refine_raster(coarse, tmp_path / "c.tif", probabilities=tmp_path / "cp.tif", **kw)
+    kw = dict(model=model, quiet=True, outputs=OutputOptions(probabilities_dtype="float32"))
+    run = RunOptions(coarse_only=True, device="cpu")
+    refine_raster(fine, tmp_path / "f.tif", probabilities=tmp_path / "fp.tif", options=run, **kw)
+    refine_raster(coarse, tmp_path / "c.tif", probabilities=tmp_path / "cp.tif", options=run,
+                  **kw)
     with rasterio.open(tmp_path / "f.tif") as f:
         assert (f.width, f.height) == (140, 120) and f.transform.a == pytest.approx(0.3)
     # the resampled run agrees with the native-GSD run, upsampled (interior, away from edges)
@@ -242,7 +251,8 @@ def test_gsd_resampling_writes_on_input_grid(tmp_path):
     b = np.kron(read_probs(tmp_path / "cp.tif")[1], np.ones((2, 2)))[4:-4, 4:-4]
     assert np.abs(a - b).mean() < 0.05, np.abs(a - b).mean()
     # --gsd overrides what the file says: claiming 0.6 m means no resampling
-    refine_raster(fine, tmp_path / "g.tif", gsd=0.6, **kw)
+    refine_raster(fine, tmp_path / "g.tif", options=RunOptions(coarse_only=True, device="cpu",
+                                                               gsd=0.6), **kw)
     with rasterio.open(tmp_path / "g.tif") as g:
         assert g.width == 140
 
@@ -254,11 +264,12 @@ def test_user_coarse_map_is_refined(tmp_path, toy_model, scene):
     coarse[40:90, 30:120] = 1
     cpath = write_raster(tmp_path / "coarse.tif", coarse)
     out = tmp_path / "out.tif"
-    s = refine_raster(scene, out, model=toy_model, coarse=cpath, quiet=True, device="cpu")
+    s = refine_raster(scene, out, model=toy_model, coarse=cpath, quiet=True,
+                      options=RunOptions(device="cpu"))
     assert s.refined > 0
     # coarse only with a user map reproduces it exactly
-    refine_raster(scene, tmp_path / "same.tif", model=toy_model, coarse=cpath, coarse_only=True,
-                  quiet=True, device="cpu")
+    refine_raster(scene, tmp_path / "same.tif", model=toy_model, coarse=cpath, quiet=True,
+                  options=RunOptions(coarse_only=True, device="cpu"))
     with rasterio.open(tmp_path / "same.tif") as ds:
         np.testing.assert_array_equal(ds.read(1), coarse)
 
@@ -267,14 +278,180 @@ def test_windows_without_boundary_keep_coarse(tmp_path):
     model = conv_model(tmp_path / "m", kernel=1)  # no border effects on a flat image
     data = np.full((3, 128, 128), 60, np.uint8)
     src = write_raster(tmp_path / "flat.tif", data)
-    s = refine_raster(src, tmp_path / "o.tif", model=model, quiet=True, device="cpu")
+    s = refine_raster(src, tmp_path / "o.tif", model=model, quiet=True,
+                      options=RunOptions(device="cpu"))
     assert s.refined == 0 and s.windows > 1
 
 
 def test_no_crs_warns_and_continues(tmp_path, toy_model):
     src = write_raster(tmp_path / "nocrs.tif", synthetic_scene(70, 70), crs=None)
     with pytest.warns(UserWarning, match="no CRS"):
-        s = refine_raster(src, tmp_path / "o.tif", model=toy_model, quiet=True, device="cpu")
+        s = refine_raster(src, tmp_path / "o.tif", model=toy_model, quiet=True,
+                          options=RunOptions(device="cpu"))
     assert s.windows >= 1
     with rasterio.open(tmp_path / "o.tif") as ds:
         assert ds.crs is None and ds.width == 70
+
+
+def _classes(path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read(1)
+
+
+@pytest.mark.parametrize("res", [0.25, 0.3])  # at the model's GSD and resampled
+def test_nan_speck_without_nodata_tag_stays_a_speck(tmp_path, res):
+    model = conv_model(tmp_path / "m", gsd=0.25)
+    clean = synthetic_scene(150, 170).astype(np.float32) / 255
+    speck = clean.copy()
+    speck[:, 70:73, 80:83] = np.nan
+    kw = dict(model=model, quiet=True, options=RunOptions(device="cpu"))
+    refine_raster(write_raster(tmp_path / "a.tif", clean, res=res), tmp_path / "ao.tif", **kw)
+    refine_raster(write_raster(tmp_path / "b.tif", speck, res=res), tmp_path / "bo.tif", **kw)
+    a, b = _classes(tmp_path / "ao.tif"), _classes(tmp_path / "bo.tif")
+    # the speck is nodata in the output (resampled: its rim may take its neighbours' class)
+    assert b[71, 81] == 255 and (b[70:73, 80:83] == 255).sum() >= 5
+    near = np.zeros(a.shape, bool)
+    near[70 - 8:73 + 8, 80 - 8:83 + 8] = True  # the networks' reach around the speck
+    np.testing.assert_array_equal(a[~near], b[~near])
+    assert (b[near] != 255).sum() > 0.9 * (near.sum() - 9)
+
+
+def test_mostly_nan_scene_is_nodata_there(tmp_path, toy_model):
+    data = synthetic_scene(120, 140).astype(np.float32) / 255
+    data[:, :, 40:] = np.nan
+    s = refine_raster(write_raster(tmp_path / "n.tif", data), tmp_path / "o.tif", model=toy_model,
+                      quiet=True, options=RunOptions(device="cpu"))
+    ids = _classes(tmp_path / "o.tif")
+    assert (ids[:, 40:] == 255).all() and (ids[:, :40] != 255).all()
+    assert s.skipped > 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_all_non_finite_scene_gives_an_all_nodata_output(tmp_path, toy_model, bad):
+    """Like a scene that is all nodata: every window skipped, an output of nodata only."""
+    data = np.full((3, 90, 100), bad, np.float32)
+    s = refine_raster(write_raster(tmp_path / "n.tif", data), tmp_path / "o.tif", model=toy_model,
+                      quiet=True, options=RunOptions(device="cpu"))
+    assert s.skipped == s.windows > 0
+    assert (_classes(tmp_path / "o.tif") == 255).all()
+
+
+def _value_range_warnings(record) -> list:
+    from idgbr_geo.tiling import ValueRangeWarning
+
+    return [w for w in record if issubclass(w.category, ValueRangeWarning)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint32, np.int32])
+def test_values_outside_the_cards_range_warn_once(tmp_path, toy_model, dtype):
+    """0..255 floats on a card for 0..1 floats, or a type the card declares no range for."""
+    data = synthetic_scene(200, 200).astype(dtype)  # several windows
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        s = refine_raster(write_raster(tmp_path / "v.tif", data), tmp_path / "o.tif",
+                          model=toy_model, quiet=True, options=RunOptions(device="cpu"))
+    found = _value_range_warnings(record)
+    assert s.windows > 1 and len(found) == 1, [str(w.message) for w in found]
+    assert "v.tif" in str(found[0].message)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_values_that_fit_the_card_do_not_warn(tmp_path, toy_model, dtype):
+    base = synthetic_scene(200, 200)
+    data = {np.uint8: base, np.uint16: base.astype(np.uint16) * 257,
+            np.float32: base.astype(np.float32) / 255}[dtype]
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        refine_raster(write_raster(tmp_path / "v.tif", data), tmp_path / "o.tif", model=toy_model,
+                      quiet=True, options=RunOptions(device="cpu"))
+    assert not _value_range_warnings(record)
+
+
+@pytest.mark.parametrize("res", [100.0, 1000.0, 1e300, 1e-300, 0.001])
+def test_gsd_far_from_the_models_is_refused(tmp_path, res):
+    from idgbr_geo.errors import InputError
+
+    model = conv_model(tmp_path / "m", gsd=0.25, refiner=False)
+    src = write_raster(tmp_path / "g.tif", synthetic_scene(60, 60), res=res)
+    with pytest.raises(InputError, match=r"g\.tif has .* m pixels but the model works at "
+                                         r"0\.25 m.*give the true one with gsd$"):
+        refine_raster(src, tmp_path / "o.tif", model=model, quiet=True,
+                      options=RunOptions(device="cpu"))
+    assert not (tmp_path / "o.tif").exists()
+    # with the true pixel size the same file runs
+    refine_raster(src, tmp_path / "o.tif", model=model, quiet=True,
+                  options=RunOptions(device="cpu", gsd=0.3))
+    with pytest.raises(InputError, match="the given GSD is 50 m"):
+        refine_raster(src, tmp_path / "p.tif", model=model, quiet=True,
+                      options=RunOptions(device="cpu", gsd=50.0))
+
+
+def test_unusable_pixel_size_in_the_file_is_a_clear_error(tmp_path):
+    from idgbr_geo.errors import InputError
+
+    model = conv_model(tmp_path / "m", gsd=0.25, refiner=False)
+    src = write_raster(tmp_path / "g.tif", synthetic_scene(40, 40), res=1.7e308)  # sum: inf
+    with pytest.raises(InputError, match="no usable pixel size.*give the true one with gsd$"):
+        refine_raster(src, tmp_path / "o.tif", model=model, quiet=True,
+                      options=RunOptions(device="cpu"))
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("tile_size", 0, "tile_size must be at least 1"),
+    ("overlap", -16, "overlap must be at least 0"),
+    ("steps", -1, "steps must be at least 0"),
+    ("batch_size", 0, "batch_size must be at least 1"),
+    ("model_workers", 0, "model_workers must be at least 1"),
+    ("seed", -1, "seed must be at least 0"),
+    ("gsd", 0.0, "gsd must be a finite number"),
+    ("gsd", float("nan"), "gsd must be a finite number"),
+    ("gsd", float("inf"), "gsd must be a finite number"),
+    ("gsd", -1.0, "gsd must be a finite number"),
+])
+def test_out_of_range_options_are_refused_by_the_library(tmp_path, toy_model, scene, option,
+                                                         value, message):
+    from idgbr_geo.errors import UserError
+
+    with pytest.raises(UserError, match=message) as info:
+        refine_raster(scene, tmp_path / "o.tif", model=toy_model, quiet=True,
+                      options=RunOptions(device="cpu", **{option: value}))
+    assert "--" not in str(info.value)  # the library speaks of its own arguments
+    assert not (tmp_path / "o.tif").exists()
+
+
+def test_a_library_call_changes_no_process_wide_state(tmp_path, toy_model, scene, monkeypatch):
+    """Allocator thresholds and thread priorities change only when asked (tune_process, as
+    the CLI does), never as a side effect of refine_raster."""
+    import os
+
+    from idgbr_geo import engine
+
+    calls: list[str] = []
+    monkeypatch.setattr(engine, "tune_allocator", lambda: calls.append("mallopt") or True)
+    monkeypatch.setattr(os, "setpriority", lambda *a: calls.append("nice"), raising=False)
+    monkeypatch.setitem(engine._TUNED, "priority", False)
+    refine_raster(scene, tmp_path / "a.tif", model=toy_model, quiet=True,
+                  options=RunOptions(device="cpu"))
+    assert calls == []
+    engine.tune_process()  # (the stubs above: nothing of this process really changes)
+    refine_raster(scene, tmp_path / "b.tif", model=toy_model, quiet=True,
+                  options=RunOptions(device="cpu"))
+    assert calls[0] == "mallopt" and calls.count("nice") == 2  # the reader and the writer
+
+
+def test_the_cli_tunes_the_process(tmp_path, toy_model, scene, monkeypatch):
+    from click.testing import CliRunner
+
+    from idgbr_geo import engine
+    from idgbr_geo.cli import main
+
+    calls: list[str] = []
+    monkeypatch.setattr(engine, "tune_process", lambda: calls.append("tuned"))
+    res = CliRunner().invoke(main, ["refine", str(scene), str(tmp_path / "o.tif"), "--model",
+                                    str(toy_model), "-q"])
+    assert res.exit_code == 0, res.output
+    assert calls == ["tuned"]

@@ -16,8 +16,8 @@ from synth import assert_same, class_blobs
 
 from idgbr_geo.cli import main
 from idgbr_geo.errors import InputError
-from idgbr_geo.evaluate import evaluate_folders, evaluate_scene, format_report
-from idgbr_geo.metrics import evaluate_arrays, evaluate_rasters
+from idgbr_geo.evaluate import evaluate_folders, evaluate_rasters, evaluate_scene, format_report
+from idgbr_geo.metrics import evaluate_arrays
 
 NAMES = ["background", "building"]
 CRS = "EPSG:32631"

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
+from idgbr_geo import diffusion
 from idgbr_geo.cards import ModelCard
+from idgbr_geo.config import CoarseConfig, RefinerConfig, SamplingConfig
 from idgbr_geo.errors import UserError
-from idgbr_geo.interfaces import Refiner, Segmentor
+from idgbr_geo.interfaces import Model, Refiner, Segmentor
 from idgbr_geo.networks import (
     CoarseNet,
     CoarseSegmentor,
     DiffusionRefiner,
     RefinerNet,
-    apply_gate,
     build_coarse_net,
     build_refiner_net,
 )
+from idgbr_geo.predict import apply_gate, predict_windows
 from idgbr_geo.registry import load_model, save_model
 
 
@@ -63,7 +67,7 @@ def test_no_rough_refiner_ignores_the_coarse_map():
     net = RefinerNet(num_classes=2, use_coarse=False)
     for p in net.parameters():  # make every path live
         torch.nn.init.normal_(p, std=0.1)
-    ref = DiffusionRefiner(net, {})
+    ref = DiffusionRefiner(net)
     img = torch.randn(1, 3, 64, 64)
     a = ref.refine(img, torch.rand(1, 2, 64, 64), steps=2, seed=0, origins=[(0, 0)])
     b = ref.refine(img, torch.rand(1, 2, 64, 64), steps=2, seed=0, origins=[(0, 0)])
@@ -77,9 +81,10 @@ def _card(k: int = 2, **over) -> ModelCard:
 @pytest.mark.parametrize("k", [2, 5])
 def test_registry_round_trip(tmp_path, k):
     torch.manual_seed(0)
-    coarse, refiner = build_coarse_net({"num_classes": k}), build_refiner_net({"num_classes": k})
+    coarse = build_coarse_net(CoarseConfig(), num_classes=k)
+    refiner = build_refiner_net(RefinerConfig(), num_classes=k)
     card = _card(k, segmentor={"arch": "idgbr-coarse", "config": {}},
-                 refiner={"arch": "idgbr-refiner", "config": {"start": "noise"}})
+                 refiner={"arch": "idgbr-refiner", "config": {}})
     tensors = {**{f"segmentor.{n}": v for n, v in coarse.state_dict().items()},
                **{f"refiner.{n}": v for n, v in refiner.state_dict().items()}}
     path = save_model(card, tensors, tmp_path)
@@ -97,7 +102,7 @@ def test_registry_round_trip(tmp_path, k):
 
 
 def test_mismatched_weights_are_a_user_error(tmp_path):
-    coarse = build_coarse_net({"num_classes": 2, "widths": [8, 16, 24, 32]})
+    coarse = build_coarse_net(CoarseConfig(widths=(8, 16, 24, 32)), num_classes=2)
     card = _card(2, segmentor={"arch": "idgbr-coarse", "config": {}})
     path = save_model(card, {f"segmentor.{n}": v for n, v in coarse.state_dict().items()},
                       tmp_path)
@@ -105,22 +110,25 @@ def test_mismatched_weights_are_a_user_error(tmp_path):
         load_model(path, "cpu")
 
 
-def test_boundary_band_limits_refiner_changes_to_coarse_boundaries():
-    from idgbr_geo.networks import boundary_band
+def test_production_refiner_has_only_the_interface_arguments():
+    """The research sampler options (start, t_start, guidance_scale, x0, average, band) and
+    the per-call gate are gone from the production refiner and sampler."""
+    assert list(inspect.signature(DiffusionRefiner.refine).parameters) == [
+        "self", "image", "coarse", "steps", "seed", "origins"]
+    assert list(inspect.signature(diffusion.sample).parameters) == [
+        "net", "image", "coarse", "steps", "seed", "origins", "oneshot"]
 
-    probs = torch.zeros(1, 2, 64, 64)
-    probs[:, 0] = 1
-    probs[:, :, 16:48, 16:48] = torch.tensor([0.0, 1.0])[:, None, None]
-    band = boundary_band(probs, 4)
-    assert band[0, 0, 16, 30] == 1 and band[0, 0, 2, 2] == 0 and band[0, 0, 32, 32] == 0
-    torch.manual_seed(0)
-    net = RefinerNet(num_classes=2)
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    ref = DiffusionRefiner(net, {"band": 4})
-    out = ref.refine(torch.randn(1, 3, 64, 64), probs, steps=1, seed=0, origins=[(0, 0)])
-    assert torch.equal(out[0, :, 2, 2], probs[0, :, 2, 2])
-    assert not torch.equal(out[0, :, 16, 30], probs[0, :, 16, 30])
+
+def _gated(net: RefinerNet, image: torch.Tensor, coarse: torch.Tensor, card_gate=0.0,
+           gate=None) -> torch.Tensor:
+    """The refiner through the engine's inference, with the card's gate (or ``gate``)."""
+    card = ModelCard(name="g", classes=[f"c{i}" for i in range(coarse.shape[1])],
+                     sampling=SamplingConfig(steps=1, gate=card_gate))
+    model = Model(card=card, segmentor=None, refiner=DiffusionRefiner(net))
+    probs, refined = predict_windows(model, image, coarse=coarse, origins=[(0, 0)], seed=0,
+                                     gate=gate)
+    assert refined == 1
+    return probs
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -131,32 +139,29 @@ def test_gate_lets_only_confident_refinements_overturn_the_coarse_class(k):
         torch.nn.init.normal_(p, std=0.3)
     coarse = torch.softmax(4 * torch.randn(1, k, 48, 48), dim=1)
     image = torch.randn(1, 3, 48, 48)
-    free = DiffusionRefiner(net, {}).refine(image, coarse, steps=1, seed=0, origins=[(0, 0)])
+    free = _gated(net, image, coarse)
+    assert torch.equal(free, DiffusionRefiner(net).refine(image, coarse, steps=1, seed=0,
+                                                          origins=[(0, 0)]))
     conf, cls = free.max(1)
     changed = cls != coarse.argmax(1)
-    gate = float(conf[changed].median())  # half of the changes are weak, half strong
-    gated = DiffusionRefiner(net, {"gate": gate}).refine(image, coarse, steps=1, seed=0,
-                                                         origins=[(0, 0)])
+    gate = round(float(conf[changed].median()), 6)  # half of the changes are weak, half strong
+    gated = _gated(net, image, coarse, card_gate=gate)
     weak, strong = changed & (conf < gate), changed & (conf >= gate)
     assert weak.any() and strong.any()  # the test sees both cases
     # weak changes fall back to the coarse probabilities, strong ones and agreements stay
     assert torch.equal(gated.permute(0, 2, 3, 1)[weak], coarse.permute(0, 2, 3, 1)[weak])
     assert torch.equal(gated.permute(0, 2, 3, 1)[~weak], free.permute(0, 2, 3, 1)[~weak])
     # the card's gate is overridden per call
-    again = DiffusionRefiner(net, {"gate": gate}).refine(image, coarse, steps=1, seed=0,
-                                                         origins=[(0, 0)], gate=0.0)
-    assert torch.equal(again, free)
+    assert torch.equal(_gated(net, image, coarse, card_gate=gate, gate=0.0), free)
     # per class: turning a pixel into class t needs more than certainty, into others nothing
     t = int(cls[changed].mode().values)
-    per = DiffusionRefiner(net, {"gate": [1.01 if c == t else 0.0 for c in range(k)]}).refine(
-        image, coarse, steps=1, seed=0, origins=[(0, 0)])
+    per = _gated(net, image, coarse, gate=[1.01 if c == t else 0.0 for c in range(k)])
     to_t = changed & (cls == t)
     assert to_t.any() and (changed & (cls != t)).any()
     assert torch.equal(per.permute(0, 2, 3, 1)[to_t], coarse.permute(0, 2, 3, 1)[to_t])
     assert torch.equal(per.permute(0, 2, 3, 1)[~to_t], free.permute(0, 2, 3, 1)[~to_t])
     with pytest.raises(ValueError, match="thresholds for"):
-        DiffusionRefiner(net, {"gate": [0.5]}).refine(image, coarse, steps=1, seed=0,
-                                                      origins=[(0, 0)])
+        _gated(net, image, coarse, gate=[0.5])
 
 
 @pytest.mark.parametrize("gates", [[0.6, 0.55], [0.0, 0.7], [0.5, 0.75]])

@@ -58,3 +58,44 @@ def test_read_tile_native_and_resampled(tmp_path):
     assert pixels.shape == (3, 64, 64) and mask.shape == (64, 64) and mask.all()
     np.testing.assert_array_equal(pixels, resample(data[:, :32, :32], (64, 64)))
     src.ds.close()
+
+
+@pytest.mark.parametrize("res", [0.25, 0.3, 0.2])  # native, enlarged and shrunk on read
+def test_non_finite_values_are_nodata_and_do_not_bleed(tmp_path, res):
+    clean = _smooth(100, 130, np.float32, scale=1.0)
+    data = clean.copy()
+    data[:, 40:43, 50:53] = np.nan
+    data[0, 70, 20] = np.inf
+    data[2, 10, 100] = -np.inf
+    reads = []
+    for name, arr in (("clean", clean), ("nan", data)):
+        src = open_source(write_raster(tmp_path / f"{name}.tif", arr, res=res), model_bands=3,
+                          bands=None, model_gsd=0.25)
+        tiles = plan_tiles(src.width, src.height, tile_size=256, overlap=16, factor=src.factor)
+        assert len(tiles) == 1
+        reads.append(read_tile(src, tiles[0]))
+        src.ds.close()
+    (ref, ref_mask), (pixels, mask) = reads
+    assert ref_mask.all() and np.isfinite(pixels).all()
+    assert 0 < (~mask).sum() < 40 and not mask[round(41 * res / 0.25), round(51 * res / 0.25)]
+    assert (pixels[:, ~mask] == 0).all()  # invalid pixels hold 0
+    # valid pixels hold valid values only, and away from the bad pixels nothing changed
+    assert pixels[:, mask].min() >= 0.0 and pixels[:, mask].max() <= 1.0
+    from scipy import ndimage
+
+    touched = resample((~np.isfinite(data)).any(0)[None].astype(np.float32), mask.shape)[0] > 0
+    far = ~ndimage.binary_dilation(touched, iterations=2)
+    assert far.mean() > 0.9
+    np.testing.assert_allclose(pixels[:, far], ref[:, far], atol=1e-6)
+
+
+def test_nodata_values_do_not_bleed_into_resampled_neighbours(tmp_path):
+    data = _smooth(100, 130, np.float32, scale=1.0)
+    data[:, :, 60:] = -9999.0
+    path = write_raster(tmp_path / "nd.tif", data, res=0.3, nodata=-9999.0)
+    src = open_source(path, model_bands=3, bands=None, model_gsd=0.25)
+    tiles = plan_tiles(src.width, src.height, tile_size=256, overlap=16, factor=src.factor)
+    pixels, mask = read_tile(src, tiles[0])
+    src.ds.close()
+    assert mask[:, :60].all() and not mask[:, 80:].any()
+    assert pixels[:, mask].min() >= 0.0  # no -9999 blended into the edge's valid pixels

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from idgbr_geo.cards import ModelCard
+from idgbr_geo.config import RefinerConfig, RefinerTrainingConfig, SamplingConfig
 from idgbr_geo.errors import UserError
 from idgbr_geo.registry import load_model
 from idgbr_geo.training import (
@@ -24,7 +25,7 @@ from idgbr_geo.training import (
 )
 
 TINY = {"widths": [4, 8, 8, 8]}
-TINY_REF = {"c1": 4, "c2": 4, "c4": 8, "c8": 8, "ch": 8, "blocks": 1, "steps": 2}
+TINY_REF = {"c1": 4, "c2": 4, "c4": 8, "c8": 8, "ch": 8, "blocks": 1}
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_train_coarse_logs_checkpoints_and_resumes(npz, tmp_path):
     assert {"loss", "lr", "val_loss", "val_miou"} <= set(rows[0])
     train_coarse(npz, out, iterations=9, resume=True, **kw)
     assert [r["iteration"] for r in _rows(out / "log.csv")] == ["3", "6", "9"]
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     assert state["iteration"] == 9 and state["classes"] == ["bg", "sq", "st"]
     seg = segmentor_from_checkpoint(ckpt, "cpu")
     assert seg.predict(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
@@ -69,8 +70,8 @@ def test_train_coarse_logs_checkpoints_and_resumes(npz, tmp_path):
 
 def test_same_seed_same_weights(npz, tmp_path):
     kw = dict(iterations=3, batch_size=2, crop=32, config=TINY, progress=False, device="cpu")
-    a = torch.load(train_coarse(npz, tmp_path / "a", **kw), weights_only=False)["model"]
-    b = torch.load(train_coarse(npz, tmp_path / "b", **kw), weights_only=False)["model"]
+    a = torch.load(train_coarse(npz, tmp_path / "a", **kw), weights_only=True)["model"]
+    b = torch.load(train_coarse(npz, tmp_path / "b", **kw), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -85,12 +86,18 @@ def test_train_refiner_and_export_a_loadable_model(npz, tmp_path):
     ref = refiner_from_checkpoint(rc, "cpu")
     assert ref.refine(torch.zeros(1, 3, 32, 32), torch.full((1, 3, 32, 32), 1 / 3), steps=2,
                       seed=0, origins=[(0, 0)]).shape == (1, 3, 32, 32)
-    card = ModelCard(name="tiny", classes=["bg", "sq", "st"], steps=2)
+    card = ModelCard(name="tiny", classes=["bg", "sq", "st"], sampling=SamplingConfig(steps=2))
     path = export_model(cc, rc, card, tmp_path / "models")
     model = load_model(path, "cpu")
     norm = fit_normalization(load_npz(npz)["images"])
     assert model.card.normalization.mean == pytest.approx(norm.mean)
     assert model.card.refiner["arch"] == "idgbr-refiner"
+    # architecture, sampling and training settings each in their own place
+    assert model.card.refiner["config"] == RefinerConfig(**TINY_REF).to_dict()
+    assert model.card.sampling.steps == 2
+    assert model.card.training.refiner == RefinerTrainingConfig(
+        iterations=4, batch_size=2, crop=32, checkpoint_every=2).to_dict()
+    assert model.card.training.segmentor["iterations"] == 2
     img = torch.randn(1, 3, 32, 32)
     probs = model.segmentor.predict(img)
     out = model.refiner.refine(img, probs, steps=2, seed=0, origins=[(0, 0)])
@@ -102,7 +109,7 @@ def test_degradation_only_refiner_and_ablation_modes(npz, tmp_path):
     for name, cfg in (("plain", {}), ("norough", {"use_coarse": False}),
                       ("oneshot", {"mode": "oneshot"})):
         ckpt = train_refiner(npz, tmp_path / name, coarse=None, config={**TINY_REF, **cfg}, **kw)
-        assert torch.load(ckpt, weights_only=False)["config"]["num_classes"] == 3
+        assert torch.load(ckpt, weights_only=True)["config"]["num_classes"] == 3
 
 
 def test_user_errors(npz, tmp_path):
@@ -126,18 +133,18 @@ def test_weight_averaging_exports_the_average_and_resumes_exactly(npz, tmp_path)
     kw = dict(batch_size=2, crop=32, progress=False, device="cpu", checkpoint_every=2,
               config={**TINY, "ema": 0.5})
     whole = torch.load(train_coarse(npz, tmp_path / "whole", iterations=4, **kw),
-                       weights_only=False)
+                       weights_only=True)
     # the exported weights are the running average, not the last optimiser step ...
     avg, own = whole["model"], whole["trained_model"]
     assert any(not torch.equal(avg[k], own[k]) for k in avg if avg[k].is_floating_point())
     # ... which is what the averaging rule gives from the previous checkpoint
     half = torch.load(train_coarse(npz, tmp_path / "half", iterations=2, **kw),
-                      weights_only=False)
+                      weights_only=True)
     name = next(k for k in avg if k.endswith("weight") and avg[k].dim() == 4)
     assert not torch.equal(avg[name], half["model"][name])
     # stopping at 2 and resuming to 4 gives the same average as an uninterrupted run
     resumed = torch.load(train_coarse(npz, tmp_path / "half", iterations=4, resume=True, **kw),
-                         weights_only=False)
+                         weights_only=True)
     assert all(torch.equal(avg[k], resumed["model"][k]) for k in avg)
     assert all(torch.equal(own[k], resumed["trained_model"][k]) for k in own)
 
@@ -179,7 +186,78 @@ def test_refiner_learns_from_stored_coarse_maps(npz, tmp_path):
     assert torch.equal(got, pre)  # used as they are, no model and no degradation
     ckpt = train_refiner(stored, tmp_path / "r", coarse=None, degradation=False, iterations=2,
                          batch_size=2, crop=32, config=TINY_REF, progress=False, device="cpu")
-    assert torch.load(ckpt, weights_only=False)["iteration"] == 2
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 2
     wrong = _with_stored_maps(npz, tmp_path, k=2)
     with pytest.raises(UserError, match="coarse maps have 2 classes"):
         train_refiner(wrong, tmp_path / "w", iterations=1, progress=False, device="cpu")
+
+
+def test_crafted_checkpoints_are_refused_and_never_run(npz, tmp_path):
+    """A pickle payload in a checkpoint (given, or planted for --resume) never runs."""
+    from test_byo import evil_checkpoint
+
+    marker = tmp_path / "MARKER"
+    kw = dict(iterations=2, batch_size=2, crop=32, progress=False, device="cpu")
+    calls = [
+        lambda p: segmentor_from_checkpoint(p, "cpu"),
+        lambda p: refiner_from_checkpoint(p, "cpu"),
+        lambda p: export_model(p, None, ModelCard(name="t", classes=["a", "b"]), tmp_path / "m"),
+        lambda p: train_coarse(npz, p.parent, resume=True, config=TINY, **kw),
+        lambda p: train_refiner(npz, p.parent, resume=True, config=TINY_REF, **kw),
+    ]
+    for i, call in enumerate(calls):
+        folder = tmp_path / f"run{i}"
+        folder.mkdir()
+        kind = "refiner" if i in (1, 4) else "coarse"
+        evil = evil_checkpoint(folder / "checkpoint.pt", marker, kind=kind)
+        with pytest.raises(UserError, match="could run code") as err:
+            call(evil)
+        assert "\n" not in str(err.value)
+        assert not marker.exists()
+
+
+def test_a_checkpoint_that_loads_but_is_not_ours_is_one_error(npz, tmp_path):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    torch.save({"kind": "coarse", "config": "x"}, folder / "checkpoint.pt")
+    with pytest.raises(UserError, match="cannot be resumed"):
+        train_coarse(npz, folder, iterations=2, resume=True, progress=False, device="cpu")
+    with pytest.raises(UserError, match="bad coarse-model checkpoint"):
+        segmentor_from_checkpoint(folder / "checkpoint.pt", "cpu")
+    (folder / "checkpoint.pt").write_bytes(b"\x80\x02truncated")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        train_coarse(npz, folder, iterations=2, resume=True, progress=False, device="cpu")
+
+
+@pytest.mark.parametrize(("train", "config", "message"), [
+    ("coarse", {"widht": [4, 8, 8, 8]}, "config: unknown coarse setting 'widht'"),
+    ("coarse", {"p_coarse_x0": 0.5}, "unknown coarse setting 'p_coarse_x0'"),
+    ("refiner", {"steps": 2}, "unknown refiner setting 'steps'"),
+    ("refiner", {"start": "coarse"}, "unknown refiner setting 'start'"),
+    ("refiner", {"iterations": 5}, "'iterations' has its own option"),
+    ("refiner", {"p_model": 2.0}, "'p_model' must be a number in 0.0..1.0"),
+    ("refiner", {"mode": "oneshoot"}, "'mode' must be one of diffusion, oneshot"),
+])
+def test_unknown_or_bad_config_keys_are_refused(npz, tmp_path, train, config, message):
+    fn = train_coarse if train == "coarse" else train_refiner
+    with pytest.raises(UserError, match=message):
+        fn(npz, tmp_path / "run", iterations=1, config=config, progress=False, device="cpu")
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_checkpoint_of_the_flat_config_format_still_loads(npz, tmp_path):
+    """Checkpoints written before the typed configs kept architecture, training and sampler
+    options in one flat ``config``: they load into the same networks."""
+    kw = dict(iterations=1, batch_size=2, crop=32, progress=False, device="cpu")
+    rc = train_refiner(npz, tmp_path / "r", coarse=None, config=TINY_REF, **kw)
+    state = torch.load(rc, weights_only=True)
+    old = dict(state)
+    old["config"] = {**state["config"], **state.pop("training"), "steps": 4, "start": "noise",
+                     "t_start": 1.0}
+    del old["training"]
+    torch.save(old, tmp_path / "old.pt")
+    img, coarse = torch.randn(1, 3, 32, 32), torch.full((1, 3, 32, 32), 1 / 3)
+    a, b = (refiner_from_checkpoint(p, "cpu").refine(img, coarse, steps=1, seed=0,
+                                                     origins=[(0, 0)])
+            for p in (rc, tmp_path / "old.pt"))
+    assert torch.equal(a, b)

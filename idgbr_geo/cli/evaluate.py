@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import click
 
 from ._common import user_errors
+
+
+def check_not_inputs(inputs: dict[str, str | os.PathLike[str] | None],
+                     outputs: dict[str, str | os.PathLike[str] | None]) -> None:
+    """Refuse, with or without --overwrite, an output that is an input, a file in an input
+    folder (a scene) or another output."""
+    from ..files import check_distinct
+
+    check_distinct(inputs, outputs)
+    for name, path in inputs.items():
+        if path and os.path.isdir(path):
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_file():
+                        check_distinct({f"{name} scene": entry.path}, outputs)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,7 +45,7 @@ from ._common import user_errors
 @click.option("-o", "--output", type=click.Path(path_type=str), default=None,
               help="Also write the JSON report to this file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or warnings.")
 @user_errors
 def evaluate(pred: str, truth: str, coarse: str | None, as_json: bool, k: float,
              ignore_classes: tuple[str, ...], class_field: str, window: int,
@@ -53,15 +69,17 @@ def evaluate(pred: str, truth: str, coarse: str | None, as_json: bool, k: float,
     definitions: python -m pydoc idgbr_geo.metrics
     """
     from ..evaluate import evaluate_paths, format_report, to_json
-    from ..files import atomic_output, check_output
+    from ..files import atomic_output, check_output, write_errors
 
+    check_not_inputs({"prediction": pred, "truth": truth, "--coarse map": coarse},
+                     {"--output file": output})
     if output:
         check_output(output, overwrite)
     result = evaluate_paths(pred, truth, coarse=coarse, ignore_classes=ignore_classes, k=k,
                             class_field=class_field, window=window, progress=not quiet)
     text = to_json(result)
     if output:
-        with atomic_output(output, overwrite) as tmp:
+        with atomic_output(output, overwrite) as tmp, write_errors(output):
             tmp.write_text(text + "\n")
     click.echo(text if as_json else format_report(result))
 
@@ -94,11 +112,12 @@ def evaluate(pred: str, truth: str, coarse: str | None, as_json: bool, k: float,
 @click.option("--k", "k", type=float, default=1.0, show_default=True,
               help="Weight k of IoU_imp in the --html report's tables.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("--quiet", "-q", is_flag=True, help="No warnings or 'wrote' lines.")
 @user_errors
 def preview(input_path: str, output: str | None, refined: str, coarse: str | None,
             truth: str | None, window: str | None, max_size: int, bands: str | None,
             alpha: float, class_field: str, html_out: str | None, k: float,
-            overwrite: bool) -> None:
+            overwrite: bool, quiet: bool) -> None:
     """Draw INPUT (contrast-stretched) with the coarse (red), refined (yellow) and truth
     (cyan) class boundaries and a legend, into OUT.png.
 
@@ -114,8 +133,8 @@ def preview(input_path: str, output: str | None, refined: str, coarse: str | Non
     With a single INPUT file, --html writes a one-scene report (with or without OUT.png).
     """
     from ..errors import UserError
-    from ..files import check_output
-    from ..preview import PreviewWindow, write_html_report, write_preview
+    from ..files import atomic_output, check_output, write_errors
+    from ..preview import PreviewWindow, render_preview, write_html_report
 
     band_list = None
     if bands:
@@ -131,15 +150,23 @@ def preview(input_path: str, output: str | None, refined: str, coarse: str | Non
                         "instead of OUT.png")
     if not output and not html_out:
         raise UserError("give OUT.png, --html OUT.html, or both")
+    check_not_inputs({"input": input_path, "--refined map": refined, "--coarse map": coarse,
+                      "--truth": truth}, {"preview": output, "HTML report": html_out})
     for path in (output, html_out):
         if path:
             check_output(path, overwrite)
     opts = dict(window=win, bands=band_list, alpha=alpha, class_field=class_field)
-    if output:
-        write_preview(input_path, output, refined=refined, coarse=coarse, truth=truth,
-                      max_size=max_size, overwrite=overwrite, **opts)
-        click.echo(f"wrote {output}")
-    if html_out:
-        write_html_report(input_path, html_out, refined=refined, coarse=coarse, truth=truth,
-                          max_size=max_size, overwrite=overwrite, k=k, **opts)
-        click.echo(f"wrote {html_out}")
+    with contextlib.ExitStack() as stack:
+        if output:
+            img = render_preview(input_path, refined, coarse=coarse, truth=truth,
+                                 max_size=max_size, **opts)
+            tmp = stack.enter_context(atomic_output(output, overwrite))
+            with write_errors(output):
+                img.save(tmp, format="PNG", optimize=False)
+        if html_out:
+            write_html_report(input_path, html_out, refined=refined, coarse=coarse, truth=truth,
+                              max_size=max_size, overwrite=overwrite, k=k, **opts)
+        # the PNG is renamed into place only now: a failed report leaves neither file
+    for path in (output, html_out):
+        if path and not quiet:
+            click.echo(f"wrote {path}")

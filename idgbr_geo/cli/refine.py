@@ -1,15 +1,24 @@
-"""`idgbr-geo refine` and `idgbr-geo batch`: thin wrappers over the engine and batch API."""
+"""`idgbr-geo refine` and `idgbr-geo batch`: thin wrappers over the engine and batch API.
+
+Both build the library's option objects (:mod:`idgbr_geo.options`) from their flags, so a
+value out of range is the library's own one-line error, before any model or file is opened.
+"""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from ..options import OutputOptions, RunOptions, VectorOptions
 from ._common import user_errors
 from .vectorize import pop_vector_options, vector_options
+
+#: flags that fill :class:`~idgbr_geo.options.RunOptions` and ``OutputOptions``
+RUN_KEYS = ("coarse_only", "bands", "tile_size", "overlap", "steps", "batch_size",
+            "model_workers", "device", "seed", "gsd")
+OUTPUT_KEYS = ("confidence", "cog")
 
 
 def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -31,7 +40,7 @@ def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--bands", callback=_bands, help="Input bands to use, e.g. 1,2,3."),
         click.option("--tile-size", type=int, help="Window size in model pixels [card]."),
         click.option("--overlap", type=int, help="Window overlap in model pixels [card]."),
-        click.option("--steps", type=int, help="Diffusion sampling steps [card]."),
+        click.option("--steps", type=int, help="Diffusion sampling steps, 0..1000 [card]."),
         click.option("--batch-size", type=int,
                      help="Windows per forward pass [1 on CPU, 8 on a GPU]."),
         click.option("--model-workers", type=int,
@@ -40,27 +49,27 @@ def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True),
         click.option("--seed", type=int, default=0, show_default=True,
-                     help="Diffusion noise seed (same seed, same output, bit for bit)."),
+                     help="Diffusion noise seed, 0..2^64-1 (same seed, same output, bit for "
+                          "bit)."),
         click.option("--gsd", type=float,
                      help="Input ground sample distance in metres (overrides the file)."),
         click.option("--confidence", is_flag=True, help="Add a confidence band (max probability)."),
         click.option("--cog", is_flag=True, help="Write Cloud-Optimized GeoTIFFs."),
         click.option("--overwrite", is_flag=True, help="Replace existing outputs."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary."),
+        click.option("--quiet", "-q", is_flag=True,
+                     help="No progress bar, summary or warnings."),
     ]
     for opt in reversed(opts):
         func = opt(func)
     return func
 
 
-def _show_warnings(quiet: bool) -> None:
-    """Warnings as one 'Warning: ...' line each (rasterio's own georeferencing one is ours)."""
-    from rasterio.errors import NotGeoreferencedWarning
-
-    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
-    if quiet:
-        warnings.simplefilter("ignore")
-    warnings.showwarning = lambda msg, *a, **k: click.echo(f"Warning: {msg}", err=True)
+def option_objects(kwargs: dict[str, Any]) -> tuple[RunOptions, OutputOptions]:
+    """Take the engine and vector flags out of a command's kwargs as option objects:
+    checked here, once, with the library's own rules."""
+    vectors = VectorOptions(**pop_vector_options(kwargs))
+    run = RunOptions(**{k: kwargs.pop(k) for k in RUN_KEYS})
+    return run, OutputOptions(**{k: kwargs.pop(k) for k in OUTPUT_KEYS}, vectors=vectors)
 
 
 @click.command()
@@ -77,11 +86,11 @@ def _show_warnings(quiet: bool) -> None:
 @user_errors
 def refine(input: str, output: str, quiet: bool, **kwargs: Any) -> None:
     """Refine INPUT (a GeoTIFF of any size) into a georeferenced class raster OUTPUT."""
-    from ..engine import refine_raster
+    run, outputs = option_objects(kwargs)
+    from ..engine import refine_raster, tune_process
 
-    _show_warnings(quiet)
-    vopts = pop_vector_options(kwargs)
-    summary = refine_raster(input, output, quiet=quiet, vector_options=vopts, **kwargs)
+    tune_process()  # a command is the whole process: tune it for a long run
+    summary = refine_raster(input, output, options=run, outputs=outputs, quiet=quiet, **kwargs)
     if not quiet:
         click.echo(summary.line(), err=True)
 
@@ -103,8 +112,9 @@ def refine(input: str, output: str, quiet: bool, **kwargs: Any) -> None:
               help="Write the polygons of all scenes into this one GeoPackage (scene attribute).")
 @vector_options
 @user_errors
-def batch(in_dir: str, out_dir: str, pattern: str, quiet: bool, **kwargs: Any) -> None:
-    """Refine every raster in IN_DIR matching --pattern into OUT_DIR (same options as refine).
+def batch(in_dir: str, out_dir: str, quiet: bool, **kwargs: Any) -> None:
+    """Refine every raster in IN_DIR matching --pattern into OUT_DIR (same options as refine;
+    OUT_DIR is created when it does not exist).
 
     IN_DIR may also be a URL that fsspec can list (s3://, http://...). Scenes run in this
     process, or one Dask task each with --workers N or --scheduler. A manifest in OUT_DIR
@@ -112,12 +122,11 @@ def batch(in_dir: str, out_dir: str, pattern: str, quiet: bool, **kwargs: Any) -
     rest. Existing outputs are skipped unless --overwrite. A failing scene does not stop the
     batch; a JSON summary is written to OUT_DIR and the exit code is 1 if any scene failed.
     """
+    run, outputs = option_objects(kwargs)
     from ..batch import run_batch
 
-    _show_warnings(quiet)
-    vopts = pop_vector_options(kwargs)
-    result = run_batch(in_dir, out_dir, pattern=pattern, quiet=quiet, vector_options=vopts,
-                       **kwargs)
+    result = run_batch(in_dir, out_dir, options=run, outputs=outputs, quiet=quiet,
+                       tune_process=True, **kwargs)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(result.counts().items()))
     if not quiet:
         click.echo(f"{len(result.scenes)} scenes: {counts}; summary: {result.summary_path}; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -18,7 +19,10 @@ from typing import Any
 
 import click
 
+from ..config import RefinerTrainingConfig
+from ..config import TrainingConfig as _T
 from ..errors import OutputError, UserError
+from ..files import check_distinct
 from ._common import user_errors
 
 
@@ -85,8 +89,8 @@ def data_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--val-fraction", type=float,
                      help="Hold out this share of the chips as whole scenes for validation."),
         click.option("--attribution", default="", help="Data source / licence for the card."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+        click.option("--seed", type=int, default=_T.seed, show_default=True),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings."),
         click.option("--overwrite", is_flag=True, help="Replace existing outputs in --out."),
     ]
     for opt in reversed(opts):
@@ -99,17 +103,21 @@ def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
                      help="Output folder (data, checkpoints, log, exported model)."),
         click.option("--name", help="Model name (card <name>.json) [the --out folder name]."),
-        click.option("--iterations", type=int, default=3000, show_default=True),
-        click.option("--batch-size", type=int, default=8, show_default=True),
-        click.option("--lr", type=float, default=2e-3, show_default=True),
-        click.option("--crop", type=int, default=128, show_default=True,
+        click.option("--iterations", type=int, default=_T.iterations, show_default=True),
+        click.option("--batch-size", type=int, default=_T.batch_size, show_default=True),
+        click.option("--lr", type=float, default=_T.lr, show_default=True),
+        click.option("--crop", type=int, default=_T.crop, show_default=True,
                      help="Training crop size in pixels (random crops of the chips)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True),
         click.option("--resume", is_flag=True, help="Continue from --out's checkpoint."),
         click.option("--config", "config_text",
-                     help="Network config overrides: JSON text or a .json file."),
-        click.option("--checkpoint-every", type=int, default=250, show_default=True),
+                     help="Network and training settings, JSON text or a .json file, e.g. "
+                          "'{\"widths\": [16, 32, 64, 96]}' (coarse) or '{\"mode\": "
+                          "\"oneshot\", \"boundary_weight\": 4}' (refiner); an unknown key "
+                          "is an error."),
+        click.option("--checkpoint-every", type=int, default=_T.checkpoint_every,
+                     show_default=True),
     ]
     for opt in reversed(opts):
         func = opt(func)
@@ -252,7 +260,12 @@ def _command_line(ctx: click.Context) -> str:
     return shlex.join(parts)
 
 
-def _config(text: str | None) -> dict[str, Any] | None:
+def _config(text: str | None, stage: str) -> dict[str, Any] | None:
+    """``--config``: JSON text or a .json file of the stage's network and training settings
+    (:func:`idgbr_geo.config.split_config`), checked before any work: an unknown key is one
+    error line, not a setting silently left at its default."""
+    from ..config import split_config
+
     if not text:
         return None
     try:
@@ -262,7 +275,52 @@ def _config(text: str | None) -> dict[str, Any] | None:
         raise UserError(f"--config is neither JSON nor a readable .json file: {exc}") from None
     if not isinstance(cfg, dict):
         raise UserError("--config must be a JSON object")
+    split_config(stage, cfg, "--config")
     return cfg
+
+
+def _input_files(opts: dict[str, Any]) -> dict[str, str | os.PathLike[str] | None]:
+    """Files a training run reads that an output path could name by mistake."""
+    files: dict[str, str | os.PathLike[str] | None] = {}
+    data = opts.get("data_path")
+    if data:
+        p = Path(data)
+        files.update({"--data chips": p / "train.npz", "--data validation chips": p / "val.npz"}
+                     if p.is_dir() else {"--data chips": p})
+    config = opts.get("config_text")
+    if config and config.endswith(".json"):
+        files["--config file"] = config
+    spec = opts.get("coarse_model")
+    if spec:
+        from ..registry import resolve_card
+
+        files["--coarse-model"] = spec
+        try:
+            card = resolve_card(spec)  # a card (or a bundled name, or a model folder)
+        except UserError:
+            return files  # not a card: a checkpoint, or an error reported when loading it
+        if card.suffix.lower() == ".json":
+            files["--coarse-model card"] = card
+            try:
+                weights = json.loads(card.read_text()).get("weights")
+            except (OSError, ValueError, AttributeError):
+                weights = None
+            if isinstance(weights, str) and weights:
+                files["--coarse-model weights"] = card.parent / weights
+    return files
+
+
+def _check_not_inputs(opts: dict[str, Any], out: Path, name: str, stage: str) -> None:
+    """Refuse, with or without --overwrite, an output of the run that is one of its inputs
+    (e.g. ``--coarse-model OUT/<name>.json``: exporting would replace the coarse model
+    before its weights are embedded)."""
+    outputs: dict[str, str | os.PathLike[str] | None] = {
+        "model card": out / f"{name}.json", "model weights": out / f"{name}.safetensors",
+        "checkpoint": out / stage / "checkpoint.pt", "training log": out / stage / "log.csv"}
+    if not opts.get("data_path"):
+        outputs.update({"training chips": out / "data" / "train.npz",
+                        "validation chips": out / "data" / "val.npz"})
+    check_distinct(_input_files(opts), outputs)
 
 
 def _prepare_run(opts: dict[str, Any], stage: str) -> tuple[Path, str, Path, Path | None]:
@@ -272,6 +330,7 @@ def _prepare_run(opts: dict[str, Any], stage: str) -> tuple[Path, str, Path, Pat
     if not name or "/" in name:
         raise UserError(f"bad model name {name!r}")
     card_path = out / f"{name}.json"
+    _check_not_inputs(opts, out, name, stage)
     if card_path.exists() and not (opts["overwrite"] or opts["resume"]):
         raise OutputError(f"{card_path} already exists (use --overwrite or --resume)")
     ckpt = out / stage / "checkpoint.pt"
@@ -294,14 +353,15 @@ def _card(name: str, chips: Any, info: dict[str, Any], command: str, stage: str,
                      band_names=["red", "green", "blue"] if bands == 3
                      else [f"band_{i + 1}" for i in range(bands)],
                      gsd=None if math.isnan(chips.gsd) else round(float(chips.gsd), 4))
-    if base is not None:  # keep the coarse model's engine defaults
-        for key in ("colors", "band_names", "tile_size", "overlap", "steps", "stride_multiple"):
+    if base is not None:  # keep the coarse model's engine defaults and its provenance
+        for key in ("colors", "band_names", "tile_size", "overlap", "sampling",
+                    "stride_multiple"):
             setattr(card, key, getattr(base, key))
-    card.extra["training"] = {
-        "command": command, "stage": stage, "data": info, "seed": opts["seed"],
-        "iterations": opts["iterations"], "batch_size": opts["batch_size"], "lr": opts["lr"],
-    }
-    card.extra["attribution"] = info["train"]["source"]
+        card.training.commands = list(base.training.commands)
+    # (each stage's training settings come from its checkpoint: export_model)
+    card.training.commands.append(command)
+    card.training.data = dict(info)
+    card.training.licences = {"data": info["train"]["source"]}
     return card
 
 
@@ -338,13 +398,14 @@ def coarse(ctx: click.Context, **opts: Any) -> None:
     """Train the coarse segmentor and export a model card with it."""
     from ..training import export_model, train_coarse
 
+    config = _config(opts["config_text"], "coarse")
     out, name, train_path, val_path = _prepare_run(opts, "coarse")
     info_train, chips = _summary(train_path)
     info = {"train": info_train, "val": _summary(val_path)[0] if val_path else None}
     ckpt = train_coarse(train_path, out / "coarse", val_npz=val_path,
                         iterations=opts["iterations"], batch_size=opts["batch_size"],
                         lr=opts["lr"], seed=opts["seed"], device=opts["device"],
-                        resume=opts["resume"], config=_config(opts["config_text"]),
+                        resume=opts["resume"], config=config,
                         progress=not opts["quiet"], crop=opts["crop"],
                         checkpoint_every=opts["checkpoint_every"])
     card = _card(name, chips, info, _command_line(ctx), "coarse", opts)
@@ -358,15 +419,20 @@ def coarse(ctx: click.Context, **opts: Any) -> None:
 @training_options
 @click.option("--coarse-model",
               help="Coarse stage whose maps the refiner learns from: a model name or card, a "
-                   "`train coarse` checkpoint.pt, a torchgeo .ckpt or a TorchScript file. "
-                   "Without it only degraded ground truth is used.")
+                   "`train coarse` checkpoint.pt, a torchgeo .ckpt or a TorchScript file "
+                   "(needs --trust-torchscript). Checkpoints are read without running code "
+                   "from them. Without it only degraded ground truth is used.")
+@click.option("--trust-torchscript", is_flag=True,
+              help="Allow a TorchScript --coarse-model. Loading TorchScript runs the code "
+                   "stored in the file: use it only for files from a source you trust.")
 @click.option("--coarse-mean", callback=_floats,
               help="Per-band mean the torchgeo/TorchScript model was trained with, in units of "
                    "value/255 (uint8) [0: torchgeo's default input is value/255].")
 @click.option("--coarse-std", callback=_floats,
               help="Per-band std the torchgeo/TorchScript model was trained with, in the same "
                    "units [1].")
-@click.option("--degradation/--no-degradation", default=True, show_default=True,
+@click.option("--degradation/--no-degradation", default=RefinerTrainingConfig.degradation,
+              show_default=True,
               help="Also learn from random degradations of the ground truth.")
 @click.pass_context
 @user_errors
@@ -380,6 +446,7 @@ def refiner(ctx: click.Context, **opts: Any) -> None:
     from ..registry import save_model
     from ..training import export_model, fit_normalization, train_refiner
 
+    config = _config(opts["config_text"], "refiner")
     out, name, train_path, val_path = _prepare_run(opts, "refiner")
     info_train, chips = _summary(train_path)
     info = {"train": info_train, "val": _summary(val_path)[0] if val_path else None}
@@ -392,7 +459,8 @@ def refiner(ctx: click.Context, **opts: Any) -> None:
             raise UserError(f"--coarse-mean/--coarse-std need {n} values (one per band)")
         model_norm = Normalization(mean=mean, std=std)  # used by torchgeo/TorchScript models
         stage = byo.load_coarse(opts["coarse_model"], opts["device"], card_normalization=norm,
-                                model_normalization=model_norm)
+                                model_normalization=model_norm,
+                                trust_torchscript=opts["trust_torchscript"])
         norm = stage.normalization or norm
         if stage.segmentor.num_classes != len(chips.classes):
             raise UserError(f"the coarse model predicts {stage.segmentor.num_classes} classes, "
@@ -401,13 +469,13 @@ def refiner(ctx: click.Context, **opts: Any) -> None:
                          val_npz=val_path, iterations=opts["iterations"],
                          batch_size=opts["batch_size"], lr=opts["lr"], seed=opts["seed"],
                          device=opts["device"], resume=opts["resume"],
-                         config=_config(opts["config_text"]), progress=not opts["quiet"],
+                         config=config, progress=not opts["quiet"],
                          degradation=opts["degradation"], crop=opts["crop"],
                          normalization=norm, checkpoint_every=opts["checkpoint_every"])
     card = _card(name, chips, info, _command_line(ctx), "refiner", opts,
                  base=stage.card if stage else None)
     if stage is not None:
-        card.extra["training"]["coarse_model"] = {"kind": stage.kind, "path": str(stage.path)}
+        card.training.data["coarse_model"] = {"kind": stage.kind, "path": str(stage.path)}
     coarse_ckpt = stage.path if stage and stage.kind == "idgbr-checkpoint" else None
     path = export_model(coarse_ckpt, ckpt, card, out)
     if stage is not None and stage.kind in ("idgbr", "torchgeo"):

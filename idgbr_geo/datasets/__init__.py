@@ -15,6 +15,7 @@ metres; NaN when unknown), ``source`` (provenance), ``scene`` (N,) str.
 
 from __future__ import annotations
 
+from ..rasters import pixel_ground_size
 from .chips import (
     IGNORE,
     ChipSet,
@@ -29,7 +30,6 @@ from .rasters import (
     chips_from_rasters,
     chips_from_vectors,
     find_images,
-    ground_gsd,
     pair_by_name,
     pair_groups,
     read_vector_labels,
@@ -37,6 +37,7 @@ from .rasters import (
 
 __all__ = [
     "IGNORE", "ChipSet", "LabelRules", "chip_origins", "chips_from_rasters",
-    "chips_from_torchgeo", "chips_from_vectors", "find_images", "ground_gsd", "pair_by_name",
-    "pair_groups", "parse_label_map", "read_vector_labels", "resolve_classes", "split_by_scene",
+    "chips_from_torchgeo", "chips_from_vectors", "find_images", "pair_by_name",
+    "pair_groups", "parse_label_map", "pixel_ground_size", "read_vector_labels",
+    "resolve_classes", "split_by_scene",
 ]

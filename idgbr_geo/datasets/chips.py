@@ -119,7 +119,8 @@ class LabelRules:
             vals = sorted({int(v) for v in np.unique(out[bad])})[:5]
             k = f"{len(self.classes)} classes" if self.classes else "class ids 0..254"
             raise InputError(f"{where}: label values {vals} are outside the {k} "
-                             "(map them with --label-map or list them in --classes)")
+                             "(map them with $label_map or list them in $classes)",
+                             options=["label_map", "classes"])
         if self.ignore:
             out[np.isin(out, list(self.ignore))] = IGNORE
         if valid is not None:
@@ -188,10 +189,11 @@ def _progress(items: Sequence[Any], progress: bool, desc: str) -> Iterator[Any]:
 
 def _check_chip(chip_size: int, stride: int | None) -> int:
     if chip_size < 8:
-        raise UserError(f"--chip-size must be at least 8, got {chip_size}")
+        raise UserError(f"$chip_size must be at least 8, got {chip_size}",
+                        options=["chip_size"])
     stride = stride or chip_size
     if stride < 1:
-        raise UserError(f"--stride must be positive, got {stride}")
+        raise UserError(f"$stride must be positive, got {stride}", options=["stride"])
     return stride
 
 
@@ -200,10 +202,12 @@ def _check_chip(chip_size: int, stride: int | None) -> int:
 def split_by_scene(chips: ChipSet, val_fraction: float, seed: int = 0) -> tuple[ChipSet, ChipSet]:
     """Hold out whole scenes (never random chips: neighbouring chips share objects)."""
     if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        raise UserError(f"$val_fraction must be between 0 and 1, got {val_fraction}",
+                        options=["val_fraction"])
     scenes, counts = np.unique(chips.scene, return_counts=True)
     if len(scenes) < 2:
-        raise InputError("--val-fraction needs at least two scenes (images) to hold one out")
+        raise InputError("$val_fraction needs at least two scenes (images) to hold one out",
+                         options=["val_fraction"])
     order = np.random.default_rng(seed).permutation(len(scenes))
     target = val_fraction * len(chips)
     val: list[str] = []
@@ -227,5 +231,6 @@ def parse_label_map(text: str | None) -> dict[int, int]:
             k, v = part.split("=")
             out[int(k)] = int(v)
         except ValueError:
-            raise UserError(f"bad --label-map entry {part!r} (expected RAW=CLASS_ID)") from None
+            raise UserError(f"bad $label_map entry {part!r} (expected RAW=CLASS_ID)",
+                            options=["label_map"]) from None
     return out

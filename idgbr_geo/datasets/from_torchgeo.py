@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, UserError
+from ..rasters import mean_gsd, open_raster, pixel_ground_size, same_gsd
 from .chips import (
     ChipSet,
     LabelRules,
@@ -26,7 +27,6 @@ from .chips import (
     _progress,
     chip_origins,
 )
-from .rasters import GSD_TOLERANCE, _open, ground_gsd
 
 # ----------------------------------------------------------------------------- torchgeo
 
@@ -41,7 +41,8 @@ def _torchgeo_dataset(dataset: Any, root: PathLike | None, kwargs: Mapping[str, 
         dataset = cls
     if isinstance(dataset, type):
         if root is None:
-            raise UserError(f"the torchgeo dataset {dataset.__name__} needs --root")
+            raise UserError(f"the torchgeo dataset {dataset.__name__} needs $root",
+                            options=["root"])
         if not Path(root).is_dir():
             raise InputError(f"torchgeo root {root} does not exist")
         accepted = set(inspect.signature(dataset.__init__).parameters)
@@ -87,10 +88,10 @@ def _sample_gsd(path: Path | None, shape: tuple[int, int]) -> tuple[float, float
     """Ground GSD of a non-geo sample when its image file is a georeferenced raster."""
     if path is None:
         return None
-    with _open(path) as src:
+    with open_raster(path, "image") as src:
         if src.crs is None or (src.height, src.width) != shape:
             return None
-        return ground_gsd(src.crs, src.transform, src.width, src.height)
+        return pixel_ground_size(src.crs, src.transform, src.width, src.height)
 
 
 def _resize(image: np.ndarray, label: np.ndarray, factor: tuple[float, float]
@@ -133,12 +134,12 @@ def _nongeo_chips(ds: Any, rules: LabelRules, gsd: float | None, source_gsd: flo
         if gsd is not None:
             if g is None:
                 raise InputError(f"torchgeo sample {i} has no georeferencing: give "
-                                 "--source-gsd (metres per pixel) to resample it to --gsd")
-            f = (gsd / g[0], gsd / g[1])
-            if abs(f[0] - 1) > GSD_TOLERANCE or abs(f[1] - 1) > GSD_TOLERANCE:
-                image, label = _resize(image, label, f)
+                                 "$source_gsd (metres per pixel) to resample it to $gsd",
+                                 options=["source_gsd", "gsd"])
+            if not (same_gsd(g[0], gsd) and same_gsd(g[1], gsd)):
+                image, label = _resize(image, label, (gsd / g[0], gsd / g[1]))
         if g is not None:
-            gsds.append(math.sqrt(g[0] * g[1]))
+            gsds.append(mean_gsd(g))
         _chip_arrays(image, label, path.stem if path else f"sample_{i:05d}", out, chip, stride)
     if gsd is not None:
         return float(gsd)
@@ -160,11 +161,12 @@ def _geo_chips(ds: Any, rules: LabelRules, gsd: float | None, out: _Collector, c
     xres, yres = ds.res
     x, y, _ = ds.bounds
     width, height = (x.stop - x.start) / xres, (y.stop - y.start) / yres
-    gx, gy = ground_gsd(ds.crs, Affine(xres, 0, x.start, 0, -yres, y.stop), width, height)
-    if gsd is not None and (abs(gsd / gx - 1) > GSD_TOLERANCE or abs(gsd / gy - 1) > GSD_TOLERANCE):
+    gx, gy = pixel_ground_size(ds.crs, Affine(xres, 0, x.start, 0, -yres, y.stop), width,
+                               height)
+    if gsd is not None and not (same_gsd(gx, gsd) and same_gsd(gy, gsd)):
         with contextlib.redirect_stdout(io.StringIO()):  # torchgeo prints the conversion
             ds.res = (xres * gsd / gx, yres * gsd / gy)
-    target = float(gsd) if gsd is not None else math.sqrt(gx * gy)
+    target = float(gsd) if gsd is not None else mean_gsd((gx, gy))
     footprint = shapely.union_all(ds.index.geometry.to_numpy())
     names = [c for c in ds.index.columns if str(c).startswith("filepath")]
     scenes = (ds.index[names[0]].map(lambda f: Path(str(f)).stem).to_numpy() if names
@@ -223,7 +225,7 @@ def chips_from_torchgeo(
     rules = LabelRules.make(classes, ignore_classes, label_map)
     out = _Collector(min_labelled)
     if gsd is not None and gsd <= 0:
-        raise UserError(f"--gsd must be positive, got {gsd}")
+        raise UserError(f"$gsd must be positive, got {gsd}", options=["gsd"])
     if isinstance(ds, GeoDataset):
         target = _geo_chips(ds, rules, gsd, out, chip_size, stride, progress)
     else:

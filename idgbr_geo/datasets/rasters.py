@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, UserError
-from ..tiling import pixel_ground_size as ground_gsd
+from ..rasters import mean_gsd, open_raster, pixel_ground_size, same_gsd
 from .chips import (
     ChipSet,
     LabelRules,
@@ -33,8 +32,6 @@ from .chips import (
 )
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jp2", ".img", ".vrt", ".png", ".jpg", ".jpeg")
-#: scenes whose ground GSD is within this relative tolerance of the target are not resampled
-GSD_TOLERANCE = 0.01
 
 
 # ----------------------------------------------------------------------------- finding files
@@ -115,17 +112,6 @@ class _Grid:
         return self.width < self.src_width or self.height < self.src_height
 
 
-def _open(path: Path) -> Any:
-    import rasterio
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            return rasterio.open(path)
-    except rasterio.errors.RasterioIOError as exc:
-        raise InputError(f"cannot open {path} as a raster: {str(exc).splitlines()[0]}") from None
-
-
 def _scene_grid(src: Any, path: Path, source_gsd: float | None) -> _Grid:
     from affine import Affine
 
@@ -135,7 +121,7 @@ def _scene_grid(src: Any, path: Path, source_gsd: float | None) -> _Grid:
         gsd = (g, g) if g else (math.nan, math.nan)
         return _Grid(path, "EPSG:3395", fake, fake, src.width, src.height, gsd, False,
                      src.width, src.height)
-    gsd = ground_gsd(src.crs, src.transform, src.width, src.height)
+    gsd = pixel_ground_size(src.crs, src.transform, src.width, src.height)
     return _Grid(path, src.crs, src.transform, src.transform, src.width, src.height, gsd, True,
                  src.width, src.height)
 
@@ -146,7 +132,7 @@ def _resample_grid(grid: _Grid, target: float | None) -> _Grid:
     if target is None or not all(math.isfinite(g) for g in grid.gsd):
         return grid
     fx, fy = target / grid.gsd[0], target / grid.gsd[1]
-    if abs(fx - 1) <= GSD_TOLERANCE and abs(fy - 1) <= GSD_TOLERANCE:
+    if same_gsd(grid.gsd[0], target) and same_gsd(grid.gsd[1], target):
         return grid
     width = max(1, round(grid.width / fx))
     height = max(1, round(grid.height / fy))
@@ -155,17 +141,19 @@ def _resample_grid(grid: _Grid, target: float | None) -> _Grid:
 
 
 def _pick_target_gsd(grids: list[_Grid], gsd: float | None) -> float:
-    known = [math.sqrt(g.gsd[0] * g.gsd[1]) for g in grids if math.isfinite(g.gsd[0])]
+    known = [mean_gsd(g.gsd) for g in grids if math.isfinite(g.gsd[0])]
     if gsd is not None:
         if gsd <= 0:
-            raise UserError(f"--gsd must be positive, got {gsd}")
+            raise UserError(f"$gsd must be positive, got {gsd}", options=["gsd"])
         if len(known) != len(grids):
             nogeo = next(g.path for g in grids if not math.isfinite(g.gsd[0]))
-            raise InputError(f"{nogeo} has no georeferencing: give --source-gsd "
-                             "(metres per pixel) to resample it to --gsd")
+            raise InputError(f"{nogeo} has no georeferencing: give $source_gsd "
+                             "(metres per pixel) to resample it to $gsd",
+                             options=["source_gsd", "gsd"])
         return float(gsd)
     if known and len(known) != len(grids):
-        raise InputError("some images are georeferenced and some are not: give --source-gsd")
+        raise InputError("some images are georeferenced and some are not: give $source_gsd",
+                         options=["source_gsd"])
     return float(np.median(known)) if known else math.nan
 
 
@@ -255,7 +243,7 @@ def _scan(paths: Sequence[Path], gsd: float | None, source_gsd: float | None
           ) -> tuple[list[_Grid], float]:
     grids = []
     for p in paths:
-        with _open(p) as src:
+        with open_raster(p, "image") as src:
             _check_dtype(src, p)
             grids.append(_scene_grid(src, p, source_gsd))
     target = _pick_target_gsd(grids, gsd)
@@ -294,12 +282,13 @@ def chips_from_rasters(
     out = _Collector(min_labelled)
     nbands = 0
     for i, grid in enumerate(_progress(grids, progress, "chipping")):
-        with _open(grid.path) as src, _open(lpaths[i]) as lsrc:
+        with open_raster(grid.path, "image") as src, \
+                open_raster(lpaths[i], "label raster") as lsrc:
             band_ids = _image_bands(src, bands)
             if nbands and len(band_ids) != nbands:
                 raise InputError(f"{grid.path} has {len(band_ids)} bands, others have {nbands}")
             nbands = len(band_ids)
-            nsrc = _open(npaths[i]) if npaths else None
+            nsrc = open_raster(npaths[i], "nodata mask") if npaths else None
             try:
                 reader, vrts = _raster_label_reader(lsrc, grid, nsrc)
                 try:
@@ -428,7 +417,7 @@ def chips_from_vectors(
     for grid in _progress(grids, progress, "chipping"):
         if not grid.georeferenced:
             raise InputError(f"{grid.path} has no CRS: vector labels need georeferenced images")
-        with _open(grid.path) as src:
+        with open_raster(grid.path, "image") as src:
             band_ids = _image_bands(src, bands)
             if nbands and len(band_ids) != nbands:
                 raise InputError(f"{grid.path} has {len(band_ids)} bands, others have {nbands}")

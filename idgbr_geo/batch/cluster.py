@@ -1,4 +1,4 @@
-"""Run a batch on Dask distributed: one task per scene, on a local or an existing cluster.
+"""The Dask runner: one task per scene of a batch, on a local or an existing cluster.
 
 * :func:`dask_client` connects to ``tcp://host:port`` (any Dask deployment: dask-scheduler +
   dask-worker, Kubernetes, SLURM through dask-jobqueue, ...) or starts a ``LocalCluster`` of
@@ -9,7 +9,7 @@
 * :func:`run_on_cluster` runs on the client: it submits the tasks, keeps the manifest and the
   progress bar up to date, and retries scenes whose worker died or that failed for a
   transient reason, up to ``retries`` times. User errors (a corrupt file) and other
-  deterministic errors are not retried (:func:`idgbr_geo.batch.is_transient`).
+  deterministic errors are not retried (:func:`idgbr_geo.batch.jobs.is_transient`).
 
 Every worker must have idgbr-geo installed and see the inputs, the output folder and the
 model card (or have the bundled model) under the same paths as the client.
@@ -24,15 +24,24 @@ import queue
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from .batch import Job, SceneResult, Tracker, error_line, is_transient, process_scene, scene_name
-from .errors import UserError
-from .interfaces import Model
-from .registry import load_model
+from ..errors import UserError
+from ..interfaces import Model
+from ..registry import load_model
+from .jobs import (
+    AfterHook,
+    Job,
+    SceneResult,
+    SceneSettings,
+    Tracker,
+    error_line,
+    is_transient,
+    process_scene,
+    scene_name,
+)
 
 #: structured-event topic on which workers say "scene X started here"
 TOPIC = "idgbr-geo-batch"
@@ -65,7 +74,7 @@ def worker_model(model: str, device: str = "auto") -> Model:
 def preload_model(model: str, device: str = "auto") -> str:
     """Load the model into this worker's cache now (``client.run(preload_model, ref)`` warms
     every worker); return the device it landed on."""
-    from . import engine  # noqa: F401 - the first scene should not pay for the import either
+    from .. import engine  # noqa: F401 - the first scene should not pay for the import either
 
     return str(worker_model(model, device).device)
 
@@ -93,7 +102,7 @@ def _test_kill_hook(scene: str) -> None:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return
-    from . import writing
+    from .. import writing
 
     original = writing.ResultWriter.write
 
@@ -104,9 +113,8 @@ def _test_kill_hook(scene: str) -> None:
     writing.ResultWriter.write = write_then_die  # type: ignore[method-assign]
 
 
-def refine_task(run_id: str, job: Job, model: str, device: str,
-                refine_kwargs: dict[str, Any],
-                after: Callable[[Path, Path], None] | None = None) -> SceneResult:
+def refine_task(run_id: str, job: Job, model: str, settings: SceneSettings,
+                after: AfterHook | None = None) -> SceneResult:
     """One scene on a worker. Never raises for the scene's own errors (loading the model
     included): they come back as a failed :class:`SceneResult`, ``retryable`` only when
     transient."""
@@ -118,12 +126,15 @@ def refine_task(run_id: str, job: Job, model: str, device: str,
                                        "pid": os.getpid()})
     _test_kill_hook(job.scene)
     try:
-        m = worker_model(model, device)
+        if settings.tune_process:
+            from .. import engine
+
+            engine.tune_process()
+        m = worker_model(model, settings.options.device)
     except Exception as exc:  # e.g. a card the worker cannot read: the scene's failure
         return SceneResult(job.scene, job.output, "failed", error=error_line(exc),
                            worker=address, retryable=is_transient(exc))
-    res = process_scene(job.scene, job.output, m, refine_kwargs=job.kwargs(refine_kwargs),
-                        after=after)
+    res = process_scene(job.scene, job.output, m, job.settings(settings), after=after)
     res.worker = address
     return res
 
@@ -148,7 +159,8 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, *,
         yield client
         return
     if scheduler and workers:
-        raise UserError("give either --scheduler or --workers, not both")
+        raise UserError("give either $scheduler or $workers, not both",
+                        options=["scheduler", "workers"])
     if scheduler:
         try:
             cl = Client(scheduler)
@@ -166,7 +178,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, *,
             cl.close()
         return
     if not workers or workers < 1:
-        raise UserError("--workers must be 1 or more")
+        raise UserError("$workers must be 1 or more", options=["workers"])
     # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc mmap
     # and unmap every large array: 2.4x slower scenes here (benchmarks/batch.py). Unset it.
     with dask.config.set({"distributed.scheduler.allowed-failures": retries,
@@ -201,13 +213,13 @@ def _task_key(run_id: str, job: Job, attempt: int) -> str:
 
 
 def run_on_cluster(client: Any, jobs: list[Job], tracker: Tracker, *, model: str,
-                   device: str = "auto", refine_kwargs: dict[str, Any], retries: int = 2,
-                   after: Callable[[Path, Path], None] | None = None) -> None:
+                   settings: SceneSettings, retries: int = 2,
+                   after: AfterHook | None = None) -> None:
     """Submit one task per job and follow them to the end, reporting to ``tracker``.
 
     A scene is attempted at most ``1 + retries`` times, counting each start on a worker
     (including the scheduler's own re-runs after a worker died) and each submission. A task
-    that raised a deterministic error (not :func:`idgbr_geo.batch.is_transient`, e.g. a
+    that raised a deterministic error (not :func:`~idgbr_geo.batch.jobs.is_transient`, e.g. a
     result or argument that cannot be unpickled) fails at once: it would fail again.
     """
     from distributed.scheduler import KilledWorker
@@ -222,7 +234,7 @@ def run_on_cluster(client: Any, jobs: list[Job], tracker: Tracker, *, model: str
 
     def submit(job: Job) -> None:
         submits[job.key] = submits.get(job.key, 0) + 1
-        fut = client.submit(refine_task, run_id, job, model, device, refine_kwargs, after,
+        fut = client.submit(refine_task, run_id, job, model, settings, after,
                             key=_task_key(run_id, job, submits[job.key]), pure=False)
         live[job.key] = fut
         fut.add_done_callback(lambda f, k=job.key: inbox.put(("done", k, f)))

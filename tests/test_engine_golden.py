@@ -6,7 +6,7 @@ alters what users get (weights, card defaults, tiling, stitching, the refiner ga
 makes this test fail; if the change is intended, regenerate the raster and say so in the
 CHANGELOG:
 
-    .venv/bin/python tests/test_golden.py --regenerate
+    .venv/bin/python tests/test_engine_golden.py --regenerate
 
 Tolerance: at most 0.05% of the pixels may differ (floating-point sums differ in the last
 bit between CPUs and BLAS builds, which can flip a pixel whose two class probabilities tie).
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import rasterio
 
+from idgbr_geo.options import RunOptions
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "gorinchem_rgb_025m.tif"
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden_buildings_gorinchem.tif"
@@ -29,8 +31,8 @@ TOLERANCE = 5e-4
 def _refine(out: Path) -> None:
     from idgbr_geo import refine_raster
 
-    refine_raster(EXAMPLE, out, model="buildings", device="cpu", seed=0, quiet=True,
-                  overwrite=True)
+    refine_raster(EXAMPLE, out, model="buildings", quiet=True, overwrite=True,
+                  options=RunOptions(device="cpu", seed=0))
 
 
 def test_bundled_buildings_model_reproduces_the_golden_map(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Dense CRF post-processing: the classic baseline the diffusion refiner is compared with.
 
 Fully connected CRF with Gaussian edge potentials (Krähenbühl & Koltun 2011) through
-``pydensecrf2`` (an optional dependency: ``pip install idgbr-geo[crf]``): unaries are the
+``pydensecrf2`` (not a dependency of the package: ``pip install pydensecrf2``; research code,
+used by ``benchmarks/validate.py`` only): unaries are the
 coarse map's -log probabilities, pairwise terms a smoothness kernel and an appearance
 (bilateral) kernel on the RGB image. Distances are in pixels, so the defaults suit
 ~0.25-1 m imagery; scale ``sxy_bilateral`` with the object size in pixels.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import UserError
+from idgbr_geo.errors import UserError
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, *, iterations: int = 5,

@@ -19,10 +19,11 @@ import pytest
 import rasterio
 from synth import conv_model, synthetic_scene, write_raster
 
-from idgbr_geo import distributed as dist
 from idgbr_geo.batch import MANIFEST_NAME, batch_lock, run_batch
+from idgbr_geo.batch import cluster as dist
 from idgbr_geo.engine import refine_raster
 from idgbr_geo.errors import UserError
+from idgbr_geo.options import RunOptions
 
 SHAPES = {"s0": (120, 150), "s1": (96, 200), "s2": (140, 110), "s3-kill-worker": (260, 230)}
 
@@ -40,7 +41,7 @@ def marker(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def client(marker):
     """A LocalCluster of 2 single-threaded worker processes; its workers inherit the test-only
-    kill hook's environment variable (see idgbr_geo.distributed.KILL_HOOK_ENV)."""
+    kill hook's environment variable (see idgbr_geo.batch.cluster.KILL_HOOK_ENV)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(dist.KILL_HOOK_ENV, str(marker))
         with dist.dask_client(workers=2, dashboard_address=None, retries=2, quiet=True) as cl:
@@ -55,7 +56,7 @@ def scenes(tmp_path_factory, model) -> tuple[Path, Path]:
     for i, (name, (h, w)) in enumerate(SHAPES.items()):
         write_raster(ind / f"{name}.tif", synthetic_scene(h, w, seed=i))
         refine_raster(ind / f"{name}.tif", ref / f"{name}.tif", model=model, quiet=True,
-                      device="cpu")
+                      options=RunOptions(device="cpu"))
     (ind / "broken.tif").write_bytes(b"II*\x00 this is not a GeoTIFF")
     return ind, ref
 
@@ -74,6 +75,7 @@ def manifest(folder: Path) -> dict[str, dict]:
     return json.loads((folder / MANIFEST_NAME).read_text())["scenes"]
 
 
+@pytest.mark.slow
 def test_killed_worker_corrupt_scene_resume(tmp_path, client, scenes, model, marker):
     ind, ref = scenes
     out = tmp_path / "out"
@@ -124,8 +126,8 @@ def test_killed_worker_corrupt_scene_resume(tmp_path, client, scenes, model, mar
 
     # other options invalidate finished scenes: outputs this batch wrote are redone with the
     # new seed, no --overwrite needed (they are ours; tests/test_batch.py has the rest)
-    res = run_batch(ind, out, model=model, client=client, quiet=True, seed=1,
-                    pattern="s[01].tif")
+    res = run_batch(ind, out, model=model, client=client, quiet=True, pattern="s[01].tif",
+                    options=RunOptions(seed=1))
     assert res.counts() == {"done": 2}
     with rasterio.open(out / "s0.tif") as ds:
         assert ds.tags()["IDGBR_SEED"] == "1"
@@ -153,7 +155,7 @@ def test_deterministic_errors_not_retried_on_dask(tmp_path, client, scenes, mode
 def test_task_error_not_retried(tmp_path, client, scenes, model, monkeypatch):
     """A task that raises a deterministic error itself (not as a failed SceneResult): the
     scene fails after one submission; a transient one is retried."""
-    from idgbr_geo.batch import Job, Manifest, Tracker
+    from idgbr_geo.batch import Job, Manifest, SceneSettings, Tracker
 
     ind, _ = scenes
 
@@ -163,7 +165,8 @@ def test_task_error_not_retried(tmp_path, client, scenes, model, monkeypatch):
     monkeypatch.setattr(dist, "refine_task", raising)
     tracker = Tracker(Manifest(tmp_path / MANIFEST_NAME, "x"), 2, quiet=True)
     jobs = [Job(k, str(ind / "s0.tif"), str(tmp_path / f"{k}.tif")) for k in ("bug", "io")]
-    dist.run_on_cluster(client, jobs, tracker, model=str(model), refine_kwargs={}, retries=2)
+    dist.run_on_cluster(client, jobs, tracker, model=str(model), settings=SceneSettings(),
+                        retries=2)
     bug, io = tracker.results["bug"], tracker.results["io"]
     assert (bug.status, bug.attempts, bug.error) == ("failed", 1, "TypeError: a bug"), bug
     assert (io.status, io.attempts) == ("failed", 3), io
@@ -202,6 +205,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     return p.returncode, p.stderr
 
 
+@pytest.mark.slow
 def test_cli_local_cluster(tmp_path, model):
     ind, out = tmp_path / "in", tmp_path / "out"
     ind.mkdir()

@@ -1,0 +1,313 @@
+"""Typed settings of the networks, the sampler and training: one default per setting, here.
+
+Cards and ``train --config`` are JSON, often written by hand or by an older version. A key
+that is not a setting (a typo, a knob that no longer exists) is one :class:`UserError` line
+naming it instead of being silently ignored, and every setting has exactly one default, so
+the card, the engine, training and its validation cannot disagree about it.
+
+* :class:`CoarseConfig`, :class:`RefinerConfig`: the networks' architecture (card
+  ``segmentor.config`` / ``refiner.config`` of the ``idgbr-*`` architectures);
+* :class:`SamplingConfig`: how the refiner is run (card ``sampling``: steps, gate);
+* :class:`TrainingConfig`, :class:`RefinerTrainingConfig`: how a stage was trained (kept
+  in checkpoints and, as provenance, in the card's ``training`` section).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Self
+
+from .errors import UserError
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    """A finite JSON number (bools are ints to Python, not numbers to a card)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bounds(lo: float, hi: float | None) -> str:
+    return f">= {lo}" if hi is None else f"in {lo}..{hi}"
+
+
+class _Settings:
+    """JSON in and out for the frozen dataclasses below; ``__post_init__`` checks values
+    (raising ValueError with the message) and normalises them (lists -> tuples, ints ->
+    floats) so that equal settings compare equal."""
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def problem(cls, data: Any) -> str | None:
+        """What is wrong with ``data`` as (part of) these settings, or None."""
+        if not isinstance(data, Mapping):
+            return f"must be a JSON object, not {type(data).__name__}"
+        known = cls.keys()
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            return (f"unknown setting{'s' if len(unknown) > 1 else ''} "
+                    f"{', '.join(repr(k) for k in unknown)} (known: {', '.join(known)})")
+        try:
+            cls(**data)
+        except (ValueError, TypeError) as exc:
+            return str(exc)
+        return None
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str) -> Self:
+        """Settings from JSON data; one UserError line (starting with ``what``) for unknown
+        keys and bad values. Missing keys take the defaults."""
+        problem = cls.problem(data)
+        if problem:
+            raise UserError(f"{what}: {problem}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in ((f, getattr(self, f)) for f in self.keys())}
+
+    def _int(self, name: str, lo: int, hi: int | None = None) -> None:
+        v = getattr(self, name)
+        if not _is_int(v) or v < lo or (hi is not None and v > hi):
+            raise ValueError(f"{name!r} must be a whole number {_bounds(lo, hi)}, not {v!r}")
+
+    def _float(self, name: str, lo: float, hi: float | None = None) -> None:
+        v = getattr(self, name)
+        if not _is_number(v) or v < lo or (hi is not None and v > hi):
+            raise ValueError(f"{name!r} must be a number {_bounds(lo, hi)}, not {v!r}")
+        object.__setattr__(self, name, float(v))
+
+    def _bool(self, name: str) -> None:
+        if not isinstance(getattr(self, name), bool):
+            raise ValueError(f"{name!r} must be true or false, not {getattr(self, name)!r}")
+
+
+# ------------------------------------------------------------------------ architecture
+
+
+@dataclass(frozen=True)
+class CoarseConfig(_Settings):
+    """Architecture of the coarse segmentor (:class:`idgbr_geo.networks.CoarseNet`)."""
+
+    #: channels at 1/2, 1/4, 1/8 and 1/16 resolution
+    widths: tuple[int, ...] = (16, 32, 64, 96)
+    #: resolution of the prediction before upsampling: 4, or 8/16 for a blurrier model
+    output_stride: int = 4
+
+    def __post_init__(self) -> None:
+        w = self.widths
+        if (not isinstance(w, (list, tuple)) or len(w) != 4
+                or not all(_is_int(v) and v >= 1 for v in w)):
+            raise ValueError(f"'widths' must be 4 whole numbers >= 1, not {w!r}")
+        object.__setattr__(self, "widths", tuple(w))
+        if self.output_stride not in (4, 8, 16) or not _is_int(self.output_stride):
+            raise ValueError(f"'output_stride' must be 4, 8 or 16, not {self.output_stride!r}")
+
+
+#: refiner modes: iterative denoising, or the same networks trained as a one-pass refiner
+REFINER_MODES = ("diffusion", "oneshot")
+
+
+@dataclass(frozen=True)
+class RefinerConfig(_Settings):
+    """Architecture of the refiner (:class:`idgbr_geo.networks.RefinerNet`) and the way it
+    was trained to be run (``mode``), which the weights fix."""
+
+    c1: int = 8
+    c2: int = 16
+    c4: int = 32
+    c8: int = 48
+    ch: int = 32
+    blocks: int = 2
+    #: the guidance network reads the coarse map (False: the image-only ablation)
+    use_coarse: bool = True
+    #: the denoiser predicts a correction of the coarse map's logits
+    residual: bool = False
+    mode: str = "diffusion"
+
+    def __post_init__(self) -> None:
+        for name in ("c1", "c2", "c4", "c8", "ch", "blocks"):
+            self._int(name, 1)
+        self._bool("use_coarse")
+        self._bool("residual")
+        if self.mode not in REFINER_MODES:
+            raise ValueError(f"'mode' must be one of {', '.join(REFINER_MODES)}, "
+                             f"not {self.mode!r}")
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class SamplingConfig(_Settings):
+    """How the engine runs the refiner by default (card ``sampling``)."""
+
+    #: diffusion sampling steps (0: no refinement)
+    steps: int = 1
+    #: keep a pixel's coarse class unless the refiner gives its own, different class at
+    #: least this probability (0: off); a list: one threshold per class the pixel would
+    #: turn into
+    gate: float | tuple[float, ...] = 0.0
+
+    def __post_init__(self) -> None:
+        self._int("steps", 0)
+        g = self.gate
+        if isinstance(g, (list, tuple)):
+            if not g or not all(_is_number(v) and 0 <= v <= 1 for v in g):
+                raise ValueError(f"'gate' must be a probability (0..1) or a list of them, "
+                                 f"not {g!r}")
+            object.__setattr__(self, "gate", tuple(float(v) for v in g))
+        else:
+            self._float("gate", 0.0, 1.0)
+
+    def thresholds(self, num_classes: int) -> list[float]:
+        """The gate as one threshold per class (ValueError if a list has another length)."""
+        return gate_thresholds(self.gate, num_classes)
+
+
+def gate_thresholds(gate: Any, num_classes: int) -> list[float]:
+    """A gate (one number, or one per class) as one threshold per class; ValueError for
+    anything else. (A threshold above 1 never lets the refiner give a pixel that class.)"""
+    per_class = isinstance(gate, (list, tuple))
+    values = list(gate) if per_class else [gate]
+    if (len(values) != (num_classes if per_class else 1)
+            or not all(_is_number(v) for v in values)):
+        raise ValueError(f"gate must be a probability or a list of thresholds for "
+                         f"{num_classes} classes (one per class), not {gate!r}")
+    return [float(v) for v in values] * (1 if per_class else num_classes)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainingConfig(_Settings):
+    """How a stage is trained (the coarse segmentor's settings; the refiner has more)."""
+
+    iterations: int = 3000
+    batch_size: int = 8
+    lr: float = 2e-3
+    #: training crop size in pixels
+    crop: int = 128
+    seed: int = 0
+    checkpoint_every: int = 250
+    #: decay of an exponential moving average of the weights (0: none)
+    ema: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "batch_size", "crop", "checkpoint_every"):
+            self._int(name, 1)
+        self._int("seed", 0)
+        self._float("lr", 0.0)
+        if self.lr <= 0:
+            raise ValueError(f"'lr' must be a number > 0, not {self.lr!r}")
+        self._float("ema", 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class RefinerTrainingConfig(TrainingConfig):
+    """How the refiner is trained (see :func:`idgbr_geo.diffusion.training_loss`)."""
+
+    #: largest diffusion time of the training samples
+    t_max: float = 1.0
+    #: share of samples without guidance (classifier-free guidance training)
+    p_uncond: float = 0.0
+    #: share of samples whose coarse map comes from the coarse model (else: degraded truth)
+    p_model: float = 0.5
+    #: share of samples whose x_t is the noised coarse map instead of the noised truth
+    p_coarse_x0: float = 0.5
+    #: corrupt the coarse model's input by this much (0: clean image)
+    coarse_perturb: float = 0.0
+    #: extra loss weight of pixels near a true class boundary (0: plain mean)
+    boundary_weight: float = 0.0
+    boundary_radius: int = 2
+    #: also learn from random degradations of the ground truth
+    degradation: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("t_max", "p_uncond", "p_model", "p_coarse_x0"):
+            self._float(name, 0.0, 1.0)
+        self._float("coarse_perturb", 0.0)
+        self._float("boundary_weight", 0.0)
+        self._int("boundary_radius", 0)
+        self._bool("degradation")
+
+
+#: training settings that have their own command-line option (not given in ``--config``);
+#: a resumed run takes them from the call, the others from its checkpoint
+RUN_KEYS = ("iterations", "batch_size", "lr", "crop", "seed", "checkpoint_every", "degradation")
+
+
+def split_config(stage: str, data: Mapping[str, Any] | None, what: str = "--config"
+                 ) -> tuple[CoarseConfig | RefinerConfig, dict[str, Any]]:
+    """A flat ``train --config`` object -> (architecture, training overrides) of ``stage``
+    ("coarse" or "refiner"). Unknown keys, and run settings that have their own option, are
+    one UserError line."""
+    data = dict(data or {})
+    arch_cls: type[CoarseConfig] | type[RefinerConfig] = (
+        CoarseConfig if stage == "coarse" else RefinerConfig)
+    train_cls = TrainingConfig if stage == "coarse" else RefinerTrainingConfig
+    train_keys = [k for k in train_cls.keys() if k not in RUN_KEYS]
+    run = [k for k in data if k in RUN_KEYS]
+    if run:
+        flag = run[0].replace("_", "-")
+        flag = "--degradation/--no-degradation" if flag == "degradation" else f"--{flag}"
+        raise UserError(f"{what}: {run[0]!r} has its own option ({flag}), not a --config key")
+    unknown = [k for k in data if k not in arch_cls.keys() and k not in train_keys]
+    if unknown:
+        raise UserError(f"{what}: unknown {stage} setting{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(repr(k) for k in unknown)} (known: "
+                        f"{', '.join(arch_cls.keys() + train_keys)})")
+    arch = arch_cls.from_dict({k: v for k, v in data.items() if k in arch_cls.keys()}, what)
+    training = {k: v for k, v in data.items() if k in train_keys}
+    problem = train_cls.problem(training)
+    if problem:
+        raise UserError(f"{what}: {problem}")
+    return arch, training
+
+
+# ------------------------------------------------------------------ older versions' keys
+
+#: sampler options of version-1 cards and checkpoints that were research experiments (now
+#: in benchmarks/research), with the value that meant "off"
+RESEARCH_DEFAULTS: dict[str, Any] = {"start": "noise", "t_start": 1.0, "band": 0, "x0": "soft",
+                                     "guidance_scale": 1.0, "average": False}
+#: keys a version-1 network config carried that the card or the data determine
+DERIVED_KEYS = ("in_channels", "num_classes")
+
+
+def split_legacy(stage: str, config: Mapping[str, Any], what: str
+                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A version-1 flat network config (architecture, training and sampler keys mixed) ->
+    (architecture, training, sampling) dicts. A research option set to anything but its
+    "off" value, or a key no version knew, is one UserError line: dropping it would change
+    what the model does."""
+    arch_keys = (CoarseConfig if stage == "coarse" else RefinerConfig).keys()
+    train_keys = (TrainingConfig if stage == "coarse" else RefinerTrainingConfig).keys()
+    arch: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    sampling: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in arch_keys:
+            arch[key] = value
+        elif key in train_keys:
+            training[key] = value
+        elif stage == "refiner" and key in SamplingConfig.keys():
+            sampling[key] = value
+        elif stage == "refiner" and key in RESEARCH_DEFAULTS:
+            if value != RESEARCH_DEFAULTS[key]:
+                raise UserError(f"{what}: {key}={value!r} is a research option the refiner "
+                                f"no longer has (see benchmarks/research; {key}="
+                                f"{RESEARCH_DEFAULTS[key]!r} is the refiner's behaviour)")
+        elif key not in DERIVED_KEYS:
+            raise UserError(f"{what}: unknown setting {key!r}")
+    return arch, training, sampling

@@ -1,0 +1,123 @@
+"""Window inference (idgbr_geo.predict.predict_windows): the one path from windows to class
+probabilities that the engine, validation and the benchmarks share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from synth import conv_model, synthetic_scene, write_raster
+
+from idgbr_geo.engine import refine_raster
+from idgbr_geo.interfaces import Model
+from idgbr_geo.options import OutputOptions, RunOptions
+from idgbr_geo.predict import has_boundary, predict_windows
+from idgbr_geo.registry import load_model
+
+
+class Spy:
+    """A refiner that records what it is given and returns a fixed map."""
+
+    def __init__(self, k: int = 2) -> None:
+        self.num_classes, self.calls = k, []
+
+    def refine(self, image, coarse, *, steps, seed, origins):
+        self.calls.append((coarse.clone(), list(origins), steps, seed))
+        out = torch.zeros_like(coarse)
+        out[:, -1] = 1.0
+        return out
+
+
+def _one_window_scene(tmp_path, model, h, w, seed=0):
+    """Refine a scene that is one window; return (engine probabilities, image, summary)."""
+    data = synthetic_scene(h, w, seed=seed)
+    src = write_raster(tmp_path / "in.tif", data, res=0.25)
+    summary = refine_raster(src, tmp_path / "out.tif", model=model, quiet=True,
+                            probabilities=tmp_path / "p.tif",
+                            options=RunOptions(device="cpu", seed=3),
+                            outputs=OutputOptions(probabilities_dtype="float32"))
+    with rasterio.open(tmp_path / "p.tif") as ds:
+        engine = ds.read()
+    m = model if isinstance(model, Model) else load_model(model, "cpu")
+    image = torch.from_numpy(m.card.normalization.apply(data, data.dtype))[None]
+    return engine, image, summary, m
+
+
+def test_equals_refine_raster_on_a_one_window_scene(tmp_path):
+    path = conv_model(tmp_path / "m", tile_size=96, overlap=16, gsd=0.25)
+    engine, image, summary, m = _one_window_scene(tmp_path, path, 64, 80)
+    assert summary.windows == 1 and summary.refined == 1
+    probs, n = predict_windows(m, image, origins=[(0, 0)], seed=3)
+    assert n == 1
+    np.testing.assert_allclose(engine, probs[0].numpy(), rtol=0, atol=1e-6)
+
+
+def test_equals_refine_raster_with_the_bundled_model(tmp_path):
+    """The bundled buildings model (diffusion refiner and per-class gate) on one window."""
+    m = load_model("buildings", "cpu")
+    engine, image, summary, _ = _one_window_scene(tmp_path, m, 128, 160, seed=2)
+    assert summary.windows == 1 and summary.refined == 1
+    probs, n = predict_windows(m, image, origins=[(0, 0)], seed=3)
+    coarse, _ = predict_windows(m, image, origins=[(0, 0)], refine=False)
+    assert n == 1 and not torch.equal(probs, coarse)
+    np.testing.assert_allclose(engine, probs[0].numpy(), rtol=0, atol=1e-6)
+
+
+def test_refine_false_steps_0_or_no_refiner_give_the_coarse_map(tmp_path):
+    m = load_model(conv_model(tmp_path / "m"), "cpu")
+    image = torch.randn(2, 3, 32, 40)
+    coarse = m.segmentor.predict(image)
+    for kw in ({"refine": False}, {"steps": 0}):
+        probs, n = predict_windows(m, image, origins=[(0, 0), (0, 40)], **kw)
+        assert n == 0 and torch.equal(probs, coarse)
+    bare = Model(card=m.card, segmentor=m.segmentor, refiner=None)
+    probs, n = predict_windows(bare, image, origins=[(0, 0), (0, 40)])
+    assert n == 0 and torch.equal(probs, coarse)
+    refined, n = predict_windows(m, image, origins=[(0, 0), (0, 40)])
+    assert n == 2 and not torch.equal(refined, coarse)
+
+
+def test_only_windows_whose_coarse_map_has_a_boundary_are_refined(tmp_path):
+    card = load_model(conv_model(tmp_path / "m"), "cpu").card
+    spy = Spy()
+    m = Model(card=card, segmentor=None, refiner=spy)
+    coarse = torch.zeros(3, 2, 16, 16)
+    coarse[:, 0] = 1.0  # all three windows: class 0 ...
+    coarse[1, :, 4:8, 4:8] = torch.tensor([0.0, 1.0])[:, None, None]  # ... but the 2nd
+    coarse[2, :, 0, 0] = torch.tensor([0.0, 1.0])  # the 3rd: only in a pixel without data
+    valid = torch.ones(3, 16, 16, dtype=torch.bool)
+    valid[2, 0, 0] = False
+    probs, n = predict_windows(m, torch.zeros(3, 3, 16, 16), coarse=coarse, valid=valid,
+                               origins=[(0, 0), (0, 16), (0, 32)], steps=2, seed=5)
+    assert n == 1 and len(spy.calls) == 1
+    _, origins, steps, seed = spy.calls[0]
+    assert origins == [(0, 16)] and (steps, seed) == (2, 5)
+    assert torch.equal(probs[[0, 2]], coarse[[0, 2]])  # kept as they were
+    assert torch.equal(probs[1], torch.stack([torch.zeros(16, 16), torch.ones(16, 16)]))
+    assert has_boundary(coarse, valid).tolist() == [False, True, False]
+
+
+def test_the_refiner_sees_zeros_outside_the_raster(tmp_path):
+    card = load_model(conv_model(tmp_path / "m"), "cpu").card
+    spy = Spy()
+    m = Model(card=card, segmentor=None, refiner=spy)
+    coarse = torch.rand(1, 2, 16, 16)
+    inside = torch.zeros(1, 1, 16, 16)
+    inside[..., :10, :12] = 1.0  # the window overhangs the raster's edge
+    predict_windows(m, torch.zeros(1, 3, 16, 16), coarse=coarse, inside=inside,
+                    origins=[(0, 0)])
+    seen = spy.calls[0][0]
+    assert torch.equal(seen[..., :10, :12], coarse[..., :10, :12])
+    assert (seen[..., 10:, :] == 0).all() and (seen[..., :, 12:] == 0).all()
+
+
+def test_bad_calls(tmp_path):
+    m = load_model(conv_model(tmp_path / "m"), "cpu")
+    with pytest.raises(ValueError, match="2 origins for 1 windows"):
+        predict_windows(m, torch.zeros(1, 3, 16, 16), origins=[(0, 0), (0, 16)])
+    from idgbr_geo.errors import UserError
+
+    with pytest.raises(UserError, match="has no segmentor"):
+        predict_windows(Model(card=m.card, segmentor=None, refiner=m.refiner),
+                        torch.zeros(1, 3, 16, 16), origins=[(0, 0)])

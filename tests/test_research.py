@@ -1,0 +1,99 @@
+"""Research code (benchmarks/research): the sampler with its experiment options equals the
+production sampler when they are off, and runs through the engine's inference as a refiner."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from idgbr_geo import diffusion
+from idgbr_geo.cards import ModelCard
+from idgbr_geo.config import RefinerConfig
+from idgbr_geo.interfaces import Model
+from idgbr_geo.networks import DiffusionRefiner, RefinerNet
+from idgbr_geo.predict import predict_windows
+
+if str(Path(__file__).resolve().parent.parent / "benchmarks") not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from research.sampling import (  # noqa: E402
+    ResearchRefiner,
+    boundary_band,
+    sample,
+    timesteps,
+)
+
+
+def _net(k: int = 2, **kw) -> RefinerNet:
+    torch.manual_seed(0)
+    net = RefinerNet(num_classes=k, **kw).eval()
+    for p in net.parameters():  # non-zero everywhere so every input matters
+        torch.nn.init.normal_(p, std=0.05)
+    return net
+
+
+@pytest.mark.parametrize("oneshot", [False, True])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_research_sampler_with_its_options_off_is_the_production_sampler(oneshot, steps):
+    net = _net(3)
+    img, coarse = torch.randn(2, 3, 32, 48), torch.rand(2, 3, 32, 48)
+    kw = dict(steps=steps, seed=4, origins=[(0, 0), (32, 48)], oneshot=oneshot)
+    assert torch.equal(sample(net, img, coarse, **kw), diffusion.sample(net, img, coarse, **kw))
+
+
+def test_research_refiner_with_its_options_off_is_the_production_refiner():
+    base = DiffusionRefiner(_net())
+    img, coarse = torch.randn(1, 3, 32, 32), torch.rand(1, 2, 32, 32)
+    kw = dict(steps=2, seed=0, origins=[(0, 0)])
+    assert torch.equal(ResearchRefiner(base).refine(img, coarse, **kw),
+                       base.refine(img, coarse, **kw))
+
+
+def test_sampler_options_change_the_result_and_bad_ones_fail():
+    net = _net()
+    img, coarse = torch.randn(1, 3, 32, 32), torch.rand(1, 2, 32, 32)
+    kw = dict(steps=3, seed=0, origins=[(0, 0)])
+    base = sample(net, img, coarse, **kw)
+    for opt in ({"x0": "hard"}, {"average": True}, {"start": "coarse", "t_start": 0.5},
+                {"guidance_scale": 2.0}):
+        out = sample(net, img, coarse, **kw, **opt)
+        assert out.shape == base.shape and not torch.allclose(out, base)
+    with pytest.raises(ValueError):
+        sample(net, img, coarse, **kw, x0="fuzzy")
+    with pytest.raises(ValueError):
+        sample(net, img, coarse, **kw, start="bogus")
+    with pytest.raises(ValueError, match="unknown research option"):
+        ResearchRefiner(DiffusionRefiner(net), gate=0.5)
+    assert timesteps(4, 0.5) == [0.5, 0.375, 0.25, 0.125, 0.0]
+
+
+def test_boundary_band_limits_refiner_changes_to_coarse_boundaries():
+    probs = torch.zeros(1, 2, 64, 64)
+    probs[:, 0] = 1
+    probs[:, :, 16:48, 16:48] = torch.tensor([0.0, 1.0])[:, None, None]
+    band = boundary_band(probs, 4)
+    assert band[0, 0, 16, 30] == 1 and band[0, 0, 2, 2] == 0 and band[0, 0, 32, 32] == 0
+    torch.manual_seed(0)
+    net = RefinerNet(num_classes=2)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    ref = ResearchRefiner(DiffusionRefiner(net), band=4)
+    out = ref.refine(torch.randn(1, 3, 64, 64), probs, steps=1, seed=0, origins=[(0, 0)])
+    assert torch.equal(out[0, :, 2, 2], probs[0, :, 2, 2])
+    assert not torch.equal(out[0, :, 16, 30], probs[0, :, 16, 30])
+
+
+def test_a_research_refiner_runs_through_the_engines_inference():
+    net = _net()
+    card = ModelCard(name="r", classes=["a", "b"])
+    research = ResearchRefiner(DiffusionRefiner(net, RefinerConfig()), start="coarse",
+                               t_start=0.5)
+    img, coarse = torch.randn(1, 3, 32, 32), torch.softmax(torch.randn(1, 2, 32, 32), 1)
+    probs, n = predict_windows(Model(card=card, segmentor=None, refiner=research), img,
+                               coarse=coarse, origins=[(0, 0)], steps=2)
+    want = torch.softmax(sample(net, img, coarse, steps=2, seed=0, origins=[(0, 0)],
+                                start="coarse", t_start=0.5), 1)
+    assert n == 1 and torch.equal(probs, want)
