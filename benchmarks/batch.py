@@ -37,7 +37,8 @@ os.environ.setdefault("IDGBR_GEO_ARCHITECTURES", "toy_models")
 from synth import conv_model, synthetic_scene, write_raster  # noqa: E402
 
 from idgbr_geo.batch import model_reference, run_batch  # noqa: E402
-from idgbr_geo.distributed import dask_client, preload_model  # noqa: E402
+from idgbr_geo.batch.cluster import dask_client, preload_model  # noqa: E402
+from idgbr_geo.options import RunOptions  # noqa: E402
 from idgbr_geo.registry import bundled_models  # noqa: E402
 
 
@@ -100,11 +101,14 @@ def cpu_seconds(client=None) -> float:
     return sum(client.run(cpu_seconds).values())
 
 
-def timed_batch(ind: Path, out: Path, model: str, client=None, **kw) -> tuple[float, float]:
+def timed_batch(ind: Path, out: Path, model: str, options: RunOptions,
+                client=None) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one batch."""
     out.mkdir(parents=True)
     c0, t0 = cpu_seconds(client), time.perf_counter()
-    res = run_batch(ind, out, model=model, client=client, quiet=True, device="cpu", **kw)
+    # tune_process: each process that refines is tuned as `idgbr-geo batch` tunes it
+    res = run_batch(ind, out, model=model, client=client, quiet=True, options=options,
+                    tune_process=True)
     dt = time.perf_counter() - t0
     if res.failed:
         raise SystemExit(f"benchmark scene failed: {res.failed[0].error}")
@@ -129,11 +133,11 @@ def main() -> None:
         model = pick_model(args.model, root / "model")
         mp = make_scenes(root / "in", args.scenes, args.size)
         make_scenes(root / "warm", 2, 256)
-        kw = {"steps": args.steps} if args.steps is not None else {}
+        options = RunOptions(device="cpu", steps=args.steps)
         rows: list[tuple[str, int, float, float, tuple[float, float]]] = []
         if not args.no_inprocess:
             rows.append(("in-process", 1, 0.0, 0.0,
-                         timed_batch(root / "in", root / "out-here", model, **kw)))
+                         timed_batch(root / "in", root / "out-here", model, options)))
         for n in [int(v) for v in args.workers.split(",") if v.strip()]:
             t0 = time.perf_counter()
             with dask_client(workers=n, dashboard_address=None, quiet=True) as client:
@@ -143,9 +147,9 @@ def main() -> None:
                 t1 = time.perf_counter()
                 ref = model_reference(model)
                 client.run(preload_model, ref, "cpu")
-                timed_batch(root / "warm", root / f"warm-{n}", model, client, **kw)
+                timed_batch(root / "warm", root / f"warm-{n}", model, options, client)
                 warm = time.perf_counter() - t1
-                wall = timed_batch(root / "in", root / f"out-{n}", model, client, **kw)
+                wall = timed_batch(root / "in", root / f"out-{n}", model, options, client)
             rows.append(("dask LocalCluster", n, start, warm, wall))
 
     base = next((r[4][0] for r in rows if r[0] != "in-process" and r[1] == 1), rows[0][4][0])

@@ -242,16 +242,16 @@ class RefinerTrainingConfig(TrainingConfig):
         self._bool("degradation")
 
 
-#: training settings that have their own command-line option (not given in ``--config``);
+#: training settings that are arguments of their own (not given in the flat config);
 #: a resumed run takes them from the call, the others from its checkpoint
 RUN_KEYS = ("iterations", "batch_size", "lr", "crop", "seed", "checkpoint_every", "degradation")
 
 
-def split_config(stage: str, data: Mapping[str, Any] | None, what: str = "--config"
+def split_config(stage: str, data: Mapping[str, Any] | None, what: str = "config"
                  ) -> tuple[CoarseConfig | RefinerConfig, dict[str, Any]]:
     """A flat ``train --config`` object -> (architecture, training overrides) of ``stage``
-    ("coarse" or "refiner"). Unknown keys, and run settings that have their own option, are
-    one UserError line."""
+    ("coarse" or "refiner"). Unknown keys, and run settings that have their own option
+    (named as ``$name``, see :class:`UserError`), are one UserError line."""
     data = dict(data or {})
     arch_cls: type[CoarseConfig] | type[RefinerConfig] = (
         CoarseConfig if stage == "coarse" else RefinerConfig)
@@ -259,9 +259,8 @@ def split_config(stage: str, data: Mapping[str, Any] | None, what: str = "--conf
     train_keys = [k for k in train_cls.keys() if k not in RUN_KEYS]
     run = [k for k in data if k in RUN_KEYS]
     if run:
-        flag = run[0].replace("_", "-")
-        flag = "--degradation/--no-degradation" if flag == "degradation" else f"--{flag}"
-        raise UserError(f"{what}: {run[0]!r} has its own option ({flag}), not a --config key")
+        raise UserError(f"{what}: {run[0]!r} has its own option (${run[0]}), not a {what} key",
+                        options=[run[0]])
     unknown = [k for k in data if k not in arch_cls.keys() and k not in train_keys]
     if unknown:
         raise UserError(f"{what}: unknown {stage} setting{'s' if len(unknown) > 1 else ''} "
@@ -278,7 +277,7 @@ def split_config(stage: str, data: Mapping[str, Any] | None, what: str = "--conf
 # ------------------------------------------------------------------ older versions' keys
 
 #: sampler options of version-1 cards and checkpoints that were research experiments (now
-#: in benchmarks/research), with the value that meant "off"
+#: in release/research), with the value that meant "off"
 RESEARCH_DEFAULTS: dict[str, Any] = {"start": "noise", "t_start": 1.0, "band": 0, "x0": "soft",
                                      "guidance_scale": 1.0, "average": False}
 #: keys a version-1 network config carried that the card or the data determine
@@ -306,7 +305,7 @@ def split_legacy(stage: str, config: Mapping[str, Any], what: str
         elif stage == "refiner" and key in RESEARCH_DEFAULTS:
             if value != RESEARCH_DEFAULTS[key]:
                 raise UserError(f"{what}: {key}={value!r} is a research option the refiner "
-                                f"no longer has (see benchmarks/research; {key}="
+                                f"no longer has (see release/research; {key}="
                                 f"{RESEARCH_DEFAULTS[key]!r} is the refiner's behaviour)")
         elif key not in DERIVED_KEYS:
             raise UserError(f"{what}: unknown setting {key!r}")

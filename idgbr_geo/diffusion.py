@@ -9,7 +9,7 @@ bit-for-bit reproducible for a seed and identical in window overlaps.
 
 Sampling starts from pure noise at t = 1, as in the paper. Research variants of the
 sampler (starting from the noised coarse map, classifier-free guidance, hard x0, trajectory
-averaging) live in ``benchmarks/research/sampling.py``: no shipped model uses them.
+averaging) live in ``release/research/sampling.py``: no shipped model uses them.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ from .tiling import (
 from .writing import BLOCK, ResultWriter, to_cog
 
 _DONE = object()
+_ABORT = object()
 #: GDAL block cache during a run (MB), unless GDAL_CACHEMAX is set in the environment
 GDAL_CACHE_MB = 32
 #: nice increment of the reader and writer threads (Linux, per thread)
@@ -199,6 +200,8 @@ class _Writer(threading.Thread):
                 item = self.q.get()
                 if item is _DONE:
                     break
+                if item is _ABORT:  # the run failed: stop without finishing the file
+                    return
                 seq, results = item
                 pending[seq] = results
                 # model workers finish batches out of order: stitch them in reading order,
@@ -223,6 +226,18 @@ class _Writer(threading.Thread):
         r0, c0, h, w = int(win.row_off), int(win.col_off), int(win.height), int(win.width)
         weight = window_weights(r0, c0, h, w, self.src.height, self.src.width, self.overlap_px)
         self.stitcher.add(r0, c0, probs, weight, valid)
+
+    def abort(self) -> None:
+        """Stop the thread after the strip it is writing and wait for it, so that nothing
+        writes to the output while the failed run closes it (GDAL datasets are not
+        thread-safe; a write racing the close could crash the process at exit)."""
+        while self.is_alive():
+            try:
+                self.q.put(_ABORT, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self.join()
 
     def put(self, item: Any) -> None:
         while True:
@@ -415,7 +430,7 @@ def refine_raster(
                            factor=src.factor, multiple=card.stride_multiple)
         summary = RefineSummary(output=str(out_path), windows=len(tiles),
                                 megapixels=src.width * src.height / 1e6,
-                                warnings=list(src.warnings))
+                                warnings=src.warnings)  # (one list: reading adds more)
         main_tmp = stack.enter_context(atomic_output(out_path, overwrite))
         prob_tmp = stack.enter_context(atomic_output(prob_path, overwrite)) if prob_path else None
         write_main = temporary_path(out_path) if cog else main_tmp
@@ -521,6 +536,7 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
                 q.get(timeout=0.1)
             except queue.Empty:
                 pass
+        writer.abort()  # a no-op after a finished run (the thread has ended)
         writer_out.close()
 
 

@@ -282,7 +282,7 @@ class DiffusionRefiner:
     """Refiner interface around :class:`RefinerNet` and the DDIM sampler.
 
     Only what the shipped models use: the sampler's research options live in
-    ``benchmarks/research``, and the gate is applied by :func:`idgbr_geo.predict.predict_windows`
+    ``release/research``, and the gate is applied by :func:`idgbr_geo.predict.predict_windows`
     (it works for any refiner)."""
 
     def __init__(self, net: RefinerNet, config: RefinerConfig | None = None,

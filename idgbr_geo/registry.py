@@ -87,9 +87,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available")
+        raise UserError(f"$device {device} was asked for but no CUDA GPU is available",
+                        options=["device"])
     if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UserError(f"unknown device {device!r} (use auto, cpu or cuda)")
+        raise UserError(f"unknown $device {device!r} (use auto, cpu or cuda)",
+                        options=["device"])
     return torch.device(device)
 
 

@@ -367,3 +367,46 @@ def test_batch_options_must_be_option_objects(folders, model):
     ind, out = folders
     with pytest.raises(TypeError, match="RunOptions"):
         run_batch(ind, out, model=model, options={"seed": 1})  # type: ignore[arg-type]
+
+
+# -- issue 14 follow-ups: outputs named as listed; warnings found while reading are kept -------
+
+def test_a_symlinked_scene_gives_an_output_named_after_the_link(tmp_path, model):
+    """``scenes/a.tif -> ../x/gorinchem.tif`` is the scene a.tif (output a.tif), while the
+    check that no output is a scene still compares the real files."""
+    (tmp_path / "x").mkdir()
+    scenes, out = tmp_path / "scenes", tmp_path / "out"
+    scenes.mkdir()
+    write_raster(tmp_path / "x" / "gorinchem.tif", synthetic_scene(40, 40))
+    (scenes / "a.tif").symlink_to(Path("..") / "x" / "gorinchem.tif")
+    res = run_batch(scenes, out, model=model, quiet=True)
+    assert res.counts() == {"done": 1}
+    assert res.scenes[0].scene == str((scenes / "a.tif").absolute())
+    assert sorted(p.name for p in out.glob("*.tif")) == ["a.tif"]
+    assert states(out) == {"a.tif": "done"}
+    # a link named like its target, into the target's folder: the output is the scene
+    (scenes / "gorinchem.tif").symlink_to(Path("..") / "x" / "gorinchem.tif")
+    before = (tmp_path / "x" / "gorinchem.tif").read_bytes()
+    with pytest.raises(UserError, match="is the scene"):
+        run_batch(scenes, tmp_path / "x", model=model, quiet=True, overwrite=True,
+                  pattern="gorinchem.tif")
+    assert (tmp_path / "x" / "gorinchem.tif").read_bytes() == before
+
+
+def test_value_range_warning_reaches_the_batch_summary(tmp_path, model):
+    """The warning found while reading windows (not when opening the scene) is in the
+    scene's result and the summary file, as well as printed."""
+    import warnings
+
+    from idgbr_geo.tiling import ValueRangeWarning
+
+    ind, out = tmp_path / "in", tmp_path / "out"
+    ind.mkdir()
+    write_raster(ind / "v.tif", synthetic_scene(60, 60).astype("float32"))  # 0..255 floats
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        res = run_batch(ind, out, model=model, quiet=True)
+    shown = [str(w.message) for w in record if issubclass(w.category, ValueRangeWarning)]
+    assert len(shown) == 1 and res.scenes[0].warnings == shown, res.scenes
+    doc = json.loads((out / SUMMARY_NAME).read_text())
+    assert doc["scenes"][0]["warnings"] == shown

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import rasterio
 from synth import conv_model, synthetic_scene, write_raster
+from worker_faults import KillWorkerOnce
 
 from idgbr_geo.batch import MANIFEST_NAME, batch_lock, run_batch
 from idgbr_geo.batch import cluster as dist
@@ -40,13 +41,11 @@ def marker(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(marker):
-    """A LocalCluster of 2 single-threaded worker processes; its workers inherit the test-only
-    kill hook's environment variable (see idgbr_geo.batch.cluster.KILL_HOOK_ENV)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(dist.KILL_HOOK_ENV, str(marker))
-        with dist.dask_client(workers=2, dashboard_address=None, retries=2, quiet=True) as cl:
-            mp.delenv(dist.KILL_HOOK_ENV)
-            yield cl
+    """A LocalCluster of 2 single-threaded worker processes, with a plugin that kills the
+    worker running the first ``*kill-worker*`` scene mid-way (worker_faults.KillWorkerOnce)."""
+    with dist.dask_client(workers=2, dashboard_address=None, retries=2, quiet=True) as cl:
+        cl.register_plugin(KillWorkerOnce(marker))
+        yield cl
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Dense CRF baseline (research code, benchmarks/research/crf.py): snaps an uncertain coarse
+"""Dense CRF baseline (research code, release/research/crf.py): snaps an uncertain coarse
 map to image edges."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from idgbr_geo.errors import UserError
 
 pytest.importorskip("pydensecrf.densecrf")
-if str(Path(__file__).resolve().parent.parent / "benchmarks") not in sys.path:
-    sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+if str(Path(__file__).resolve().parent.parent / "release") not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent.parent / "release"))
 
 from research.crf import dense_crf  # noqa: E402
 

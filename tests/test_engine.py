@@ -355,6 +355,7 @@ def test_values_outside_the_cards_range_warn_once(tmp_path, toy_model, dtype):
     found = _value_range_warnings(record)
     assert s.windows > 1 and len(found) == 1, [str(w.message) for w in found]
     assert "v.tif" in str(found[0].message)
+    assert s.warnings == [str(found[0].message)]  # found while reading windows, still kept
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])

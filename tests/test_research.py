@@ -1,4 +1,4 @@
-"""Research code (benchmarks/research): the sampler with its experiment options equals the
+"""Research code (release/research): the sampler with its experiment options equals the
 production sampler when they are off, and runs through the engine's inference as a refiner."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from idgbr_geo.interfaces import Model
 from idgbr_geo.networks import DiffusionRefiner, RefinerNet
 from idgbr_geo.predict import predict_windows
 
-if str(Path(__file__).resolve().parent.parent / "benchmarks") not in sys.path:
-    sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+if str(Path(__file__).resolve().parent.parent / "release") not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent.parent / "release"))
 
 from research.sampling import (  # noqa: E402
     ResearchRefiner,

@@ -40,18 +40,10 @@ from .jobs import (
     error_line,
     is_transient,
     process_scene,
-    scene_name,
 )
 
 #: structured-event topic on which workers say "scene X started here"
 TOPIC = "idgbr-geo-batch"
-#: TEST-ONLY fault injection. When this environment variable names a marker file that does
-#: not exist yet, the first task whose scene file name contains "kill-worker" creates the
-#: marker and kills its own worker process (``os._exit``) right after the first strip of its
-#: output has been written, as an out-of-memory kill or a lost machine would. Never set it
-#: outside tests.
-KILL_HOOK_ENV = "IDGBR_GEO_TEST_KILL_WORKER"
-KILL_EXIT_CODE = 75
 
 _MODELS: dict[tuple[str, str], Model] = {}
 _MODEL_LOCK = threading.Lock()
@@ -93,26 +85,6 @@ def _worker_address() -> str | None:
         return None
 
 
-def _test_kill_hook(scene: str) -> None:
-    """TEST-ONLY: see :data:`KILL_HOOK_ENV`."""
-    marker = os.environ.get(KILL_HOOK_ENV)
-    if not marker or "kill-worker" not in scene_name(scene):
-        return
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    from .. import writing
-
-    original = writing.ResultWriter.write
-
-    def write_then_die(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        os._exit(KILL_EXIT_CODE)
-
-    writing.ResultWriter.write = write_then_die  # type: ignore[method-assign]
-
-
 def refine_task(run_id: str, job: Job, model: str, settings: SceneSettings,
                 after: AfterHook | None = None) -> SceneResult:
     """One scene on a worker. Never raises for the scene's own errors (loading the model
@@ -124,7 +96,6 @@ def refine_task(run_id: str, job: Job, model: str, settings: SceneSettings,
 
         get_worker().log_event(TOPIC, {"run": run_id, "key": job.key, "worker": address,
                                        "pid": os.getpid()})
-    _test_kill_hook(job.scene)
     try:
         if settings.tune_process:
             from .. import engine

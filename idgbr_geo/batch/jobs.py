@@ -49,6 +49,7 @@ class SceneResult:
     worker: str | None = None  # Dask worker address (None in-process)
     retryable: bool = False  # failed for a reason that may pass on a second try
     cleaned: int = 0  # leftover partial files of an earlier, dead attempt removed first
+    warnings: list[str] = field(default_factory=list)  # the run's (RefineSummary.warnings)
 
 
 @dataclass
@@ -106,6 +107,10 @@ def is_url(path: str | os.PathLike[str]) -> bool:
 def find_scenes(in_dir: str | os.PathLike[str], pattern: str = "*.tif") -> list[str]:
     """Matching rasters in ``in_dir`` (sorted; not recursive unless the pattern says **).
 
+    Local scenes are absolute paths as listed, not resolved: a symbolic link
+    ``a.tif -> ../x/gorinchem.tif`` is the scene ``a.tif`` and gives the output ``a.tif``
+    (checks that an output is not a scene compare the real files).
+
     ``in_dir`` may be a local folder or any URL an installed fsspec filesystem can list
     (``s3://``, ``gs://``, ``http://`` index pages, ...); the scenes are then URLs that
     rasterio opens through GDAL's virtual file systems.
@@ -127,7 +132,7 @@ def find_scenes(in_dir: str | os.PathLike[str], pattern: str = "*.tif") -> list[
     d = Path(in_dir)
     if not d.is_dir():
         raise UserError(f"input folder {d} does not exist")
-    return sorted(str(p.resolve()) for p in d.glob(pattern) if p.is_file())
+    return sorted(str(p.absolute()) for p in d.glob(pattern) if p.is_file())
 
 
 def scene_name(scene: str | os.PathLike[str]) -> str:
@@ -194,7 +199,8 @@ def process_scene(scene: str | os.PathLike[str], output: str | os.PathLike[str],
         if after is not None:
             after(scene if is_url(scene) else Path(scene), Path(output))
         return SceneResult(str(scene), str(output), "done", time.perf_counter() - t0,
-                           summary=summ.line(), cleaned=cleaned)
+                           summary=summ.line(), cleaned=cleaned,
+                           warnings=list(summ.warnings))
     except Exception as exc:  # any scene's own error, a bug included, is that scene's failure
         return SceneResult(str(scene), str(output), "failed", time.perf_counter() - t0,
                            error=error_line(exc), cleaned=cleaned, retryable=is_transient(exc))

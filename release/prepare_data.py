@@ -4,9 +4,9 @@ Developer script for the bundled models (users go through ``idgbr-geo train``). 
 area exactly as the data README suggests. Writes, under ``.train/`` (git-ignored, never
 committed): ``<set>_train.npz`` and ``<set>_val.npz`` (256 px chips in the npz contract of
 ``idgbr_geo.datasets``) and ``<set>_val_scenes.npz`` (whole validation scenes at the model
-GSD, refined through the engine by benchmarks/validate.py).
+GSD, refined through the engine by release/validate.py).
 
-    .venv/bin/python benchmarks/prepare_data.py [--data /work/shared/data] [--out .train]
+    .venv/bin/python release/prepare_data.py [--data /work/shared/data] [--out .train]
 """
 
 from __future__ import annotations

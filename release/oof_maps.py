@@ -1,6 +1,6 @@
 """Out-of-fold coarse maps for refiner training (developer script).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/oof_maps.py buildings [--iterations 2500]
+    OMP_NUM_THREADS=1 .venv/bin/python release/oof_maps.py buildings [--iterations 2500]
         [--config JSON] [--folds N] [--jobs 2]
 
 A coarse model is nearly perfect on its own training chips, so a refiner that learns from

@@ -1,11 +1,11 @@
 """Train the bundled models' networks (developer script; the exact commands go in the cards).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_models.py coarse buildings
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_models.py refiner buildings
+    OMP_NUM_THREADS=1 .venv/bin/python release/train_models.py coarse buildings
+    OMP_NUM_THREADS=1 .venv/bin/python release/train_models.py refiner buildings
     ... [--tag NAME] [--iterations N] [--config JSON] [--coarse-run NAME] [--arrays NAME]
 
-Reads ``.train/<set>_train.npz`` (benchmarks/prepare_data.py; ``--arrays`` names another
-file in .train, e.g. ``<set>_train_oof`` from benchmarks/oof_maps.py), writes
+Reads ``.train/<set>_train.npz`` (release/prepare_data.py; ``--arrays`` names another
+file in .train, e.g. ``<set>_train_oof`` from release/oof_maps.py), writes
 ``.train/runs/<set>-<tag>/`` (checkpoint.pt, log.csv).
 """
 

@@ -1,7 +1,7 @@
 """Validation tables for the bundled models: coarse vs refined vs dense CRF, plus ablations.
 
 Every map comes from the code ``idgbr-geo refine`` runs: each held-out scene of
-``.train/<set>_val_scenes.npz`` (written by benchmarks/prepare_data.py; split by area as
+``.train/<set>_val_scenes.npz`` (written by release/prepare_data.py; split by area as
 /work/shared/data/README.md suggests) is written as a GeoTIFF at the model GSD and refined with
 :func:`idgbr_geo.engine.refine_raster`, which writes float32 probabilities
 (``OutputOptions(probabilities_dtype="float32")``) that are read back: the engine's 512 px
@@ -9,7 +9,7 @@ windows with overlap 64 and zero padding at the scene's edges, its rule of refin
 windows whose coarse map holds a boundary, its stitching and its gate. The maps are scored with
 :mod:`idgbr_geo.metrics`, pooled over all scenes.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/validate.py buildings --ablations \
+    OMP_NUM_THREADS=2 .venv/bin/python release/validate.py buildings --ablations \
         --json .train/val-buildings.json --md .train/val-buildings.md
 
 Networks come from the training runs in ``.train/runs/<set>-<tag>/checkpoint.pt`` (tags:
@@ -34,7 +34,7 @@ import numpy as np
 import rasterio
 import torch
 from rasterio.transform import from_origin
-from research.sampling import DEFAULTS as RESEARCH_DEFAULTS  # noqa: I001  (benchmarks/ is on sys.path)
+from research.sampling import DEFAULTS as RESEARCH_DEFAULTS  # noqa: I001  (release/ is on sys.path)
 from research.sampling import ResearchRefiner
 
 from idgbr_geo.cards import ModelCard, Normalization
@@ -194,9 +194,9 @@ COLS = [("coarse", "coarse map"), ("method", "method"), ("iou", "IoU"), ("miou",
         ("d_iou", "ΔIoU"), ("d_bf2", "ΔBF@2")]
 
 
-def gate_label(gate: float | list[float]) -> str:
+def gate_label(gate: float | list[float] | tuple[float, ...]) -> str:
     """0.6, or per class: [0.55, 0.7]."""
-    return (f"[{', '.join(format(g, 'g') for g in gate)}]" if isinstance(gate, list)
+    return (f"[{', '.join(format(g, 'g') for g in gate)}]" if isinstance(gate, list | tuple)
             else format(gate, "g"))
 
 
@@ -233,6 +233,9 @@ def main() -> None:
                     help="keep the coarse class unless the refiner gives its own at least this "
                          "(a number, or a JSON list: one per class the pixel would turn into)")
     ap.add_argument("--limit", type=int, default=None, help="first N scenes only")
+    ap.add_argument("--model", default=None,
+                    help="score a bundled model or card as shipped (its own coarse segmentor, "
+                         "refiner and sampling) instead of the training checkpoints")
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--refiner-tag", default="refiner")
     ap.add_argument("--coarse-tag", default="coarse")
@@ -246,6 +249,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model:
+        shipped(args)
+        return
     runs = ROOT / "runs"
 
     def ckpt(tag: str) -> Path:
@@ -267,6 +273,38 @@ def main() -> None:
         args.json.write_text(json.dumps({"set": args.set, "steps": args.steps,
                                          "start": args.start, "t_start": args.t_start,
                                          "band": args.band, "gate": args.gate,
+                                         "rows": v.rows}, indent=1))
+
+
+def shipped(args: argparse.Namespace) -> None:
+    """The shipped model through the engine: its coarse map, the refined map, and the same
+    for a blurrier coarse map (its probabilities pooled 8x) standing in for another model."""
+    from idgbr_geo.registry import load_model
+
+    m = load_model(args.model, "cpu")
+    card = replace(m.card, tile_size=TILE, overlap=OVERLAP)
+    classes = card.classes
+    with tempfile.TemporaryDirectory(prefix="idgbr-validate-") as tmp:
+        v = Validator(args.set, load_scenes(args.set, args.limit), card, Path(tmp))
+        s = card.sampling
+        method = f"refiner as shipped ({s.steps} step(s), gate {gate_label(s.gate)})"
+        for label, seg in ((f"shipped coarse ({args.model})", m.segmentor),
+                           ("shipped coarse blurred (probabilities pooled 8x)",
+                            Blurred(m.segmentor, 8))):
+            t = time.time()
+            cm = v.coarse_maps(seg)
+            v.add(label, "coarse (no refinement)", cm, None, classes, time.time() - t)
+            t = time.time()
+            v.add(label, method, v.refine_maps(seg, m.refiner), cm, classes, time.time() - t)
+    title = (f"Validation of the shipped `{args.model}` model through the engine, {args.set}: "
+             f"{len(v.scenes)} held-out scenes, class '{v.rows[0]['class']}' (IoU, BF, "
+             "boundary IoU, IoU_imp in %; mIoU over classes)")
+    md = markdown(v.rows, title)
+    print(md)
+    if args.md:
+        args.md.write_text(md)
+    if args.json:
+        args.json.write_text(json.dumps({"set": args.set, "model": args.model,
                                          "rows": v.rows}, indent=1))
 
 

@@ -1,7 +1,7 @@
 """Research code kept out of the production package: sampler experiments and baselines.
 
-The ablations of ``benchmarks/validate.py`` and the option search of
-``benchmarks/select_options.py`` import from here (``benchmarks/`` is on ``sys.path`` when
+The ablations of ``release/validate.py`` and the option search of
+``release/select_options.py`` import from here (``release/`` is on ``sys.path`` when
 they run). Nothing in ``idgbr_geo`` imports it: no shipped card uses these options.
 
 * :mod:`research.sampling`: the DDIM sampler with its experiment knobs (``start="coarse"``

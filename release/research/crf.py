@@ -2,7 +2,7 @@
 
 Fully connected CRF with Gaussian edge potentials (Krähenbühl & Koltun 2011) through
 ``pydensecrf2`` (not a dependency of the package: ``pip install pydensecrf2``; research code,
-used by ``benchmarks/validate.py`` only): unaries are the
+used by ``release/validate.py`` only): unaries are the
 coarse map's -log probabilities, pairwise terms a smoothness kernel and an appearance
 (bilateral) kernel on the RGB image. Distances are in pixels, so the defaults suit
 ~0.25-1 m imagery; scale ``sxy_bilateral`` with the object size in pixels.

@@ -3,12 +3,12 @@
 Scores coarse vs refined on chips of the *training* areas (``.train/<set>_train.npz``;
 every ``--every``-th training scene), so that sampler options are chosen on data from the
 training side of the area split only, and the validation split is used once, for the
-reported table (benchmarks/validate.py). Like the validation, every map comes from the
+reported table (release/validate.py). Like the validation, every map comes from the
 engine users run: each chip is refined by :func:`idgbr_geo.engine.refine_raster`
-(benchmarks/validate.py's ``Engine``). A variant is a JSON object of ``steps``, ``gate`` and
+(release/validate.py's ``Engine``). A variant is a JSON object of ``steps``, ``gate`` and
 research sampler options (:mod:`research.sampling`).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/select_options.py buildings \
+    OMP_NUM_THREADS=1 .venv/bin/python release/select_options.py buildings \
         --variants '[{"gate": 0}, {"gate": 0.55}, {"gate": 0.6}, {"gate": 0.65}]'
 
 The refiner's ``gate`` (keep the coarse class unless the refiner gives its own at least that
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from validate import ROOT, Validator, card_from_checkpoint  # noqa: I001  (benchmarks/ is on sys.path when run)
+from validate import ROOT, Validator, card_from_checkpoint  # noqa: I001  (release/ is on sys.path when run)
 
 from idgbr_geo.config import SamplingConfig
 
