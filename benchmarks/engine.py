@@ -136,8 +136,8 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
 
     import torch
 
-    from idgbr_geo.engine import tune_allocator
     from idgbr_geo.registry import load_model
+    from idgbr_geo.tuning import tune_allocator
 
     tune_allocator()  # the engine's allocator settings, so that both sides have them
     from idgbr_geo.tiling import open_source, plan_tiles, read_tile
@@ -232,7 +232,7 @@ def main() -> None:
     ap.add_argument("--output", help=argparse.SUPPRESS)
     ap.add_argument("--coarse-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from idgbr_geo.engine import tune_process
+    from idgbr_geo.tuning import tune_process
 
     # first, in every process (the timed children included), as `idgbr-geo refine` does: the
     # published numbers were measured with the allocator tuned

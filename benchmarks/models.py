@@ -11,7 +11,7 @@ alone: the gate and the refine-only-where-a-boundary-is rule of the engine's inf
 benchmarks/engine.py. The refiner's guidance
 network runs once per window, the denoiser once per step, the decoder once.
 
-The networks run with the allocator settings the engine uses (``engine.tune_allocator``):
+The networks run with the allocator settings the engine uses (``tuning.tune_allocator``):
 with glibc's defaults every window's multi-MB feature maps are unmapped and faulted in again,
 which costs the refiner (several 4-16 MB maps at full resolution) ~10 ms per window, far
 more than the coarse model; ``--default-allocator`` shows that case.
@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from idgbr_geo.engine import tune_allocator
 from idgbr_geo.registry import bundled_models, load_model
+from idgbr_geo.tuning import tune_allocator
 
 
 def seconds(fn, repeat: int, sync) -> float:

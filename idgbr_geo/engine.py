@@ -9,11 +9,9 @@ appears under the output name unless the whole run succeeded.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -48,14 +46,14 @@ from .tiling import (
     plan_tiles,
     read_tile,
 )
+from .tuning import background_priority
 from .writing import BLOCK, ResultWriter, to_cog
 
 _DONE = object()
 _ABORT = object()
 #: GDAL block cache during a run (MB), unless GDAL_CACHEMAX is set in the environment
 GDAL_CACHE_MB = 32
-#: nice increment of the reader and writer threads (Linux, per thread)
-BACKGROUND_NICE = 10
+
 
 
 @dataclass
@@ -126,24 +124,13 @@ def _coarse_probs(ds: Any, tile: Tile, src: Source, k: int) -> tuple[np.ndarray,
         raise InputError(f"failed to read the coarse map: {exc}") from None
 
 
-def _background_priority() -> None:
-    """Give the calling (reader/writer) thread a lower scheduling priority than the model's
-    threads, once :func:`tune_process` asked for it. On a machine whose cores the network
-    already fills, reading and writing then run in the network's idle moments instead of
-    stalling its parallel sections."""
-    if not _TUNED["priority"]:
-        return
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-
-
 def _reader(src: Source, tiles: Sequence[Tile], coarse_ds: Any, card: ModelCard,
             out: queue.Queue, stop: threading.Event) -> None:
     """Background reader: windows in order onto ``out``, normalised for the network (off
     the model's thread), then _DONE (or the exception). In its own rasterio Env, so that
     GDAL's messages about the file (``Warning 1: ...``) go to Python logging, where the
     CLI shows them as one ``Warning:`` line (or not at all with --quiet)."""
-    _background_priority()
+    background_priority()
     try:
         torch.set_num_threads(1)  # torch ops here (resampling) stay serial
         with rasterio.Env():
@@ -192,7 +179,7 @@ class _Writer(threading.Thread):
         self.row = -1
 
     def run(self) -> None:
-        _background_priority()
+        background_priority()
         pending: dict[int, list[tuple[Tile, np.ndarray | None, np.ndarray | None]]] = {}
         next_seq = 0
         try:
@@ -272,50 +259,6 @@ def default_batch_size(device: torch.device) -> int:
     return 8 if device.type == "cuda" else 1
 
 
-#: what :func:`tune_process` and :func:`tune_allocator` changed in this process
-_TUNED = {"allocator": False, "priority": False}
-#: glibc mallopt parameters and the values the engine sets (bytes)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MALLOC_MMAP_THRESHOLD = 32 * 2**20
-MALLOC_TRIM_THRESHOLD = 256 * 2**20
-
-
-def tune_allocator() -> bool:
-    """Keep freed window-sized buffers in the process (glibc only; once per process).
-
-    Every window allocates the same few-MB buffers (network activations, tile arrays).
-    With glibc's defaults they are mmapped and unmapped, or trimmed off the heap, over and
-    over until its thresholds have adapted, so their pages are faulted in again and again:
-    measured 390k page faults (~0.6 CPU-s, 7 % of the run) in a process's first 67 MP scene,
-    10k once adapted. Fixing the thresholds (mmap 32 MB, trim 256 MB) gives every run the
-    adapted behaviour. Skipped when the user set glibc's own ``MALLOC_*``/``GLIBC_TUNABLES``
-    environment, or ``IDGBR_NO_MALLOPT``. Process-wide: called by :func:`tune_process`,
-    never by :func:`refine_raster` itself."""
-    if (not sys.platform.startswith("linux") or "IDGBR_NO_MALLOPT" in os.environ
-            or "GLIBC_TUNABLES" in os.environ
-            or any(k.startswith("MALLOC_") for k in os.environ)):
-        return False
-    if _TUNED["allocator"]:
-        return True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = (libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1
-              and libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1)
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    _TUNED["allocator"] = ok
-    return ok
-
-
-def tune_process() -> None:
-    """Tune this whole process for long runs, as the CLI does before ``refine`` and
-    ``batch``: glibc's allocator thresholds (:func:`tune_allocator`) and a lower scheduling
-    priority for the engine's reader and writer threads (:func:`_background_priority`).
-    Both change process-wide state, so a library call does neither unless asked."""
-    tune_allocator()
-    _TUNED["priority"] = True
-
-
 def default_workers(device: torch.device) -> int:
     """Model workers when none are asked for: two on a multi-core CPU, each with half of
     torch's threads, else one. Two single-threaded networks on 2 cores run ~5-10% faster
@@ -385,7 +328,7 @@ def refine_raster(
     (:class:`~idgbr_geo.options.OutputOptions`) what is written and how; None: defaults.
 
     A call changes no process-wide state: for long runs the CLI also calls
-    :func:`tune_process` first.
+    :func:`idgbr_geo.tuning.tune_process` first.
     """
     start = time.perf_counter()
     options = RunOptions() if options is None else options

@@ -44,3 +44,12 @@ class IdgbrWarning(UserWarning):
     """Something the user should know while the run goes on (no CRS, values outside the
     model card's range, ...): the base of every warning idgbr-geo issues, so that a caller
     can filter them, and the tests can make them errors unless expected."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an error, for one-line messages. Prefers GDAL's own cause over
+    rasterio's "see previous exception" wrapper text; the exception type when it is empty."""
+    while exc.__cause__ is not None and "previous exception" in str(exc):
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

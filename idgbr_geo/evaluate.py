@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .files import read_errors
 from .metrics import (
     BF_TOLERANCES,
@@ -28,7 +28,7 @@ from .metrics import (
     evaluate_arrays,
     iter_windows,
 )
-from .rasters import check_same_grid, first_line, open_raster
+from .rasters import check_same_grid, open_raster
 
 #: suffixes read as vector truth (anything else is opened as a raster)
 VECTOR_SUFFIXES = {".gpkg", ".geojson", ".json", ".shp", ".fgb", ".geojsonl", ".geojsons"}
@@ -282,25 +282,6 @@ def evaluate_scene(
     class_field: str = DEFAULT_CLASS_FIELD,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Score one PRED raster against a TRUTH raster or vector file (see metrics docs)."""
-    return score_scene(pred, truth, coarse=coarse, classes=classes, window=window,
-                       ignore_index=ignore_index, ignore_classes=ignore_classes,
-                       class_field=class_field, progress=progress).result(k)
-
-
-def evaluate_rasters(
-    pred: str | os.PathLike[str],
-    truth: str | os.PathLike[str],
-    *,
-    coarse: str | os.PathLike[str] | None = None,
-    classes: Sequence[str] | None = None,
-    window: int = 1024,
-    ignore_index: int = 255,
-    ignore_classes: Sequence[str] = (),
-    k: float = DEFAULT_K,
-    class_field: str = DEFAULT_CLASS_FIELD,
-    progress: bool = False,
-) -> dict[str, Any]:
     """Score class rasters on one grid, streaming in haloed windows (band 1 of each).
 
     Class names come from ``classes``, else PRED's ``IDGBR_CLASSES`` tag, else
@@ -308,9 +289,13 @@ def evaluate_rasters(
     file (rasterized onto PRED's grid window by window). The result is the one
     :func:`~idgbr_geo.metrics.evaluate_arrays` gives for the whole arrays.
     """
-    return evaluate_scene(pred, truth, coarse=coarse, classes=classes, window=window,
-                          ignore_index=ignore_index, ignore_classes=ignore_classes, k=k,
-                          class_field=class_field, progress=progress)
+    return score_scene(pred, truth, coarse=coarse, classes=classes, window=window,
+                       ignore_index=ignore_index, ignore_classes=ignore_classes,
+                       class_field=class_field, progress=progress).result(k)
+
+
+#: the public name (``idgbr_geo.evaluate_rasters``)
+evaluate_rasters = evaluate_scene
 
 
 def _scenes(folder: Path, suffixes: set[str], what: str) -> dict[str, Path]:

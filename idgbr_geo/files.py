@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, first_line
 
 
 def check_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
@@ -141,16 +141,8 @@ def write_errors(path: str | os.PathLike[str]) -> Iterator[None]:
     try:
         yield
     except (OSError, RasterioError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _cause(exc)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
         raise OutputError(f"cannot write {output_name(path)}: {reason}") from None
-
-
-def _cause(exc: BaseException) -> str:
-    """First line of an error, preferring GDAL's own cause over rasterio's wrapper text."""
-    while exc.__cause__ is not None and "previous exception" in str(exc):
-        exc = exc.__cause__
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 @contextmanager
@@ -162,5 +154,5 @@ def read_errors(path: str | os.PathLike[str], what: str) -> Iterator[None]:
     try:
         yield
     except RasterioError as exc:
-        raise InputError(f"failed to read {what} {path}: {_cause(exc)} (truncated or corrupt "
+        raise InputError(f"failed to read {what} {path}: {first_line(exc)} (truncated or corrupt "
                          "file?)") from None

@@ -17,7 +17,7 @@ from typing import Any
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 #: Relative GSD difference under which a raster is used at its own pixel size (not
 #: resampled): at inference against the model's GSD, in training against the target GSD.
@@ -45,14 +45,6 @@ def open_raster(path: str | os.PathLike[str], what: str = "input") -> rasterio.D
             return rasterio.open(p)
     except RasterioError as exc:
         raise InputError(f"{what} {p} is not a readable raster ({first_line(exc)})") from None
-
-
-def first_line(exc: BaseException) -> str:
-    """First line of an error, preferring GDAL's own cause over rasterio's wrapper text."""
-    while exc.__cause__ is not None and "previous exception" in str(exc):
-        exc = exc.__cause__
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def same_grid(a: Any, b: Any) -> bool:

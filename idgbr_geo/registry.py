@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .cards import ModelCard
-from .errors import UserError
+from .errors import UserError, first_line
 from .interfaces import Model
 
 #: factory(card, config, weights-with-prefix-stripped, device) -> Segmentor or Refiner
@@ -95,10 +95,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
-
-
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A torch checkpoint's contents (a dict), read with ``weights_only=True``.
 
@@ -119,7 +115,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise UserError(f"cannot read checkpoint {path}: not a torch checkpoint of tensors "
                         "and plain values") from None
     except Exception as exc:  # missing, truncated or corrupt files fail in many types
-        raise UserError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+        raise UserError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a checkpoint (a dict of tensors and values)")
     return state
@@ -159,7 +155,7 @@ def _build(card: ModelCard, section: dict[str, Any], prefix: str,
         # weights or config that do not fit the architecture (missing tensor, wrong shape)
         what = prefix.rstrip(".")
         raise UserError(f"{where}: cannot build the {what} ({arch}) from the card and "
-                        f"weights: {type(exc).__name__}: {_first_line(exc)}") from None
+                        f"weights: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def _import_builtin_architectures() -> None:
@@ -184,7 +180,7 @@ def _import_named_architectures() -> None:
             importlib.import_module(mod)
         except ImportError as exc:
             raise UserError(f"${ARCHITECTURES_ENV} names {mod!r}, which cannot be imported: "
-                            f"{_first_line(exc)}") from None
+                            f"{first_line(exc)}") from None
 
 
 def load_model(name_or_path: str | os.PathLike[str] = "buildings",
@@ -202,7 +198,7 @@ def load_model(name_or_path: str | os.PathLike[str] = "buildings",
             weights = load_file(str(wpath))
         except Exception as exc:  # SafetensorError, OSError, ... for a file of another kind
             raise UserError(f"model card {card_path}: weights {wpath.name} are not a readable "
-                            f"safetensors file ({_first_line(exc)})") from None
+                            f"safetensors file ({first_line(exc)})") from None
     where = f"model card {card_path}"
     seg = _build(card, card.segmentor, "segmentor.", weights, dev, where)
     ref = _build(card, card.refiner, "refiner.", weights, dev, where)

@@ -21,8 +21,8 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from .cards import Normalization
-from .errors import IdgbrWarning, InputError, UserError
-from .rasters import first_line, grid_difference, ground_gsd, open_raster, same_gsd
+from .errors import IdgbrWarning, InputError, UserError, first_line
+from .rasters import grid_difference, ground_gsd, open_raster, same_gsd
 
 #: Largest resampling factor, either way, between the input's GSD and the model's.
 #: Shrinking by f reads (f x window)^2 input pixels per window and keeps f x window input

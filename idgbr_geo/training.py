@@ -50,7 +50,7 @@ from .config import (
 )
 from .degrade import degrade
 from .diffusion import training_loss
-from .errors import UserError
+from .errors import UserError, first_line
 from .networks import CoarseSegmentor, DiffusionRefiner, build_coarse_net, build_refiner_net
 from .registry import load_checkpoint, resolve_device, save_model
 
@@ -184,10 +184,6 @@ def _lr_at(it: int, iterations: int, lr: float, warmup: int = 100) -> float:
 _BAD_STATE = (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError)
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
-
-
 def _plain(obj: Any) -> Any:
     """``obj`` with numpy scalars/arrays and paths turned into plain Python values, so the
     checkpoint loads under ``weights_only=True`` (tensors are kept as they are)."""
@@ -292,7 +288,7 @@ class _Run:
                 self.rng.bit_generator.state = self.state["numpy_rng"]
                 torch.set_rng_state(self.state["torch_rng"])
             except _BAD_STATE as exc:
-                raise UserError(f"{self.ckpt} cannot be resumed: {_first_line(exc)}") from None
+                raise UserError(f"{self.ckpt} cannot be resumed: {first_line(exc)}") from None
         elif self.log.exists():
             self.log.unlink()
 
@@ -311,7 +307,7 @@ class _Run:
             if ema is not None:  # (the config, "ema" included, came from the checkpoint)
                 ema.load_state_dict(self.state["ema"])
         except _BAD_STATE as exc:
-            raise UserError(f"{self.ckpt} cannot be resumed: {_first_line(exc)}") from None
+            raise UserError(f"{self.ckpt} cannot be resumed: {first_line(exc)}") from None
 
     def save(self, net: torch.nn.Module, opt: torch.optim.Optimizer, it: int,
              arch: str, ema: AveragedModel | None = None) -> None:
@@ -483,7 +479,7 @@ def segmentor_from_checkpoint(path: str | Path, device: str = "auto", *,
         net = build_coarse_net(cast(CoarseConfig, settings), in_channels=bands, num_classes=k)
         net.load_state_dict(state["model"])
     except _BAD_STATE as exc:
-        raise UserError(f"{path}: bad coarse-model checkpoint: {_first_line(exc)}") from None
+        raise UserError(f"{path}: bad coarse-model checkpoint: {first_line(exc)}") from None
     return CoarseSegmentor(net, resolve_device(device))
 
 
@@ -649,7 +645,7 @@ def export_model(coarse_ckpt: str | Path | None, refiner_ckpt: str | Path | None
         try:
             settings, training, _, _ = checkpoint_settings(state, state["kind"], path)
         except _BAD_STATE as exc:
-            raise UserError(f"{path}: bad checkpoint: {_first_line(exc)}") from None
+            raise UserError(f"{path}: bad checkpoint: {first_line(exc)}") from None
         section = {"arch": arch, "config": settings.to_dict()}
         if prefix == "segmentor.":
             card.segmentor = section
@@ -675,5 +671,5 @@ def refiner_from_checkpoint(path: str | Path, device: str = "auto") -> Diffusion
         net = build_refiner_net(arch, in_channels=bands, num_classes=k)
         net.load_state_dict(state["model"])
     except _BAD_STATE as exc:
-        raise UserError(f"{path}: bad refiner checkpoint: {_first_line(exc)}") from None
+        raise UserError(f"{path}: bad refiner checkpoint: {first_line(exc)}") from None
     return DiffusionRefiner(net, arch, resolve_device(device))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -124,26 +123,6 @@ def test_a_failing_model_worker_fails_the_run_without_output(tmp_path, toy_model
                       options=RunOptions(model_workers=2, tile_size=64, overlap=16))
     assert not (tmp_path / "out.tif").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif", "model", "scene.tif"]
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
-def test_allocator_tuning_respects_the_users_malloc_settings(monkeypatch):
-    from idgbr_geo import engine
-
-    monkeypatch.setenv("IDGBR_NO_MALLOPT", "1")
-    assert engine.tune_allocator() is False
-    monkeypatch.delenv("IDGBR_NO_MALLOPT")
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    assert engine.tune_allocator() is False
-    monkeypatch.delenv("MALLOC_ARENA_MAX")
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt  # noqa: B018 - glibc present?
-    except (OSError, AttributeError):
-        pytest.skip("no glibc")
-    assert engine.tune_allocator() is True
-    assert engine.tune_allocator() is True  # once per process, then remembered
 
 
 def test_output_is_georeferenced_with_classes_and_colours(tmp_path, toy_model, scene):
@@ -422,37 +401,3 @@ def test_out_of_range_options_are_refused_by_the_library(tmp_path, toy_model, sc
                       options=RunOptions(device="cpu", **{option: value}))
     assert "--" not in str(info.value)  # the library speaks of its own arguments
     assert not (tmp_path / "o.tif").exists()
-
-
-def test_a_library_call_changes_no_process_wide_state(tmp_path, toy_model, scene, monkeypatch):
-    """Allocator thresholds and thread priorities change only when asked (tune_process, as
-    the CLI does), never as a side effect of refine_raster."""
-    import os
-
-    from idgbr_geo import engine
-
-    calls: list[str] = []
-    monkeypatch.setattr(engine, "tune_allocator", lambda: calls.append("mallopt") or True)
-    monkeypatch.setattr(os, "setpriority", lambda *a: calls.append("nice"), raising=False)
-    monkeypatch.setitem(engine._TUNED, "priority", False)
-    refine_raster(scene, tmp_path / "a.tif", model=toy_model, quiet=True,
-                  options=RunOptions(device="cpu"))
-    assert calls == []
-    engine.tune_process()  # (the stubs above: nothing of this process really changes)
-    refine_raster(scene, tmp_path / "b.tif", model=toy_model, quiet=True,
-                  options=RunOptions(device="cpu"))
-    assert calls[0] == "mallopt" and calls.count("nice") == 2  # the reader and the writer
-
-
-def test_the_cli_tunes_the_process(tmp_path, toy_model, scene, monkeypatch):
-    from click.testing import CliRunner
-
-    from idgbr_geo import engine
-    from idgbr_geo.cli import main
-
-    calls: list[str] = []
-    monkeypatch.setattr(engine, "tune_process", lambda: calls.append("tuned"))
-    res = CliRunner().invoke(main, ["refine", str(scene), str(tmp_path / "o.tif"), "--model",
-                                    str(toy_model), "-q"])
-    assert res.exit_code == 0, res.output
-    assert calls == ["tuned"]

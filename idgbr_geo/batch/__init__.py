@@ -87,7 +87,7 @@ def run_batch(in_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     attribute once the scenes are done (``outputs.vectors`` shapes both). ``after(scene,
     output)`` runs after each finished scene (on the worker that made it).
     ``tune_process``: tune each process that refines scenes for long runs
-    (:func:`idgbr_geo.engine.tune_process`, as the CLI does); off by default.
+    (:func:`idgbr_geo.tuning.tune_process`, as the CLI does); off by default.
     """
     options = RunOptions() if options is None else options
     outputs = OutputOptions() if outputs is None else outputs
@@ -272,9 +272,9 @@ def _run_batch(scenes: list[str], out: Path, ref: str | Model, distributed: bool
             result.dashboard = _dashboard(cl, quiet)
         elif jobs:
             if settings.tune_process:
-                from .. import engine
+                from ..tuning import tune_process
 
-                engine.tune_process()
+                tune_process()
             if not isinstance(ref, Model):
                 ref = load_model(ref, settings.options.device)
         for key, res in done.items():

@@ -98,9 +98,9 @@ def refine_task(run_id: str, job: Job, model: str, settings: SceneSettings,
                                        "pid": os.getpid()})
     try:
         if settings.tune_process:
-            from .. import engine
+            from ..tuning import tune_process
 
-            engine.tune_process()
+            tune_process()
         m = worker_model(model, settings.options.device)
     except Exception as exc:  # e.g. a card the worker cannot read: the scene's failure
         return SceneResult(job.scene, job.output, "failed", error=error_line(exc),

@@ -75,7 +75,7 @@ class SceneSettings:
     """What every scene of a batch is refined with (sent to Dask workers as one object).
 
     ``vector``: also write ``<scene>.gpkg`` beside each output. ``tune_process``: each
-    process that refines scenes calls :func:`idgbr_geo.engine.tune_process` first.
+    process that refines scenes calls :func:`idgbr_geo.tuning.tune_process` first.
     """
 
     options: RunOptions = field(default_factory=RunOptions)

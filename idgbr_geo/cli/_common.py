@@ -27,7 +27,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -162,14 +162,6 @@ def _no_gdal_message_tracebacks() -> Iterator[None]:
         sys.unraisablehook, sys.excepthook = previous_unraisable, previous_except
 
 
-def _first_line(exc: BaseException) -> str:
-    """An exception's first line, preferring GDAL's cause over rasterio's wrapper text."""
-    while exc.__cause__ is not None and "previous exception" in str(exc):
-        exc = exc.__cause__
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"Error: {message}", err=True)
     sys.exit(code)
@@ -210,10 +202,10 @@ def user_errors(func: F) -> F:
             if os.environ.get("IDGBR_DEBUG"):
                 raise
             if isinstance(exc, (RasterioError, OSError)):
-                _fail(_first_line(exc), 1)
+                _fail(first_line(exc), 1)
             if isinstance(exc, MemoryError):
                 _fail("out of memory", 1)
-            _fail(f"internal error ({type(exc).__name__}: {_first_line(exc)}); please "
+            _fail(f"internal error ({type(exc).__name__}: {first_line(exc)}); please "
                   "report it (IDGBR_DEBUG=1 shows the traceback)", 1)
 
     return wrapper  # type: ignore[return-value]

@@ -87,7 +87,8 @@ def option_objects(kwargs: dict[str, Any]) -> tuple[RunOptions, OutputOptions]:
 def refine(input: str, output: str, quiet: bool, **kwargs: Any) -> None:
     """Refine INPUT (a GeoTIFF of any size) into a georeferenced class raster OUTPUT."""
     run, outputs = option_objects(kwargs)
-    from ..engine import refine_raster, tune_process
+    from ..engine import refine_raster
+    from ..tuning import tune_process
 
     tune_process()  # a command is the whole process: tune it for a long run
     summary = refine_raster(input, output, options=run, outputs=outputs, quiet=quiet, **kwargs)
