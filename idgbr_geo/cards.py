@@ -32,6 +32,7 @@ import numpy as np
 
 from .config import (
     CoarseConfig,
+    LiteFpnConfig,
     RefinerConfig,
     RefinerTrainingConfig,
     SamplingConfig,
@@ -58,6 +59,9 @@ _HEX_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
 #: the built-in architectures whose ``config`` is checked against a typed config
 ARCH_CONFIGS: dict[str, type[CoarseConfig] | type[RefinerConfig]] = {
     "idgbr-coarse": CoarseConfig, "idgbr-refiner": RefinerConfig}
+#: architectures whose card ``config`` is checked too (but that version 1 never had)
+CHECKED_CONFIGS: dict[str, type[CoarseConfig] | type[RefinerConfig] | type[LiteFpnConfig]] = {
+    **ARCH_CONFIGS, "lite-fpn": LiteFpnConfig}
 #: training settings recorded per stage (card ``training.segmentor`` / ``training.refiner``)
 STAGE_TRAINING: dict[str, type[TrainingConfig]] = {
     "segmentor": TrainingConfig, "refiner": RefinerTrainingConfig}
@@ -183,7 +187,7 @@ def _current_problem(data: dict[str, Any]) -> str | None:
         odd = [k for k in section if k not in ("arch", "config")]
         if odd:
             return f"{key!r} has unknown field {odd[0]!r} (it holds 'arch' and 'config')"
-        typed = ARCH_CONFIGS.get(section.get("arch", ""))
+        typed = CHECKED_CONFIGS.get(section.get("arch", ""))
         problem = typed.problem(section.get("config", {})) if typed else None
         if problem:
             return f"{key} config: {problem}"

@@ -7,6 +7,7 @@ the card, the engine, training and its validation cannot disagree about it.
 
 * :class:`CoarseConfig`, :class:`RefinerConfig`: the networks' architecture (card
   ``segmentor.config`` / ``refiner.config`` of the ``idgbr-*`` architectures);
+  :class:`LiteFpnConfig` that of the ``lite-fpn`` segmentor;
 * :class:`SamplingConfig`: how the refiner is run (card ``sampling``: steps, gate);
 * :class:`TrainingConfig`, :class:`RefinerTrainingConfig`: how a stage was trained (kept
   in checkpoints and, as provenance, in the card's ``training`` section).
@@ -110,6 +111,27 @@ class CoarseConfig(_Settings):
         object.__setattr__(self, "widths", tuple(w))
         if self.output_stride not in (4, 8, 16) or not _is_int(self.output_stride):
             raise ValueError(f"'output_stride' must be 4, 8 or 16, not {self.output_stride!r}")
+
+
+#: EfficientNet-Lite sizes of :class:`LiteFpnConfig` (timm ``efficientnet_lite0..2``)
+LITE_VARIANTS = ("lite0", "lite1", "lite2")
+
+
+@dataclass(frozen=True)
+class LiteFpnConfig(_Settings):
+    """Architecture of the ``lite-fpn`` coarse segmentor (:class:`idgbr_geo.lite_fpn.LiteFpnNet`):
+    an EfficientNet-Lite encoder (ImageNet-pretrained when trained) with an FPN decoder. The
+    bands and classes are the card's, as for :class:`CoarseConfig`."""
+
+    variant: str = "lite0"
+    #: FPN channels (laterals, fusion convolution)
+    channels: int = 64
+
+    def __post_init__(self) -> None:
+        if self.variant not in LITE_VARIANTS:
+            raise ValueError(f"'variant' must be one of {', '.join(LITE_VARIANTS)}, "
+                             f"not {self.variant!r}")
+        self._int("channels", 1)
 
 
 #: refiner modes: iterative denoising, or the same networks trained as a one-pass refiner

@@ -265,9 +265,10 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
 
 
 class CoarseSegmentor:
-    """Segmentor interface around :class:`CoarseNet` (eval mode, no grad, softmax)."""
+    """Segmentor interface around :class:`CoarseNet` or another net whose last layer is a
+    1x1 convolution ``head`` (e.g. ``lite-fpn``): eval mode, no grad, softmax."""
 
-    def __init__(self, net: CoarseNet, device: torch.device | str = "cpu") -> None:
+    def __init__(self, net: nn.Module, device: torch.device | str = "cpu") -> None:
         self.net = fuse_batchnorm(net.to(device)).to(memory_format=torch.channels_last)
         self.device = torch.device(device)
         self.num_classes = int(net.head.out_channels)

@@ -162,7 +162,7 @@ def _import_builtin_architectures() -> None:
     """Import the modules whose import registers the built-in network architectures."""
     import importlib
 
-    for mod in ("idgbr_geo.networks", "idgbr_geo.byo"):
+    for mod in ("idgbr_geo.networks", "idgbr_geo.lite_fpn", "idgbr_geo.byo"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

