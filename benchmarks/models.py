@@ -59,7 +59,7 @@ def bench(name: str, device: str, repeat: int, size: int = 512,
             lambda s=s: m.refiner.refine(img, probs, steps=s, seed=0, origins=[(0, 0)]),
             repeat, sync)
     if extra:
-        from idgbr_geo.training import refiner_from_checkpoint
+        from idgbr_geo.checkpoints import refiner_from_checkpoint
 
         ref = refiner_from_checkpoint(extra, str(dev))
         out["extra"] = seconds(lambda: ref.refine(img, probs, steps=1, seed=0, origins=[(0, 0)]),
@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--default-allocator", action="store_true",
                     help="keep glibc's allocator defaults (the engine tunes them)")
     ap.add_argument("--refiner-checkpoint", default=None,
-                    help="also time this refiner checkpoint (training.refiner_from_checkpoint)")
+                    help="also time this refiner checkpoint (checkpoints.refiner_from_checkpoint)")
     args = ap.parse_args()
     if not args.default_allocator:
         tune_allocator()

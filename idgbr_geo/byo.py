@@ -248,7 +248,7 @@ def load_coarse(spec: str | os.PathLike[str], device: str | torch.device = "cpu"
     p = Path(spec)
     suffix = p.suffix.lower()
     if suffix in TORCHSCRIPT_SUFFIXES and p.is_file() and not _is_torchscript(p):
-        from .training import segmentor_from_checkpoint
+        from .checkpoints import segmentor_from_checkpoint
 
         state = _read_checkpoint(p)
         if state.get("kind") != "coarse":

@@ -264,19 +264,46 @@ class RefinerTrainingConfig(TrainingConfig):
         self._bool("degradation")
 
 
+#: the coarse architectures ``train coarse`` builds (``--config`` key ``arch``) -> their
+#: settings; the first is the default
+COARSE_ARCHS: dict[str, type[CoarseConfig] | type[LiteFpnConfig]] = {
+    "idgbr-coarse": CoarseConfig, "lite-fpn": LiteFpnConfig}
+DEFAULT_COARSE_ARCH = next(iter(COARSE_ARCHS))
+#: the architecture of the refiner
+REFINER_ARCH = "idgbr-refiner"
+
+#: a network's settings (coarse or refiner)
+ArchConfig = CoarseConfig | LiteFpnConfig | RefinerConfig
+
+
+def arch_name(config: ArchConfig) -> str:
+    """The card architecture name of network settings."""
+    if isinstance(config, RefinerConfig):
+        return REFINER_ARCH
+    return next(name for name, cls in COARSE_ARCHS.items() if isinstance(config, cls))
+
+
 #: training settings that are arguments of their own (not given in the flat config);
 #: a resumed run takes them from the call, the others from its checkpoint
 RUN_KEYS = ("iterations", "batch_size", "lr", "crop", "seed", "checkpoint_every", "degradation")
 
 
 def split_config(stage: str, data: Mapping[str, Any] | None, what: str = "config"
-                 ) -> tuple[CoarseConfig | RefinerConfig, dict[str, Any]]:
+                 ) -> tuple[ArchConfig, dict[str, Any]]:
     """A flat ``train --config`` object -> (architecture, training overrides) of ``stage``
-    ("coarse" or "refiner"). Unknown keys, and run settings that have their own option
-    (named as ``$name``, see :class:`UserError`), are one UserError line."""
+    ("coarse" or "refiner"). The coarse stage's ``arch`` (one of :data:`COARSE_ARCHS`,
+    default ``idgbr-coarse``) chooses which architecture's settings the other keys are.
+    Unknown keys (those of another architecture included), and run settings that have their
+    own option (named as ``$name``, see :class:`UserError`), are one UserError line."""
     data = dict(data or {})
-    arch_cls: type[CoarseConfig] | type[RefinerConfig] = (
-        CoarseConfig if stage == "coarse" else RefinerConfig)
+    arch_cls: type[ArchConfig] = RefinerConfig
+    known_for = ""
+    if stage == "coarse":
+        name = data.pop("arch", DEFAULT_COARSE_ARCH)
+        if not isinstance(name, str) or name not in COARSE_ARCHS:
+            raise UserError(f"{what}: unknown coarse architecture {name!r} "
+                            f"(known: {', '.join(COARSE_ARCHS)})")
+        arch_cls, known_for = COARSE_ARCHS[name], f" for arch {name!r}"
     train_cls = TrainingConfig if stage == "coarse" else RefinerTrainingConfig
     train_keys = [k for k in train_cls.keys() if k not in RUN_KEYS]
     run = [k for k in data if k in RUN_KEYS]
@@ -285,9 +312,10 @@ def split_config(stage: str, data: Mapping[str, Any] | None, what: str = "config
                         options=[run[0]])
     unknown = [k for k in data if k not in arch_cls.keys() and k not in train_keys]
     if unknown:
+        known = (["arch"] if stage == "coarse" else []) + arch_cls.keys() + train_keys
         raise UserError(f"{what}: unknown {stage} setting{'s' if len(unknown) > 1 else ''} "
-                        f"{', '.join(repr(k) for k in unknown)} (known: "
-                        f"{', '.join(arch_cls.keys() + train_keys)})")
+                        f"{', '.join(repr(k) for k in unknown)} (known{known_for}: "
+                        f"{', '.join(known)})")
     arch = arch_cls.from_dict({k: v for k, v in data.items() if k in arch_cls.keys()}, what)
     training = {k: v for k, v in data.items() if k in train_keys}
     problem = train_cls.problem(training)

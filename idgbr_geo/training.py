@@ -11,11 +11,8 @@ iterations the full training state goes to ``out_dir/checkpoint.pt`` (resumable 
 ``resume=True``) and a row to ``out_dir/log.csv``. Seeds fix the run. Settings are typed
 (:mod:`idgbr_geo.config`): the architecture (:class:`CoarseConfig`, :class:`RefinerConfig`) and
 the training settings (:class:`TrainingConfig`, :class:`RefinerTrainingConfig`) are stored
-apart in the checkpoint and, by :func:`export_model`, in the card.
-
-Checkpoints hold only tensors and plain values (dicts, lists, numbers, strings) and are read
-with ``torch.load(weights_only=True)`` (:func:`~idgbr_geo.registry.load_checkpoint`): a ``.pt``
-file is a pickle, and a crafted one would otherwise run code when loaded.
+apart in the checkpoint (:mod:`idgbr_geo.checkpoints` reads it and exports the model) and,
+by :func:`~idgbr_geo.checkpoints.export_model`, in the card.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, replace
@@ -35,24 +31,25 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .cards import ModelCard, Normalization
+from .cards import Normalization
+from .checkpoints import BAD_STATE, build_segmentor_net, checkpoint_settings, write_checkpoint
 from .config import (
-    DERIVED_KEYS,
-    RESEARCH_DEFAULTS,
     RUN_KEYS,
+    ArchConfig,
     CoarseConfig,
+    LiteFpnConfig,
     RefinerConfig,
     RefinerTrainingConfig,
     SamplingConfig,
     TrainingConfig,
+    arch_name,
     split_config,
-    split_legacy,
 )
 from .degrade import degrade
 from .diffusion import training_loss
 from .errors import UserError, first_line
-from .networks import CoarseSegmentor, DiffusionRefiner, build_coarse_net, build_refiner_net
-from .registry import load_checkpoint, resolve_device, save_model
+from .networks import build_refiner_net
+from .registry import load_checkpoint, resolve_device
 
 #: the defaults of the training functions' keyword arguments
 _T = TrainingConfig
@@ -180,31 +177,6 @@ def _lr_at(it: int, iterations: int, lr: float, warmup: int = 100) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, iterations - warmup)))
 
 
-#: what a checkpoint of the wrong shape raises when its contents are used
-_BAD_STATE = (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError)
-
-
-def _plain(obj: Any) -> Any:
-    """``obj`` with numpy scalars/arrays and paths turned into plain Python values, so the
-    checkpoint loads under ``weights_only=True`` (tensors are kept as they are)."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [_plain(v) for v in obj]
-        return items if isinstance(obj, list) else tuple(items)
-    if isinstance(obj, (np.generic, np.ndarray)):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _miou(pred: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     valid = labels != 255
     ious = []
@@ -228,35 +200,12 @@ def _val_batches(val: dict[str, Any], norm: Normalization, limit: int = 48):
         yield img, torch.from_numpy(val["labels"][sel].astype(np.int64))
 
 
-def checkpoint_settings(state: Mapping[str, Any], kind: str, where: Any
-                        ) -> tuple[CoarseConfig | RefinerConfig, TrainingConfig, int, int]:
-    """A checkpoint's (architecture, training settings, in_channels, num_classes).
-
-    Older checkpoints kept everything in one flat ``config`` (the training validation's
-    sampler options included; they never shaped the weights and are dropped)."""
-    stage = "coarse" if kind == "coarse" else "refiner"
-    arch_cls = CoarseConfig if stage == "coarse" else RefinerConfig
-    train_cls = TrainingConfig if stage == "coarse" else RefinerTrainingConfig
-    cfg = dict(state["config"])
-    what = f"{where} settings"
-    if "training" in state:
-        arch = arch_cls.from_dict({k: v for k, v in cfg.items() if k not in DERIVED_KEYS},
-                                  what)
-        training = train_cls.from_dict(dict(state["training"]), what)
-    else:
-        old = {k: v for k, v in cfg.items()
-               if k not in RESEARCH_DEFAULTS and k not in SamplingConfig.keys()}
-        a, t, _ = split_legacy(stage, old, what)
-        arch, training = arch_cls.from_dict(a, what), train_cls.from_dict(t, what)
-    return arch, training, int(cfg["in_channels"]), int(cfg["num_classes"])
-
-
 class _Run:
     """Shared bookkeeping: device, seeds, resume, checkpoints, CSV log, progress bar."""
 
     def __init__(self, kind: str, out_dir: str | Path, train_npz: str | Path, *,
                  device: str, resume: bool, normalization: Normalization | None,
-                 arch: CoarseConfig | RefinerConfig, training: TrainingConfig) -> None:
+                 arch: ArchConfig, training: TrainingConfig) -> None:
         self.kind = kind
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -287,7 +236,7 @@ class _Run:
                 self.start = int(self.state["iteration"])
                 self.rng.bit_generator.state = self.state["numpy_rng"]
                 torch.set_rng_state(self.state["torch_rng"])
-            except _BAD_STATE as exc:
+            except BAD_STATE as exc:
                 raise UserError(f"{self.ckpt} cannot be resumed: {first_line(exc)}") from None
         elif self.log.exists():
             self.log.unlink()
@@ -306,27 +255,24 @@ class _Run:
             opt.load_state_dict(self.state["optimizer"])
             if ema is not None:  # (the config, "ema" included, came from the checkpoint)
                 ema.load_state_dict(self.state["ema"])
-        except _BAD_STATE as exc:
+        except BAD_STATE as exc:
             raise UserError(f"{self.ckpt} cannot be resumed: {first_line(exc)}") from None
 
     def save(self, net: torch.nn.Module, opt: torch.optim.Optimizer, it: int,
-             arch: str, ema: AveragedModel | None = None) -> None:
+             ema: AveragedModel | None = None) -> None:
         """``model`` holds the weights to use: the moving average when there is one (the
         optimiser's own weights are kept as ``trained_model`` to resume from)."""
         extra = {} if ema is None else {"trained_model": net.state_dict(),
                                         "ema": ema.state_dict()}
-        _save_atomic({
-            **_plain({"kind": self.kind, "arch": arch,
-                      "config": {**self.shape, **self.arch.to_dict()},
-                      "training": self.training.to_dict(),
-                      "normalization": asdict(self.norm), "classes": list(self.classes),
-                      "gsd": float(self.data.get("gsd", np.nan)),
-                      "source": str(self.data.get("source", "")), "iteration": int(it),
-                      "numpy_rng": self.rng.bit_generator.state}),
-            "model": (net if ema is None else ema.module).state_dict(),
-            "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-            **extra,
-        }, self.ckpt)
+        write_checkpoint(self.ckpt, {
+            "kind": self.kind, "arch": arch_name(self.arch),
+            "config": {**self.shape, **self.arch.to_dict()}, "training": self.training.to_dict(),
+            "normalization": asdict(self.norm), "classes": list(self.classes),
+            "gsd": float(self.data.get("gsd", np.nan)),
+            "source": str(self.data.get("source", "")), "iteration": int(it),
+            "numpy_rng": self.rng.bit_generator.state,
+        }, {"model": (net if ema is None else ema.module).state_dict(),
+            "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), **extra})
 
     def write_log(self, row: dict[str, Any]) -> None:
         new = not self.log.exists()
@@ -365,9 +311,12 @@ def train_coarse(
 ) -> Path:
     """Train the coarse segmentor (cross-entropy + soft Dice); return the checkpoint path.
 
-    ``config``: :class:`CoarseConfig` settings (``widths``, ``output_stride``) and ``ema``
-    (:class:`TrainingConfig`), in one flat object as ``train coarse --config`` takes them;
-    an unknown key is a UserError.
+    ``config``: the architecture ``arch`` (``idgbr-coarse``, the default, or ``lite-fpn``),
+    its settings (:class:`CoarseConfig`: ``widths``, ``output_stride``; :class:`LiteFpnConfig`:
+    ``variant``, ``channels``) and ``ema`` (:class:`TrainingConfig`), in one flat object as
+    ``train coarse --config`` takes them; an unknown key (another architecture's included)
+    is a UserError. A new ``lite-fpn`` run starts its encoder from ImageNet weights (the
+    ``train`` extra; a UserError without it), a resumed one from its checkpoint.
     """
     arch, extra = split_config("coarse", config, "config")
     training = TrainingConfig.from_dict(
@@ -376,7 +325,9 @@ def train_coarse(
     run = _Run("coarse", out_dir, train_npz, device=device, resume=resume,
                normalization=normalization, arch=arch, training=training)
     k = len(run.classes)
-    net = build_coarse_net(cast(CoarseConfig, run.arch), **run.shape).to(run.device)
+    # a new lite-fpn run starts from ImageNet weights; a resumed one has its own
+    net = build_segmentor_net(cast(CoarseConfig | LiteFpnConfig, run.arch), **run.shape,
+                              pretrained=run.state is None).to(run.device)
 
     def step(img: torch.Tensor, lab: torch.Tensor, _pre: torch.Tensor | None
              ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -386,7 +337,7 @@ def train_coarse(
         return ce + 0.5 * _soft_dice(logits, lab, k), {}
 
     val = load_npz(val_npz) if val_npz else None
-    return _fit(run, net, step, "idgbr-coarse", progress=progress,
+    return _fit(run, net, step, progress=progress,
                 validate=None if val is None else
                 (lambda: _validate_coarse(net, val, run.norm, k, run.device)))
 
@@ -394,7 +345,7 @@ def train_coarse(
 def _fit(run: _Run, net: torch.nn.Module,
          step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
                         tuple[torch.Tensor, dict[str, float]]],
-         arch: str, *, progress: bool,
+         *, progress: bool,
          validate: Callable[[], dict[str, float]] | None) -> Path:
     """The loop both stages share: AdamW with the warm-up/cosine schedule, gradient clipping,
     and every ``checkpoint_every`` iterations a CSV row (mean loss, ``step``'s extra parts,
@@ -434,7 +385,7 @@ def _fit(run: _Run, net: torch.nn.Module,
                 with _averaged_weights(net, ema):
                     row.update(validate())
             run.write_log(row)
-            run.save(net, opt, it + 1, arch, ema)
+            run.save(net, opt, it + 1, ema)
             acc = []
     return run.ckpt
 
@@ -465,22 +416,6 @@ def _validate_coarse(net, val, norm, k, device) -> dict[str, float]:
         labs.append(lab)
     return {"val_loss": float(np.nanmean(losses)),
             "val_miou": _miou(torch.cat(preds), torch.cat(labs), k)}
-
-
-def segmentor_from_checkpoint(path: str | Path, device: str = "auto", *,
-                              state: dict[str, Any] | None = None) -> CoarseSegmentor:
-    """A Segmentor from a coarse training checkpoint (e.g. to train a refiner on its maps);
-    ``state``: its contents when already read with :func:`load_checkpoint`."""
-    state = load_checkpoint(path) if state is None else state
-    if state.get("kind") != "coarse":
-        raise UserError(f"{path} is not a coarse-model checkpoint")
-    try:
-        settings, _, bands, k = checkpoint_settings(state, "coarse", path)
-        net = build_coarse_net(cast(CoarseConfig, settings), in_channels=bands, num_classes=k)
-        net.load_state_dict(state["model"])
-    except _BAD_STATE as exc:
-        raise UserError(f"{path}: bad coarse-model checkpoint: {first_line(exc)}") from None
-    return CoarseSegmentor(net, resolve_device(device))
 
 
 # ------------------------------------------------------------------------- refiner
@@ -554,7 +489,7 @@ def train_refiner(
                              boundary_radius=tc.boundary_radius)
 
     val = load_npz(val_npz) if val_npz else None
-    return _fit(run, net, step, "idgbr-refiner", progress=progress,
+    return _fit(run, net, step, progress=progress,
                 validate=None if val is None else
                 (lambda: _validate_refiner(net, val, run.norm, k, run.device, coarse,
                                            oneshot)))
@@ -617,59 +552,3 @@ def _coarse_maps(img: torch.Tensor, lab: torch.Tensor, k: int, coarse: Any, p_mo
         sel = torch.from_numpy(np.flatnonzero(~use_model)).to(img.device)
         out[sel] = degrade(lab[sel].cpu(), k, generator=gen).to(img.device)
     return out
-
-
-# -------------------------------------------------------------------------- export
-
-
-def export_model(coarse_ckpt: str | Path | None, refiner_ckpt: str | Path | None,
-                 card: ModelCard, folder: str | Path) -> Path:
-    """Write ``card`` + one safetensors file with both networks into ``folder``.
-
-    Fills the card's segmentor/refiner sections (architecture), its training settings
-    (``training.segmentor`` / ``training.refiner``), classes and normalisation from the
-    checkpoints (the networks were trained with that normalisation). The sampling defaults
-    are the card's own: a checkpoint does not choose how it is run.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix, path, arch in (("segmentor.", coarse_ckpt, "idgbr-coarse"),
-                               ("refiner.", refiner_ckpt, "idgbr-refiner")):
-        if path is None:
-            continue
-        state = load_checkpoint(path)
-        if state.get("arch") != arch:
-            raise UserError(f"{path} is not a {arch} checkpoint")
-        if list(state["classes"]) != list(card.classes):
-            raise UserError(f"{path} was trained for classes {state['classes']}, the card "
-                            f"says {card.classes}")
-        try:
-            settings, training, _, _ = checkpoint_settings(state, state["kind"], path)
-        except _BAD_STATE as exc:
-            raise UserError(f"{path}: bad checkpoint: {first_line(exc)}") from None
-        section = {"arch": arch, "config": settings.to_dict()}
-        if prefix == "segmentor.":
-            card.segmentor = section
-            card.training.segmentor = training.to_dict()
-        else:
-            card.refiner = section
-            card.training.refiner = training.to_dict()
-        card.normalization = Normalization(**state["normalization"])
-        tensors.update({prefix + k: v for k, v in state["model"].items()})
-    if not tensors:
-        raise UserError("export_model needs at least one checkpoint")
-    return save_model(card, tensors, folder)
-
-
-def refiner_from_checkpoint(path: str | Path, device: str = "auto") -> DiffusionRefiner:
-    """A Refiner from a refiner training checkpoint (for validation before export)."""
-    state = load_checkpoint(path)
-    if state.get("kind") != "refiner":
-        raise UserError(f"{path} is not a refiner checkpoint")
-    try:
-        settings, _, bands, k = checkpoint_settings(state, "refiner", path)
-        arch = cast(RefinerConfig, settings)
-        net = build_refiner_net(arch, in_channels=bands, num_classes=k)
-        net.load_state_dict(state["model"])
-    except _BAD_STATE as exc:
-        raise UserError(f"{path}: bad refiner checkpoint: {first_line(exc)}") from None
-    return DiffusionRefiner(net, arch, resolve_device(device))

@@ -19,8 +19,8 @@ from pathlib import Path
 from research.sampling import DEFAULTS as RESEARCH_DEFAULTS  # noqa: I001  (release/ is on sys.path)
 
 from idgbr_geo.cards import ModelCard, TrainingRecord
+from idgbr_geo.checkpoints import export_model
 from idgbr_geo.config import SamplingConfig
-from idgbr_geo.training import export_model
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / ".train"

@@ -43,7 +43,7 @@ from idgbr_geo.config import SamplingConfig
 
 
 def main() -> None:
-    from idgbr_geo.training import refiner_from_checkpoint, segmentor_from_checkpoint
+    from idgbr_geo.checkpoints import refiner_from_checkpoint, segmentor_from_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("set")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from idgbr_geo.checkpoints import segmentor_from_checkpoint
 from idgbr_geo.config import TrainingConfig
-from idgbr_geo.training import segmentor_from_checkpoint, train_coarse, train_refiner
+from idgbr_geo.training import train_coarse, train_refiner
 
 ROOT = Path(__file__).resolve().parent.parent / ".train"
 

@@ -289,6 +289,9 @@ def test_torchscript_coarse_model_needs_trust_torchscript(tmp_path):
     ("refiner", '{"boundary_wieght": 4}', "--config: unknown refiner setting 'boundary_wieght'"),
     ("refiner", '{"gate": 0.6}', "--config: unknown refiner setting 'gate'"),
     ("coarse", '{"lr": 0.1}', "'lr' has its own option (--lr)"),
+    ("coarse", '{"arch": "unet"}', "--config: unknown coarse architecture 'unet'"),
+    ("coarse", '{"arch": "lite-fpn", "widths": [4, 8, 8, 8]}',
+     "--config: unknown coarse setting 'widths' (known for arch 'lite-fpn'"),
 ])
 def test_unknown_config_keys_are_one_error_before_any_work(tmp_path, stage, config, message):
     img, lab = labelled_scenes(tmp_path, n=1, size=64)

@@ -9,17 +9,15 @@ import pytest
 import torch
 
 from idgbr_geo.cards import ModelCard
+from idgbr_geo.checkpoints import export_model, refiner_from_checkpoint, segmentor_from_checkpoint
 from idgbr_geo.config import RefinerConfig, RefinerTrainingConfig, SamplingConfig
 from idgbr_geo.errors import UserError
 from idgbr_geo.registry import load_model
 from idgbr_geo.training import (
     ChipSampler,
     _coarse_maps,
-    export_model,
     fit_normalization,
     load_npz,
-    refiner_from_checkpoint,
-    segmentor_from_checkpoint,
     train_coarse,
     train_refiner,
 )

@@ -113,7 +113,8 @@ def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--resume", is_flag=True, help="Continue from --out's checkpoint."),
         click.option("--config", "config_text",
                      help="Network and training settings, JSON text or a .json file, e.g. "
-                          "'{\"widths\": [16, 32, 64, 96]}' (coarse) or '{\"mode\": "
+                          "'{\"widths\": [16, 32, 64, 96]}' or '{\"arch\": \"lite-fpn\"}' "
+                          "(coarse) or '{\"mode\": "
                           "\"oneshot\", \"boundary_weight\": 4}' (refiner); an unknown key "
                           "is an error."),
         click.option("--checkpoint-every", type=int, default=_T.checkpoint_every,
@@ -396,7 +397,8 @@ def prepare(**opts: Any) -> None:
 @user_errors
 def coarse(ctx: click.Context, **opts: Any) -> None:
     """Train the coarse segmentor and export a model card with it."""
-    from ..training import export_model, train_coarse
+    from ..checkpoints import export_model
+    from ..training import train_coarse
 
     config = _config(opts["config_text"], "coarse")
     out, name, train_path, val_path = _prepare_run(opts, "coarse")
@@ -443,8 +445,9 @@ def refiner(ctx: click.Context, **opts: Any) -> None:
 
     from .. import byo
     from ..cards import Normalization
+    from ..checkpoints import export_model
     from ..registry import save_model
-    from ..training import export_model, fit_normalization, train_refiner
+    from ..training import fit_normalization, train_refiner
 
     config = _config(opts["config_text"], "refiner")
     out, name, train_path, val_path = _prepare_run(opts, "refiner")
