@@ -263,17 +263,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="idgbr-validate-") as tmp:
         v = Validator(args.set, load_scenes(args.set, args.limit), card, Path(tmp))
         rows(args, v, ckpt, classes, segmentor_from_checkpoint, refiner_from_checkpoint)
-    title = (f"Validation, {args.set}: {len(v.scenes)} held-out scenes, class "
-             f"'{v.rows[0]['class']}' (IoU, BF, boundary IoU, IoU_imp in %; mIoU over classes)")
+    report(args, v, f"Validation, {args.set}",
+           {"steps": args.steps, "start": args.start, "t_start": args.t_start,
+            "band": args.band, "gate": args.gate})
+
+
+def report(args: argparse.Namespace, v: Validator, heading: str, meta: dict[str, Any]) -> None:
+    """Print the table and write it to ``--md`` / ``--json`` (with ``meta``)."""
+    title = (f"{heading}: {len(v.scenes)} held-out scenes, class '{v.rows[0]['class']}' "
+             "(IoU, BF, boundary IoU, IoU_imp in %; mIoU over classes)")
     md = markdown(v.rows, title)
     print(md)
     if args.md:
         args.md.write_text(md)
     if args.json:
-        args.json.write_text(json.dumps({"set": args.set, "steps": args.steps,
-                                         "start": args.start, "t_start": args.t_start,
-                                         "band": args.band, "gate": args.gate,
-                                         "rows": v.rows}, indent=1))
+        args.json.write_text(json.dumps({"set": args.set, **meta, "rows": v.rows}, indent=1))
 
 
 def shipped(args: argparse.Namespace) -> None:
@@ -296,16 +300,8 @@ def shipped(args: argparse.Namespace) -> None:
             v.add(label, "coarse (no refinement)", cm, None, classes, time.time() - t)
             t = time.time()
             v.add(label, method, v.refine_maps(seg, m.refiner), cm, classes, time.time() - t)
-    title = (f"Validation of the shipped `{args.model}` model through the engine, {args.set}: "
-             f"{len(v.scenes)} held-out scenes, class '{v.rows[0]['class']}' (IoU, BF, "
-             "boundary IoU, IoU_imp in %; mIoU over classes)")
-    md = markdown(v.rows, title)
-    print(md)
-    if args.md:
-        args.md.write_text(md)
-    if args.json:
-        args.json.write_text(json.dumps({"set": args.set, "model": args.model,
-                                         "rows": v.rows}, indent=1))
+    report(args, v, f"Validation of the shipped `{args.model}` model through the engine, "
+           f"{args.set}", {"model": args.model})
 
 
 def rows(args: argparse.Namespace, v: Validator, ckpt: Any, classes: list[str],

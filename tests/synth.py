@@ -98,3 +98,14 @@ def assert_same(a: dict, b: dict) -> None:
             assert fb[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
         else:
             assert fb[key] == value, key
+
+
+def refiner_net(k: int = 2, **kw):
+    """A seeded RefinerNet with non-zero weights everywhere, so every input matters."""
+    from idgbr_geo.networks import RefinerNet
+
+    torch.manual_seed(0)
+    net = RefinerNet(num_classes=k, **kw).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return net

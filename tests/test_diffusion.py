@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from synth import refiner_net
 
 from idgbr_geo.diffusion import (
     LATENT_SCALE,
@@ -16,14 +17,6 @@ from idgbr_geo.diffusion import (
     training_loss,
 )
 from idgbr_geo.networks import RefinerNet
-
-
-def _net(k: int = 2, **kw) -> RefinerNet:
-    torch.manual_seed(0)
-    net = RefinerNet(num_classes=k, **kw).eval()
-    for p in net.parameters():  # non-zero everywhere so every input matters
-        torch.nn.init.normal_(p, std=0.05)
-    return net
 
 
 def test_schedule_goes_from_signal_to_noise():
@@ -47,7 +40,7 @@ def test_latent_is_scaled_one_hot_at_quarter_resolution():
 
 
 def test_sampling_is_deterministic_for_a_seed():
-    net = _net()
+    net = refiner_net()
     img, coarse = torch.randn(1, 3, 64, 64), torch.rand(1, 2, 64, 64)
     kw = dict(steps=3, origins=[(0, 0)])
     a = sample(net, img, coarse, seed=1, **kw)
@@ -58,7 +51,7 @@ def test_sampling_is_deterministic_for_a_seed():
 
 
 def test_noise_is_keyed_by_window_origin():
-    net = _net()
+    net = refiner_net()
     img, coarse = torch.randn(1, 3, 32, 32), torch.rand(1, 2, 32, 32)
     batch = sample(net, img.expand(2, -1, -1, -1), coarse.expand(2, -1, -1, -1), steps=2,
                    seed=0, origins=[(0, 0), (32, 64)])
@@ -68,7 +61,7 @@ def test_noise_is_keyed_by_window_origin():
 
 
 def test_multiclass_and_oneshot_shapes():
-    net = _net(5)
+    net = refiner_net(5)
     img, coarse = torch.randn(2, 3, 32, 48), torch.rand(2, 5, 32, 48)
     for kw in ({}, {"oneshot": True}):
         out = sample(net, img, coarse, steps=2, seed=0, origins=[(0, 0), (0, 48)], **kw)
@@ -113,7 +106,7 @@ def test_near_boundary_marks_pixels_within_the_radius_of_a_class_change():
 
 
 def test_boundary_weight_moves_the_loss_towards_boundary_pixels():
-    net = _net()
+    net = refiner_net()
     lab = torch.zeros(2, 32, 32, dtype=torch.uint8)
     lab[:, 8:24, 8:20] = 1
     img = torch.randn(2, 3, 32, 32)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from synth import refiner_net
 
 from idgbr_geo import diffusion
 from idgbr_geo.cards import ModelCard
@@ -27,25 +28,17 @@ from research.sampling import (  # noqa: E402
 )
 
 
-def _net(k: int = 2, **kw) -> RefinerNet:
-    torch.manual_seed(0)
-    net = RefinerNet(num_classes=k, **kw).eval()
-    for p in net.parameters():  # non-zero everywhere so every input matters
-        torch.nn.init.normal_(p, std=0.05)
-    return net
-
-
 @pytest.mark.parametrize("oneshot", [False, True])
 @pytest.mark.parametrize("steps", [1, 3])
 def test_research_sampler_with_its_options_off_is_the_production_sampler(oneshot, steps):
-    net = _net(3)
+    net = refiner_net(3)
     img, coarse = torch.randn(2, 3, 32, 48), torch.rand(2, 3, 32, 48)
     kw = dict(steps=steps, seed=4, origins=[(0, 0), (32, 48)], oneshot=oneshot)
     assert torch.equal(sample(net, img, coarse, **kw), diffusion.sample(net, img, coarse, **kw))
 
 
 def test_research_refiner_with_its_options_off_is_the_production_refiner():
-    base = DiffusionRefiner(_net())
+    base = DiffusionRefiner(refiner_net())
     img, coarse = torch.randn(1, 3, 32, 32), torch.rand(1, 2, 32, 32)
     kw = dict(steps=2, seed=0, origins=[(0, 0)])
     assert torch.equal(ResearchRefiner(base).refine(img, coarse, **kw),
@@ -53,7 +46,7 @@ def test_research_refiner_with_its_options_off_is_the_production_refiner():
 
 
 def test_sampler_options_change_the_result_and_bad_ones_fail():
-    net = _net()
+    net = refiner_net()
     img, coarse = torch.randn(1, 3, 32, 32), torch.rand(1, 2, 32, 32)
     kw = dict(steps=3, seed=0, origins=[(0, 0)])
     base = sample(net, img, coarse, **kw)
@@ -87,7 +80,7 @@ def test_boundary_band_limits_refiner_changes_to_coarse_boundaries():
 
 
 def test_a_research_refiner_runs_through_the_engines_inference():
-    net = _net()
+    net = refiner_net()
     card = ModelCard(name="r", classes=["a", "b"])
     research = ResearchRefiner(DiffusionRefiner(net, RefinerConfig()), start="coarse",
                                t_start=0.5)

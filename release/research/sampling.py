@@ -33,6 +33,7 @@ from idgbr_geo.diffusion import (
     q_sample,
     to_latent,
 )
+from idgbr_geo.diffusion import sample as production_sample
 from idgbr_geo.noise import batch_noise
 
 #: the options and the value that means "as the production refiner"
@@ -52,16 +53,14 @@ def sample(net: Any, image: torch.Tensor, coarse: torch.Tensor, *, steps: int, s
            average: bool = False) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) sampling -> full-resolution class logits (B, K, H, W),
     with the research options of the module docstring."""
+    if oneshot:  # no research option applies: the production path
+        return production_sample(net, image, coarse, steps=steps, seed=seed, origins=origins,
+                                 oneshot=True)
     b, k, h, w = coarse.shape
     if h % LATENT_SCALE or w % LATENT_SCALE:
         raise ValueError(f"window {h}x{w} is not a multiple of {LATENT_SCALE}")
     g1, g2, g4 = net.guide(image, coarse)
     dev = image.device
-    if oneshot:
-        t = torch.ones(b, device=dev)
-        logits4, hid = denoise(net, torch.zeros(b, k, h // LATENT_SCALE, w // LATENT_SCALE,
-                                                device=dev), t, g4, coarse)
-        return decode(net, hid, logits4, g1, g2, coarse)
     if x0 not in ("soft", "hard"):
         raise ValueError(f"unknown x0 mode {x0!r} (use 'soft' or 'hard')")
     steps = max(1, int(steps))
