@@ -11,6 +11,11 @@ alone: the gate and the refine-only-where-a-boundary-is rule of the engine's inf
 benchmarks/engine.py. The refiner's guidance
 network runs once per window, the denoiser once per step, the decoder once.
 
+A refiner that shares the segmentor's encoder (``lite-idgbr``) is timed as the engine runs
+it: after the segmentor on the same window, so the encoder counts once (in the coarse
+column); the "refiner alone" row is ``refine --coarse``, where the encoder runs for the
+refiner.
+
 The networks run with the allocator settings the engine uses (``tuning.tune_allocator``):
 with glibc's defaults every window's multi-MB feature maps are unmapped and faulted in again,
 which costs the refiner (several 4-16 MB maps at full resolution) ~10 ms per window, far
@@ -28,6 +33,7 @@ import time
 
 import torch
 
+from idgbr_geo.encoders import FeatureMemo
 from idgbr_geo.registry import bundled_models, load_model
 from idgbr_geo.tuning import tune_allocator
 
@@ -51,13 +57,27 @@ def bench(name: str, device: str, repeat: int, size: int = 512,
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
     img = torch.randn(1, m.card.bands, size, size, generator=g).to(dev)
-    out = {"coarse": seconds(lambda: m.segmentor.predict(img), repeat, sync)}
-    probs = m.segmentor.predict(img)
+    memo = getattr(getattr(m.segmentor, "net", None), "encoder", None)
+    forget = memo.forget if isinstance(memo, FeatureMemo) else (lambda: None)
+
+    def coarse() -> None:
+        forget()  # each window is new to the encoder
+        m.segmentor.predict(img)
+
+    out = {"coarse": seconds(coarse, repeat, sync)}
+    probs = m.segmentor.predict(img)  # (a shared encoder now holds this window's features)
     steps = m.card.sampling.steps
     for s in sorted({1, steps, 2 * steps}):
         out[f"refine_{s}"] = seconds(
             lambda s=s: m.refiner.refine(img, probs, steps=s, seed=0, origins=[(0, 0)]),
             repeat, sync)
+    if isinstance(getattr(m.refiner.net, "encoder", None), FeatureMemo):
+        def alone() -> None:  # refine --coarse: the encoder runs for the refiner
+            m.refiner.net.encoder.forget()
+            m.refiner.refine(img, probs, steps=steps, seed=0, origins=[(0, 0)])
+
+        out["alone"] = seconds(alone, repeat, sync)
+        m.segmentor.predict(img)
     if extra:
         from idgbr_geo.checkpoints import refiner_from_checkpoint
 
@@ -97,6 +117,9 @@ def main() -> None:
             print(f"| {name} | {label} | {ms['coarse']:.1f} | {ms['refine_1']:.1f} | "
                   f"{ms[f'refine_{s}']:.1f} ({s}) | {ms[f'refine_{2 * s}']:.1f} | "
                   f"{d / r['coarse']:.2f}x | {mp:.2f} |")
+            if "alone" in r:
+                print(f"| {name}, refiner alone (`--coarse`: encoder not shared) | {label} | "
+                      f"| | {ms['alone']:.1f} ({s}) | | {r['alone'] / r['coarse']:.2f}x | |")
             if "extra" in r:
                 print(f"| {name}, refiner {args.refiner_checkpoint} | {label} | "
                       f"{ms['coarse']:.1f} | {ms['extra']:.1f} | | | "

@@ -33,10 +33,12 @@ import numpy as np
 from .config import (
     CoarseConfig,
     LiteFpnConfig,
+    LiteRefinerConfig,
     RefinerConfig,
     RefinerTrainingConfig,
     SamplingConfig,
     TrainingConfig,
+    _Settings,
     split_legacy,
 )
 from .errors import UserError
@@ -60,8 +62,8 @@ _HEX_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
 ARCH_CONFIGS: dict[str, type[CoarseConfig] | type[RefinerConfig]] = {
     "idgbr-coarse": CoarseConfig, "idgbr-refiner": RefinerConfig}
 #: architectures whose card ``config`` is checked too (but that version 1 never had)
-CHECKED_CONFIGS: dict[str, type[CoarseConfig] | type[RefinerConfig] | type[LiteFpnConfig]] = {
-    **ARCH_CONFIGS, "lite-fpn": LiteFpnConfig}
+CHECKED_CONFIGS: dict[str, type[_Settings]] = {
+    **ARCH_CONFIGS, "lite-fpn": LiteFpnConfig, "lite-idgbr": LiteRefinerConfig}
 #: training settings recorded per stage (card ``training.segmentor`` / ``training.refiner``)
 STAGE_TRAINING: dict[str, type[TrainingConfig]] = {
     "segmentor": TrainingConfig, "refiner": RefinerTrainingConfig}

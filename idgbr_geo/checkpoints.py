@@ -27,13 +27,13 @@ from torch import nn
 from .cards import ModelCard, Normalization
 from .config import (
     COARSE_ARCHS,
-    DEFAULT_COARSE_ARCH,
     DERIVED_KEYS,
-    REFINER_ARCH,
+    REFINER_ARCHS,
     RESEARCH_DEFAULTS,
     ArchConfig,
     CoarseConfig,
     LiteFpnConfig,
+    LiteRefinerConfig,
     RefinerConfig,
     RefinerTrainingConfig,
     SamplingConfig,
@@ -42,8 +42,9 @@ from .config import (
 )
 from .errors import UserError, first_line
 from .lite_fpn import build_lite_fpn
+from .lite_refiner import ENCODER_PREFIX, LiteRefiner, build_lite_refiner
 from .networks import CoarseSegmentor, DiffusionRefiner, build_coarse_net, build_refiner_net
-from .registry import load_checkpoint, resolve_device, save_model
+from .registry import load_checkpoint, resolve_device, save_model, shares_encoder
 
 #: what a checkpoint of the wrong shape raises when its contents are used
 BAD_STATE = (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError)
@@ -93,13 +94,12 @@ def checkpoint_settings(state: Mapping[str, Any], kind: str, where: Any
     sampler options included; they never shaped the weights and are dropped); they are all
     ``idgbr-coarse`` / ``idgbr-refiner``."""
     stage = "coarse" if kind == "coarse" else "refiner"
-    arch_cls: type[ArchConfig] = RefinerConfig
-    if stage == "coarse":
-        name = state.get("arch", DEFAULT_COARSE_ARCH)
-        if not isinstance(name, str) or name not in COARSE_ARCHS:
-            raise UserError(f"{where}: unknown coarse architecture {name!r} "
-                            f"(known: {', '.join(COARSE_ARCHS)})")
-        arch_cls = COARSE_ARCHS[name]
+    archs: Mapping[str, type[ArchConfig]] = COARSE_ARCHS if stage == "coarse" else REFINER_ARCHS
+    name = state.get("arch", next(iter(archs)))
+    if not isinstance(name, str) or name not in archs:
+        raise UserError(f"{where}: unknown {stage} architecture {name!r} "
+                        f"(known: {', '.join(archs)})")
+    arch_cls = archs[name]
     train_cls = TrainingConfig if stage == "coarse" else RefinerTrainingConfig
     cfg = dict(state["config"])
     what = f"{where} settings"
@@ -140,12 +140,28 @@ def refiner_from_checkpoint(path: str | Path, device: str = "auto") -> Diffusion
         raise UserError(f"{path} is not a refiner checkpoint")
     try:
         settings, _, bands, k = checkpoint_settings(state, "refiner", path)
+        if isinstance(settings, LiteRefinerConfig):
+            lite = build_lite_refiner(settings, in_channels=bands, num_classes=k)
+            lite.load_state_dict(state["model"])
+            return LiteRefiner(lite, settings, resolve_device(device))
         arch = cast(RefinerConfig, settings)
         net = build_refiner_net(arch, in_channels=bands, num_classes=k)
         net.load_state_dict(state["model"])
     except BAD_STATE as exc:
         raise UserError(f"{path}: bad refiner checkpoint: {first_line(exc)}") from None
     return DiffusionRefiner(net, arch, resolve_device(device))
+
+
+def _drop_shared_encoder(tensors: dict[str, torch.Tensor], where: Any) -> None:
+    """A refiner that reads the segmentor's encoder is stored without its copy, which must
+    be the segmentor's exactly (it was trained on that coarse model)."""
+    own = {k[len("refiner."):]: tensors.pop(k) for k in list(tensors)
+           if k.startswith("refiner." + ENCODER_PREFIX)}
+    for k, v in own.items():
+        seg = tensors.get("segmentor." + k)
+        if seg is None or seg.shape != v.shape or not torch.equal(seg, v):
+            raise UserError(f"{where}: the refiner's encoder is not the coarse model's "
+                            f"({k} differs): train the refiner on this coarse model")
 
 
 def export_model(coarse_ckpt: str | Path | None, refiner_ckpt: str | Path | None,
@@ -159,7 +175,7 @@ def export_model(coarse_ckpt: str | Path | None, refiner_ckpt: str | Path | None
     """
     tensors: dict[str, torch.Tensor] = {}
     for prefix, path, archs in (("segmentor.", coarse_ckpt, tuple(COARSE_ARCHS)),
-                                ("refiner.", refiner_ckpt, (REFINER_ARCH,))):
+                                ("refiner.", refiner_ckpt, tuple(REFINER_ARCHS))):
         if path is None:
             continue
         state = load_checkpoint(path)
@@ -182,6 +198,8 @@ def export_model(coarse_ckpt: str | Path | None, refiner_ckpt: str | Path | None
             card.training.refiner = training.to_dict()
         card.normalization = Normalization(**state["normalization"])
         tensors.update({prefix + k: v for k, v in state["model"].items()})
+    if shares_encoder(card.refiner):
+        _drop_shared_encoder(tensors, refiner_ckpt)
     if not tensors:
         raise UserError("export_model needs at least one checkpoint")
     return save_model(card, tensors, folder)

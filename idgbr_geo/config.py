@@ -165,6 +165,41 @@ class RefinerConfig(_Settings):
                              f"not {self.mode!r}")
 
 
+@dataclass(frozen=True)
+class LiteRefinerConfig(_Settings):
+    """Architecture of the ``lite-idgbr`` refiner (:class:`idgbr_geo.lite_refiner.LiteRefinerNet`):
+    its guidance network reads the multi-scale features of a pretrained EfficientNet-Lite
+    encoder (kept frozen) together with the coarse map, as IDGBR's reads DINOv2's.
+
+    ``encoder = "segmentor"``: the encoder is the model's ``lite-fpn`` segmentor's (same
+    variant; its weights are stored once, with the segmentor), so the engine runs it once
+    per window for both stages; ``"own"``: the refiner stores its own copy."""
+
+    variant: str = "lite0"
+    encoder: str = "segmentor"
+    c1: int = 8
+    c2: int = 16
+    c4: int = 48
+    ch: int = 48
+    blocks: int = 2
+    #: the denoiser predicts a correction of the coarse map's logits
+    residual: bool = True
+    mode: str = "diffusion"
+
+    def __post_init__(self) -> None:
+        if self.variant not in LITE_VARIANTS:
+            raise ValueError(f"'variant' must be one of {', '.join(LITE_VARIANTS)}, "
+                             f"not {self.variant!r}")
+        if self.encoder not in ("segmentor", "own"):
+            raise ValueError(f"'encoder' must be 'segmentor' or 'own', not {self.encoder!r}")
+        for name in ("c1", "c2", "c4", "ch", "blocks"):
+            self._int(name, 1)
+        self._bool("residual")
+        if self.mode not in REFINER_MODES:
+            raise ValueError(f"'mode' must be one of {', '.join(REFINER_MODES)}, "
+                             f"not {self.mode!r}")
+
+
 # ---------------------------------------------------------------------------- sampling
 
 
@@ -223,6 +258,11 @@ class TrainingConfig(_Settings):
     checkpoint_every: int = 250
     #: decay of an exponential moving average of the weights (0: none)
     ema: float = 0.0
+    #: random zoom of the training crops relative to the model GSD (min, max): users' scenes
+    #: come at other GSDs, and inputs without a CRS at an unknown one
+    scale: tuple[float, float] = (0.7, 1.4)
+    #: sensor augmentation on top of colour jitter: blur, haze, noise, gamma, JPEG
+    sensor_aug: bool = False
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size", "crop", "checkpoint_every"):
@@ -232,6 +272,12 @@ class TrainingConfig(_Settings):
         if self.lr <= 0:
             raise ValueError(f"'lr' must be a number > 0, not {self.lr!r}")
         self._float("ema", 0.0, 1.0)
+        sc = self.scale
+        if (not isinstance(sc, (list, tuple)) or len(sc) != 2
+                or not all(_is_number(v) and v > 0 for v in sc) or sc[0] > sc[1]):
+            raise ValueError(f"'scale' must be [min, max] with 0 < min <= max, not {sc!r}")
+        object.__setattr__(self, "scale", (float(sc[0]), float(sc[1])))
+        self._bool("sensor_aug")
 
 
 @dataclass(frozen=True)
@@ -269,18 +315,20 @@ class RefinerTrainingConfig(TrainingConfig):
 COARSE_ARCHS: dict[str, type[CoarseConfig] | type[LiteFpnConfig]] = {
     "idgbr-coarse": CoarseConfig, "lite-fpn": LiteFpnConfig}
 DEFAULT_COARSE_ARCH = next(iter(COARSE_ARCHS))
-#: the architecture of the refiner
-REFINER_ARCH = "idgbr-refiner"
+#: the refiner architectures ``train refiner`` builds -> their settings; the first is the
+#: default
+REFINER_ARCHS: dict[str, type[RefinerConfig] | type[LiteRefinerConfig]] = {
+    "idgbr-refiner": RefinerConfig, "lite-idgbr": LiteRefinerConfig}
+REFINER_ARCH = next(iter(REFINER_ARCHS))
 
 #: a network's settings (coarse or refiner)
-ArchConfig = CoarseConfig | LiteFpnConfig | RefinerConfig
+ArchConfig = CoarseConfig | LiteFpnConfig | RefinerConfig | LiteRefinerConfig
 
 
 def arch_name(config: ArchConfig) -> str:
     """The card architecture name of network settings."""
-    if isinstance(config, RefinerConfig):
-        return REFINER_ARCH
-    return next(name for name, cls in COARSE_ARCHS.items() if isinstance(config, cls))
+    archs = {**COARSE_ARCHS, **REFINER_ARCHS}
+    return next(name for name, cls in archs.items() if type(config) is cls)
 
 
 #: training settings that are arguments of their own (not given in the flat config);
@@ -296,14 +344,12 @@ def split_config(stage: str, data: Mapping[str, Any] | None, what: str = "config
     Unknown keys (those of another architecture included), and run settings that have their
     own option (named as ``$name``, see :class:`UserError`), are one UserError line."""
     data = dict(data or {})
-    arch_cls: type[ArchConfig] = RefinerConfig
-    known_for = ""
-    if stage == "coarse":
-        name = data.pop("arch", DEFAULT_COARSE_ARCH)
-        if not isinstance(name, str) or name not in COARSE_ARCHS:
-            raise UserError(f"{what}: unknown coarse architecture {name!r} "
-                            f"(known: {', '.join(COARSE_ARCHS)})")
-        arch_cls, known_for = COARSE_ARCHS[name], f" for arch {name!r}"
+    archs: Mapping[str, type[ArchConfig]] = COARSE_ARCHS if stage == "coarse" else REFINER_ARCHS
+    name = data.pop("arch", next(iter(archs)))
+    if not isinstance(name, str) or name not in archs:
+        raise UserError(f"{what}: unknown {stage} architecture {name!r} "
+                        f"(known: {', '.join(archs)})")
+    arch_cls, known_for = archs[name], f" for arch {name!r}"
     train_cls = TrainingConfig if stage == "coarse" else RefinerTrainingConfig
     train_keys = [k for k in train_cls.keys() if k not in RUN_KEYS]
     run = [k for k in data if k in RUN_KEYS]
@@ -312,7 +358,7 @@ def split_config(stage: str, data: Mapping[str, Any] | None, what: str = "config
                         options=[run[0]])
     unknown = [k for k in data if k not in arch_cls.keys() and k not in train_keys]
     if unknown:
-        known = (["arch"] if stage == "coarse" else []) + arch_cls.keys() + train_keys
+        known = ["arch"] + arch_cls.keys() + train_keys
         raise UserError(f"{what}: unknown {stage} setting{'s' if len(unknown) > 1 else ''} "
                         f"{', '.join(repr(k) for k in unknown)} (known{known_for}: "
                         f"{', '.join(known)})")

@@ -122,5 +122,7 @@ def degrade(labels: torch.Tensor, num_classes: int, *, generator: torch.Generato
         p = gaussian_blur(p, 0.5 + 2.5 * r())
         temp = 0.5 + 2.0 * r()
         p = torch.softmax(torch.log(p.clamp_min(1e-4)) * (4.0 / temp), dim=1)
+        if r() < 0.25:  # a class raster of another tool: refined as a one-hot map
+            p = harden(p)
         out.append(p)
     return torch.cat(out, 0)

@@ -89,3 +89,52 @@ def imagenet_state_dict(variant: str) -> dict[str, torch.Tensor]:
                             "weights")
         out[key] = tensor
     return out
+
+
+class FeatureMemo(nn.Module):
+    """An encoder that remembers the features of the last batch it saw.
+
+    Both stages of a model read the same encoder's features; wrapped in one memo that both
+    hold, the encoder runs once per window. The engine hands the refiner a *subset* of the
+    batch (only windows with a boundary, copied out of the batch), so a call whose rows
+    equal rows of the remembered batch (exact equality, checked: ~1 ms against ~90 ms of
+    encoder per 512 px window) takes their features; anything else is encoded afresh.
+    Only for inference: the memo is bypassed while the module is in training mode.
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self._seen: torch.Tensor | None = None
+        self._features: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.training:
+            return list(self.encoder(x))
+        rows = self._match(x)
+        if rows is not None:
+            idx = torch.tensor(rows, device=x.device)
+            return [f if len(rows) == len(f) and rows == list(range(len(f)))
+                    else f.index_select(0, idx) for f in self._features]
+        feats = list(self.encoder(x))
+        self._seen, self._features = x.detach(), [f.detach() for f in feats]
+        return feats
+
+    def _match(self, x: torch.Tensor) -> list[int] | None:
+        """Indices of the remembered rows equal to x's rows, in order, or None."""
+        seen = self._seen
+        if (seen is None or x.shape[1:] != seen.shape[1:] or len(x) > len(seen)
+                or x.dtype != seen.dtype or x.device != seen.device):
+            return None
+        rows, j = [], 0
+        for i in range(len(x)):
+            while j < len(seen) and not torch.equal(x[i], seen[j]):
+                j += 1
+            if j == len(seen):
+                return None
+            rows.append(j)
+            j += 1
+        return rows
+
+    def forget(self) -> None:
+        self._seen, self._features = None, []

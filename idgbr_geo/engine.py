@@ -44,16 +44,24 @@ from .tiling import (
     open_coarse,
     open_source,
     plan_tiles,
-    read_tile,
+    read_window,
 )
 from .tuning import background_priority
+from .upsampling import MIN_FACTOR, radius_for, upsample_probabilities
 from .writing import BLOCK, ResultWriter, to_cog
 
 _DONE = object()
 _ABORT = object()
 #: GDAL block cache during a run (MB), unless GDAL_CACHEMAX is set in the environment
 GDAL_CACHE_MB = 32
-
+#: Edge-aware upsampling of the results onto an input finer than the model's GSD by more
+#: than :data:`idgbr_geo.upsampling.MIN_FACTOR` (False: bilinear). Not an option: a switch
+#: for benchmarks/native_resolution.py, which measures what it gains.
+_JOINT_UPSAMPLING = True
+#: Most bytes of native window pixels (kept for the edge-aware upsampling) waiting in the
+#: reader's queue: fewer windows wait when they are large (a 16x finer float32 input holds
+#: 0.8 GB per 512 px window); at least two, so that reading still overlaps the network.
+NATIVE_QUEUE_MB = 256
 
 
 @dataclass
@@ -84,6 +92,10 @@ class _Item:
     data: np.ndarray  # normalised network input (bands, mh, mw), model grid, 0 where no data
     mask: np.ndarray  # (mh, mw) bool
     coarse: np.ndarray | None  # (K, mh, mw) float32 probabilities from a user's map
+    #: the window's raw pixels (bands, h, w) on the input grid and their validity (None:
+    #: all valid), kept when the results are upsampled edge-aware; else None
+    native: np.ndarray | None = None
+    native_valid: np.ndarray | None = None
     #: every pixel valid / any pixel valid (worked out here, in the reader thread)
     full: bool = field(init=False)
     any: bool = field(init=False)
@@ -125,9 +137,11 @@ def _coarse_probs(ds: Any, tile: Tile, src: Source, k: int) -> tuple[np.ndarray,
 
 
 def _reader(src: Source, tiles: Sequence[Tile], coarse_ds: Any, card: ModelCard,
-            out: queue.Queue, stop: threading.Event) -> None:
+            out: queue.Queue, stop: threading.Event, native: bool = False) -> None:
     """Background reader: windows in order onto ``out``, normalised for the network (off
-    the model's thread), then _DONE (or the exception). In its own rasterio Env, so that
+    the model's thread), then _DONE (or the exception); with ``native`` each window's
+    pixels at the input's resolution too (the queue bounds how many are held, as raw
+    values: uint8 stays uint8). In its own rasterio Env, so that
     GDAL's messages about the file (``Warning 1: ...``) go to Python logging, where the
     CLI shows them as one ``Warning:`` line (or not at all with --quiet)."""
     background_priority()
@@ -137,12 +151,14 @@ def _reader(src: Source, tiles: Sequence[Tile], coarse_ds: Any, card: ModelCard,
             for tile in tiles:
                 if stop.is_set():
                     break  # _DONE below wakes a model worker waiting for windows
-                data, mask = read_tile(src, tile)
+                got = read_window(src, tile, native=native)
+                mask = got.mask
                 coarse = None
                 if coarse_ds is not None:
                     coarse, cvalid = _coarse_probs(coarse_ds, tile, src, card.num_classes)
                     mask = mask & cvalid
-                item = _Item(tile, card.normalization.apply(data, src.dtype), mask, coarse)
+                item = _Item(tile, card.normalization.apply(got.data, src.dtype), mask, coarse,
+                             got.native, got.native_valid)
                 if not item.full:
                     item.data[:, ~mask] = 0.0
                 out.put(item)
@@ -237,18 +253,52 @@ class _Writer(threading.Thread):
                 continue
 
 
-def _to_input_grid(probs: torch.Tensor, valid: np.ndarray | None, h: int, w: int
+def _to_input_grid(probs: torch.Tensor, valid: np.ndarray | None, h: int, w: int,
+                   item: _Item | None = None, card: ModelCard | None = None,
+                   dtype: str = "uint8", radius: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray | None]:
     """A window's probabilities (K, mh, mw) and validity (None: all valid) on the model
     grid, resampled onto its (h, w) input window. (On the model's thread: torch ops in a
-    background thread start a second OpenMP team that fights the network's.)"""
+    background thread start a second OpenMP team that fights the network's.)
+
+    When the reader kept the window's native pixels (``item.native``: an input finer than
+    the model by more than :data:`~idgbr_geo.upsampling.MIN_FACTOR`), the upsampling is
+    edge-aware, guided by them (:func:`~idgbr_geo.upsampling.upsample_probabilities`), for
+    the refined and the ``coarse_only`` map alike; else bilinear. The validity is the model
+    grid's, upsampled (nearest) either way. ``radius``: the filter's, in model pixels
+    (None: :data:`~idgbr_geo.upsampling.RADIUS`)."""
     if probs.shape[1:] == (h, w):
         return probs.cpu().numpy(), valid
-    p = F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    if item is not None and item.native is not None and card is not None:
+        p = _guided(probs, item, card, dtype, radius)
+    else:
+        p = F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     if valid is not None:
         vt = torch.from_numpy(valid[None, None].astype(np.float32))
         valid = F.interpolate(vt, size=(h, w), mode="nearest")[0, 0].numpy() > 0.5
     return p.cpu().numpy(), valid
+
+
+def _guided(probs: torch.Tensor, item: _Item, card: ModelCard, dtype: str,
+            radius: int | None) -> torch.Tensor:
+    """Edge-aware upsampling of one window's probabilities (K, mh, mw), guided by its native
+    pixels scaled to [0, 1] by the card's value range; the low-resolution guide is the
+    image the model saw (its normalisation undone)."""
+    assert item.native is not None
+    dev = probs.device
+    norm = card.normalization
+    mean = torch.tensor(norm.mean, dtype=torch.float32, device=dev)[:, None, None]
+    std = torch.tensor(norm.std, dtype=torch.float32, device=dev)[:, None, None]
+    low = torch.from_numpy(item.data).to(dev) * std + mean
+    native = item.native
+    if native.dtype.kind == "u" and native.dtype != np.uint8:  # (torch < 2.3 lacks them)
+        native = native.astype(np.float32)
+    return upsample_probabilities(
+        probs, low, torch.from_numpy(native).to(dev), scale=1.0 / norm.divisor(dtype),
+        valid_low=None if item.full else torch.from_numpy(item.mask).to(dev),
+        valid_high=(None if item.native_valid is None
+                    else torch.from_numpy(item.native_valid).to(dev)),
+        radius=radius)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -326,6 +376,12 @@ def refine_raster(
     into place: a failed vectorization leaves no output at all. ``options``
     (:class:`~idgbr_geo.options.RunOptions`) say how the scene is run, ``outputs``
     (:class:`~idgbr_geo.options.OutputOptions`) what is written and how; None: defaults.
+
+    The output is on the input's grid. An input finer than the model's GSD (by more than
+    :data:`~idgbr_geo.upsampling.MIN_FACTOR`) is run on the model's grid, window by window,
+    and each window's probabilities are brought back onto the input's pixels edge-aware,
+    guided by the window's own native image (:mod:`idgbr_geo.upsampling`), so boundaries
+    follow the input's edges at its resolution; this holds for ``coarse_only`` maps too.
 
     A call changes no process-wide state: for long runs the CLI also calls
     :func:`idgbr_geo.tuning.tune_process` first.
@@ -420,10 +476,18 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
                            block=BLOCK, flush=writer_out.write, binary=binary)
     writer = _Writer(stitcher, src, overlap * src.factor)
     writer.start()
-    q: queue.Queue = queue.Queue(maxsize=max(4, 2 * batch_size * workers))
+    native = _JOINT_UPSAMPLING and src.factor > MIN_FACTOR
+    radius = radius_for(overlap)
+    depth = max(4, 2 * batch_size * workers)
+    if native:
+        window_bytes = (max(int(t.window.height) for t in tiles)
+                        * max(int(t.window.width) for t in tiles)
+                        * len(src.bands) * np.dtype(src.dtype).itemsize)
+        depth = max(2, min(depth, NATIVE_QUEUE_MB * 2**20 // max(1, window_bytes)))
+    q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
-    reader = threading.Thread(target=_reader, args=(src, tiles, coarse_ds, card, q, stop),
-                              daemon=True)
+    reader = threading.Thread(target=_reader, args=(src, tiles, coarse_ds, card, q, stop,
+                                                    native), daemon=True)
     reader.start()
     bar = tqdm(total=len(tiles), unit="win", disable=True if quiet else None,
                desc=Path(src.path).name, leave=False)
@@ -445,7 +509,7 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
                         return
                     seq, batch = got
                     results, skipped, refined = _process(batch, m, src, use_refiner=use_refiner,
-                                                         steps=steps, seed=seed)
+                                                         steps=steps, seed=seed, radius=radius)
                     writer.put((seq, results))
                     with lock:
                         summary.skipped += skipped
@@ -500,8 +564,8 @@ def _helper_pool(n: int) -> ThreadPoolExecutor:
 
 
 def _process(batch: list[_Item], m: Model, src: Source, *, use_refiner: bool, steps: int,
-             seed: int) -> tuple[list[tuple[Tile, np.ndarray | None, np.ndarray | None]], int,
-                                 int]:
+             seed: int, radius: int | None = None
+             ) -> tuple[list[tuple[Tile, np.ndarray | None, np.ndarray | None]], int, int]:
     """Run one batch of same-shape windows through the models (:func:`predict_windows`).
     Returns per window (tile, probabilities on the input grid or None when skipped,
     validity), and the numbers of windows skipped and refined."""
@@ -544,6 +608,7 @@ def _process(batch: list[_Item], m: Model, src: Source, *, use_refiner: bool, st
             win = clip(it.tile.window, src.width, src.height)
             results[it.tile.index] = _to_input_grid(probs[i, :, :mh, :mw],
                                                     None if it.full else it.mask,
-                                                    int(win.height), int(win.width))
+                                                    int(win.height), int(win.width),
+                                                    it, card, src.dtype, radius)
     out = [(it.tile, *results.get(it.tile.index, (None, None))) for it in batch]
     return out, skipped, refined_n

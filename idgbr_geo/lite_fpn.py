@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LiteFpnConfig
-from .encoders import lite_encoder
+from .encoders import FeatureMemo, lite_encoder
 from .networks import CoarseSegmentor, _load, conv_bn, upsample_logits
 from .registry import register_architecture
 
@@ -56,4 +56,5 @@ def _lite_fpn_factory(card, config, weights, device):
     cfg = LiteFpnConfig.from_dict(config, f"model {card.name!r}: segmentor config")
     net = build_lite_fpn(cfg, in_channels=card.bands, num_classes=card.num_classes)
     _load(net, weights, ARCH)
+    net.encoder = FeatureMemo(net.encoder)  # a lite-idgbr refiner may share it
     return CoarseSegmentor(net, device)

@@ -162,7 +162,8 @@ def _import_builtin_architectures() -> None:
     """Import the modules whose import registers the built-in network architectures."""
     import importlib
 
-    for mod in ("idgbr_geo.networks", "idgbr_geo.lite_fpn", "idgbr_geo.byo"):
+    for mod in ("idgbr_geo.networks", "idgbr_geo.lite_fpn", "idgbr_geo.lite_refiner",
+                "idgbr_geo.byo"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
@@ -201,8 +202,27 @@ def load_model(name_or_path: str | os.PathLike[str] = "buildings",
                             f"safetensors file ({first_line(exc)})") from None
     where = f"model card {card_path}"
     seg = _build(card, card.segmentor, "segmentor.", weights, dev, where)
-    ref = _build(card, card.refiner, "refiner.", weights, dev, where)
+    ref_weights = weights
+    if shares_encoder(card.refiner):
+        # the refiner reads the segmentor's encoder, stored once with the segmentor
+        ref_weights = {**weights, **{"refiner." + k[len("segmentor."):]: v
+                                     for k, v in weights.items()
+                                     if k.startswith(SHARED_ENCODER)}}
+    ref = _build(card, card.refiner, "refiner.", ref_weights, dev, where)
+    if shares_encoder(card.refiner) and seg is not None:
+        ref.share_encoder(seg)  # one encoder pass per window for both stages
     return Model(card=card, segmentor=seg, refiner=ref, device=dev)
+
+
+#: weight prefix of the encoder a refiner may share with the segmentor
+SHARED_ENCODER = "segmentor.encoder."
+
+
+def shares_encoder(section: dict[str, Any] | None) -> bool:
+    """Does this refiner section read the segmentor's encoder (``config.encoder`` =
+    ``"segmentor"``, see :class:`idgbr_geo.config.LiteRefinerConfig`)?"""
+    config = (section or {}).get("config")
+    return isinstance(config, dict) and config.get("encoder") == "segmentor"
 
 
 def save_model(card: ModelCard, tensors: dict[str, torch.Tensor], folder: str | os.PathLike[str]

@@ -147,9 +147,7 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
                              f"({src.gsd:g} m; corrupt?): give the true one with $gsd",
                              options=["gsd"])
         if ds.crs is None:
-            msg = (f"{src.path} has no CRS: continuing in pixel space (the output has no CRS "
-                   "either" + (", and its GSD is assumed to be the model's unless given)"
-                               if gsd is None else ")"))
+            msg = no_crs_message(src.path, model_gsd, gsd)
             src.warnings.append(msg)
             warnings.warn(msg, NoCRSWarning, stacklevel=2)
         if model_gsd and src.gsd:
@@ -165,6 +163,17 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
     except BaseException:
         ds.close()
         raise
+
+
+def no_crs_message(path: str, model_gsd: float | None, gsd: float | None) -> str:
+    """The :class:`NoCRSWarning` text: what the run does without a CRS and, unless a GSD is
+    given, which one it assumes (warnings are shown as they are, not rendered per caller
+    like a :class:`UserError`'s ``$option``: the option is named in words)."""
+    msg = f"{path} has no CRS: continuing in pixel space (the output has no CRS either)"
+    if gsd is None and model_gsd:
+        msg += (f"; its ground sample distance is unknown: assuming the model's {model_gsd:g} m "
+                "per pixel (give the true one with the gsd option)")
+    return msg
 
 
 def _resampling_error(path: str, gsd: float, model_gsd: float, from_file: bool) -> str:
@@ -266,9 +275,33 @@ def model_extent(tile: Tile, clipped: Window, factor: float) -> tuple[int, int]:
     return h, w
 
 
+@dataclass
+class WindowPixels:
+    """What :func:`read_window` read for one tile."""
+
+    #: raw values (bands, mh, mw) on the model grid (float32 when resampled), 0 where invalid
+    data: np.ndarray
+    #: (mh, mw) bool, True = data
+    mask: np.ndarray
+    #: with ``native=True`` and resampling: the raw pixels (bands, h, w) of the clipped
+    #: window on the input grid, as read (nodata values and NaN left as they are)
+    native: np.ndarray | None = None
+    #: their validity (h, w); None: every native pixel is valid
+    native_valid: np.ndarray | None = None
+
+
 def read_tile(src: Source, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
     """Raw pixels (bands, mh, mw) and validity mask (mh, mw; True = data) of a tile's part
-    inside the raster, on the model grid. Nodata values, internal masks and alpha bands are
+    inside the raster, on the model grid (:func:`read_window`)."""
+    got = read_window(src, tile)
+    return got.data, got.mask
+
+
+def read_window(src: Source, tile: Tile, *, native: bool = False) -> WindowPixels:
+    """Raw pixels and validity of a tile's part inside the raster, on the model grid, and
+    with ``native`` the same window's pixels at the input's resolution (for an edge-aware
+    upsampling of the results, :mod:`idgbr_geo.upsampling`; only kept when the window is
+    resampled). Nodata values, internal masks and alpha bands are
     all honoured through GDAL's dataset mask, and non-finite values (NaN, inf) are nodata
     too: a float raster without a nodata tag often marks gaps with NaN.
 
@@ -289,6 +322,10 @@ def read_tile(src: Source, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
         finite = np.isfinite(data).all(0)
         if not finite.all():
             valid = finite if valid is None else valid & finite
+    raw = raw_valid = None
+    if native and data.shape[1:] != out:
+        raw = data  # (the resampling below makes new arrays: this one stays as read)
+        raw_valid = None if valid is None or valid.all() else valid
     if valid is None or valid.all():
         mask = np.ones(out, bool)
         if data.shape[1:] != out:
@@ -299,7 +336,7 @@ def read_tile(src: Source, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
     else:
         data, mask = _resample_valid(data, valid, out)
     src.check_values(data, mask)
-    return data, mask
+    return WindowPixels(data, mask, raw, raw_valid)
 
 
 def _resample_valid(data: np.ndarray, valid: np.ndarray, out: tuple[int, int]

@@ -38,6 +38,7 @@ from .config import (
     ArchConfig,
     CoarseConfig,
     LiteFpnConfig,
+    LiteRefinerConfig,
     RefinerConfig,
     RefinerTrainingConfig,
     SamplingConfig,
@@ -48,11 +49,14 @@ from .config import (
 from .degrade import degrade
 from .diffusion import training_loss
 from .errors import UserError, first_line
+from .lite_refiner import build_lite_refiner, encoder_state
 from .networks import build_refiner_net
 from .registry import load_checkpoint, resolve_device
 
 #: the defaults of the training functions' keyword arguments
 _T = TrainingConfig
+#: ImageNet statistics of 8-bit RGB on [0, 1]: the input scaling of pretrained encoders
+IMAGENET = Normalization(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 
 
 # --------------------------------------------------------------------------- data
@@ -86,34 +90,59 @@ def fit_normalization(images: np.ndarray) -> Normalization:
 
 
 class ChipSampler:
-    """Random augmented crops from the chip arrays, as normalised torch batches."""
+    """Random augmented crops from the chip arrays, as normalised torch batches.
+
+    Optional arrays of the npz widen what one file can hold: ``chip_gsd`` (N,) the ground
+    pixel size of each chip (chips of several sources kept near their native resolution;
+    each crop is then cut so that it lands at the model ``gsd`` times the random ``scale``)
+    and ``weight`` (N,) sampling weights (to balance sources of very different sizes)."""
 
     def __init__(self, data: dict[str, Any], norm: Normalization, crop: int,
                  rng: np.random.Generator, scale: tuple[float, float] = (0.7, 1.4),
-                 colour: bool = True) -> None:
+                 colour: bool = True, sensor: bool = False) -> None:
         self.images, self.labels = data["images"], data["labels"]
+        n = len(self.images)
         self.coarse = data.get("coarse")
-        if self.coarse is not None and (self.coarse.ndim != 4 or self.coarse.shape[0]
-                                        != len(self.images)
+        if self.coarse is not None and (self.coarse.ndim != 4 or self.coarse.shape[0] != n
                                         or self.coarse.shape[2:] != self.images.shape[2:]):
             raise UserError(f"coarse maps {self.coarse.shape} do not match the images "
                             f"{self.images.shape}")
+        self.zoom = np.ones(n)
+        if "chip_gsd" in data:
+            chip_gsd = np.asarray(data["chip_gsd"], np.float64)
+            model_gsd = float(data.get("gsd", np.nan))
+            if (chip_gsd.shape != (n,) or not np.isfinite(chip_gsd).all()
+                    or (chip_gsd <= 0).any() or not model_gsd > 0):
+                raise UserError("'chip_gsd' must hold one pixel size > 0 per chip, with the "
+                                "model 'gsd' given")
+            self.zoom = model_gsd / chip_gsd  # source pixels per model pixel
         self.div = norm.divisor(self.images.dtype)
         self.mean = torch.tensor(norm.mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(norm.std, dtype=torch.float32)[:, None, None]
-        self.crop, self.rng, self.scale, self.colour = crop, rng, scale, colour
-        valid = (self.labels != 255).reshape(len(self.labels), -1).mean(1)
+        self.crop, self.rng, self.scale = crop, rng, scale
+        self.colour, self.sensor = colour, sensor
+        valid = (self.labels != 255).reshape(n, -1).mean(1)
         self.candidates = np.flatnonzero(valid > 0.05)
         if len(self.candidates) == 0:
             raise UserError("the training arrays hold no labelled pixels")
+        self.p = None
+        if "weight" in data:
+            w = np.asarray(data["weight"], np.float64)
+            if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any():
+                raise UserError("'weight' must hold one sampling weight >= 0 per chip")
+            w = w[self.candidates]
+            if w.sum() <= 0:
+                raise UserError("the training arrays' weights are all 0")
+            self.p = w / w.sum()
 
     def sample(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Images, labels and the stored coarse maps (probabilities; None without them) of
         ``batch`` random crops, all augmented alike."""
         imgs, labs, pres = [], [], []
         t = self.images.shape[-1]
-        for i in self.rng.choice(self.candidates, size=batch):
-            s = self.rng.uniform(*self.scale)
+        lo, hi = np.log(self.scale[0]), np.log(self.scale[1])
+        for i in self.rng.choice(self.candidates, size=batch, p=self.p):
+            s = float(np.exp(self.rng.uniform(lo, hi))) / self.zoom[i]
             src = int(min(t, max(8, round(self.crop / s))))
             r, c = self.rng.integers(0, t - src + 1, size=2)
             img = torch.from_numpy(self.images[i, :, r:r + src, c:c + src].astype(np.float32))
@@ -138,9 +167,31 @@ class ChipSampler:
             img = img / self.div
             if self.colour:
                 img = self._jitter(img)
+            if self.sensor:
+                img = self._sensor(img)
             imgs.append((img - self.mean) / self.std)
             labs.append(lab)
         return torch.stack(imgs), torch.stack(labs), torch.stack(pres) if pres else None
+
+    def _sensor(self, img: torch.Tensor) -> torch.Tensor:
+        """What other cameras and pipelines do to [0, 1] values: gamma, haze, blur, noise and
+        JPEG compression, each at random and of random strength."""
+        from .degrade import gaussian_blur
+
+        rng = self.rng
+        if rng.random() < 0.3:
+            img = img.clamp(0, 1) ** float(np.exp(rng.uniform(-0.4, 0.4)))
+        if rng.random() < 0.2:
+            a = float(rng.uniform(0.1, 0.4))
+            img = img * (1 - a) + a * float(rng.uniform(0.6, 0.9))
+        if rng.random() < 0.3:
+            img = gaussian_blur(img[None], float(rng.uniform(0.4, 1.5)))[0]
+        if rng.random() < 0.2:
+            img = img + torch.from_numpy(rng.normal(0, rng.uniform(0.01, 0.04), img.shape)
+                                         ).float()
+        if rng.random() < 0.3 and img.shape[0] in (1, 3):
+            img = _jpeg(img, int(rng.integers(30, 90)))
+        return img.clamp(0, 1)
 
     def _jitter(self, img: torch.Tensor) -> torch.Tensor:
         """Brightness, contrast, saturation and per-band gain jitter on [0, 1] values."""
@@ -154,6 +205,19 @@ class ChipSampler:
 
 
 # ------------------------------------------------------------------------ helpers
+
+
+def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
+    """(1 or 3, H, W) values in [0, 1] through a JPEG encode/decode at ``quality``."""
+    import io
+
+    from PIL import Image
+
+    u8 = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8).save(buf, "JPEG", quality=quality)
+    out = np.asarray(Image.open(buf), dtype=np.float32) / 255
+    return torch.from_numpy(out.reshape(u8.shape)).permute(2, 0, 1).contiguous()
 
 
 def _soft_dice(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -322,6 +386,8 @@ def train_coarse(
     training = TrainingConfig.from_dict(
         {"iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed,
          "crop": crop, "checkpoint_every": checkpoint_every, **extra}, "training settings")
+    if normalization is None and isinstance(arch, LiteFpnConfig):
+        normalization = IMAGENET  # what the pretrained encoder's first layer expects
     run = _Run("coarse", out_dir, train_npz, device=device, resume=resume,
                normalization=normalization, arch=arch, training=training)
     k = len(run.classes)
@@ -362,7 +428,8 @@ def _fit(run: _Run, net: torch.nn.Module,
     ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
            if decay > 0 else None)
     run.restore(net, opt, ema)
-    sampler = ChipSampler(run.data, run.norm, tc.crop, run.rng)
+    sampler = ChipSampler(run.data, run.norm, tc.crop, run.rng, scale=tc.scale,
+                          sensor=tc.sensor_aug)
     t0, acc = time.time(), []
     for it in run.progress(iterations, progress):
         net.train()
@@ -458,10 +525,12 @@ def train_refiner(
         {"iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed,
          "crop": crop, "checkpoint_every": checkpoint_every, "degradation": degradation,
          **extra}, "training settings")
+    if normalization is None and isinstance(arch, LiteRefinerConfig):
+        normalization = IMAGENET  # the lite-fpn coarse model's, whose encoder it reads
     run = _Run("refiner", out_dir, train_npz, device=device, resume=resume,
                normalization=normalization, arch=arch, training=training)
     tc = cast(RefinerTrainingConfig, run.training)
-    oneshot = cast(RefinerConfig, run.arch).mode == "oneshot"
+    oneshot = cast(RefinerConfig | LiteRefinerConfig, run.arch).mode == "oneshot"
     k = len(run.classes)
     stored = run.data.get("coarse")
     if coarse is None and stored is None and not tc.degradation:
@@ -473,7 +542,16 @@ def train_refiner(
     if coarse is not None and int(getattr(coarse, "num_classes", k)) != k:
         raise UserError(f"the coarse model predicts {coarse.num_classes} classes, the training "
                         f"arrays have {k}")
-    net = build_refiner_net(cast(RefinerConfig, run.arch), **run.shape).to(run.device)
+    if isinstance(run.arch, LiteRefinerConfig):
+        net: torch.nn.Module = build_lite_refiner(run.arch, **run.shape)
+        if run.state is None:  # a new run reads the coarse model's (frozen) encoder
+            if coarse is None:
+                raise UserError(f"a {arch_name(run.arch)} refiner is trained on a lite-fpn "
+                                "coarse model's encoder: give the coarse model")
+            net.encoder.load_state_dict(encoder_state(coarse, run.arch.variant))
+        net = net.to(run.device)
+    else:
+        net = build_refiner_net(cast(RefinerConfig, run.arch), **run.shape).to(run.device)
     gen = torch.Generator().manual_seed(seed + run.start)
     p_model = tc.p_model if coarse is not None or stored is not None else 0.0
     if not tc.degradation:

@@ -30,25 +30,52 @@ COLORS = {
     "roads": ["#000000", "#ffd92f"],
     "landcover": ["#9b9b9b", "#3c1098", "#8429f6", "#6ec1e4", "#fedd3a", "#e2a929"],
 }
+#: training data of each model: every source, its split, its GSD and licence
 DATA = {
     "buildings": {
-        "dataset": "HOT fAIr / RAMP training chips (hotosm/fAIr-utilities 61f1515, "
+        "dataset": "buildings-oam (HOT fAIr / RAMP chips, hotosm/fAIr-utilities 61f1515 and "
                    "hotosm/fAIr-models 406c6d6): Zanzibar + Nairobi for training, all of "
-                   "Banepa held out for validation",
-        "imagery": "OpenAerialMap, CC-BY-4.0 (per image; attribution to each image's provider)",
-        "labels": "OpenStreetMap building footprints, (c) OpenStreetMap contributors, ODbL-1.0",
-        "gsd_note": "source imagery 0.066-0.132 m ground GSD, resampled to 0.25 m for training "
-                    "(random scale augmentation 0.7-1.4x covers ~0.18-0.36 m)",
+                   "Banepa held out; buildings-xdomain (WHU satellite, Inria aerial, "
+                   "SpaceNet 2 sample chips of 19 cities, arghadeep25/Building-Footprint-"
+                   "Extraction-from-High-Resolution-Satellite-Images 33e019b): 56 train, 8 "
+                   "val (Ottawa, Santiago, Wuhan, kitsap8, vienna2, Khartoum); Dubai land "
+                   "cover building class: Tiles 1-6 train, Tile 7 val. Samples mixed "
+                   "45% / 30% / 25% by source.",
+        "imagery": "OpenAerialMap, CC-BY-4.0 (per image; attribution to each image's "
+                   "provider); WHU building dataset and Inria Aerial Image Labeling: research "
+                   "use only (cite Ji et al. 2019, Maggiori et al. 2017); SpaceNet 2: "
+                   "CC BY-SA 4.0; MBRSC imagery of Dubai via Humans in the Loop, CC0-1.0",
+        "labels": "OpenStreetMap building footprints, (c) OpenStreetMap contributors, "
+                  "ODbL-1.0; WHU / Inria / SpaceNet labels under their datasets' terms; "
+                  "Humans in the Loop annotations, CC0-1.0",
+        "use": "RESEARCH / NON-COMMERCIAL USE ONLY: learned in part from research-only "
+               "sources (WHU, Inria)",
+        "gsd_note": "model GSD 0.3 m; training chips kept near native resolution (drone "
+                    "0.074 m stored at 0.15 m, Inria/SpaceNet 0.3 m, WHU assumed 0.5 m, "
+                    "Dubai assumed 1 m) and zoomed at random so the network sees 0.15-0.6 m "
+                    "per pixel; sensor augmentation (gamma, haze, blur, noise, JPEG)",
     },
     "roads": {
-        "dataset": "Massachusetts Roads Dataset subset (51 tiles; 43 train, 8 easternmost "
-                   "held out); no-imagery pixels ignored in loss and metrics",
-        "imagery": "MassGIS aerial orthophotos via V. Mnih, Machine Learning for Aerial Image "
-                   "Labeling, PhD thesis, University of Toronto, 2013 - research use, cite "
-                   "the thesis",
+        "dataset": "roads-massachusetts (43 train tiles, 8 easternmost held out) and "
+                   "roads-extra/massachusetts (84 train / 40 val, by tile group); "
+                   "roads-extra/deepglobe (5 train / 2 val), roads-extra/roadnet-ottawa "
+                   "(11 train / 3 val); Dubai land cover road class (Tiles 1-6 train, Tile 7 "
+                   "val). Samples mixed 35% Massachusetts, 25% DeepGlobe, 15% RoadNet, "
+                   "25% Dubai. No-imagery and ignore pixels are left out of loss and metrics.",
+        "imagery": "MassGIS aerial orthophotos via V. Mnih 2013 (research use, cite the "
+                   "thesis); DeepGlobe 2018 (DigitalGlobe/Maxar): challenge terms, research / "
+                   "non-commercial only, cite Demir et al. 2018; RoadNet (Google Earth): "
+                   "non-commercial research and education only, cite Liu et al. 2019; MBRSC "
+                   "imagery of Dubai via Humans in the Loop, CC0-1.0",
         "labels": "OpenStreetMap road centrelines rasterised at fixed width, (c) OpenStreetMap "
-                  "contributors, ODbL-1.0",
-        "gsd_note": "1 m/px (documented)",
+                  "contributors, ODbL-1.0; DeepGlobe and RoadNet labels under their terms; "
+                  "Humans in the Loop annotations, CC0-1.0",
+        "use": "RESEARCH / NON-COMMERCIAL USE ONLY: learned from research-only sources "
+               "(Massachusetts Roads, DeepGlobe, RoadNet)",
+        "gsd_note": "model GSD 0.5 m; Massachusetts 1 m, DeepGlobe 0.5 m, RoadNet 0.21 m "
+                    "(stored at 0.25 m), Dubai assumed 1 m; random zoom: 0.25-1 m per pixel; "
+                    "label widths differ by source (~7 m Massachusetts centre-line buffers to "
+                    "~7.5 m RoadNet carriageways with shoulders)",
     },
     "landcover": {
         "dataset": "Humans in the Loop 'Semantic segmentation of aerial imagery' (Dubai), "
@@ -56,9 +83,10 @@ DATA = {
                    "'unlabeled' (0.4% of pixels) included as a class of its own",
         "imagery": "MBRSC satellite imagery of Dubai, released CC0-1.0 by Humans in the Loop",
         "labels": "Humans in the Loop / Roia Foundation annotations, CC0-1.0",
+        "use": "no use restriction known (CC0-1.0 data)",
         "gsd_note": "GSD undocumented by the source; ~1 m/px is our estimate from object "
-                    "sizes (villas ~15-20 px, two-lane roads ~10-15 px); the model is "
-                    "trained at the native pixel size",
+                    "sizes (villas ~15-20 px, two-lane roads ~10-15 px); random zoom "
+                    "0.5-2 m per pixel",
     },
 }
 

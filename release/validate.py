@@ -1,64 +1,119 @@
-"""Validation tables for the bundled models: coarse vs refined vs dense CRF, plus ablations.
+"""Per-source validation of a model through the engine: coarse vs refined for several coarse maps.
 
-Every map comes from the code ``idgbr-geo refine`` runs: each held-out scene of
-``.train/<set>_val_scenes.npz`` (written by release/prepare_data.py; split by area as
-/work/shared/data/README.md suggests) is written as a GeoTIFF at the model GSD and refined with
-:func:`idgbr_geo.engine.refine_raster`, which writes float32 probabilities
-(``OutputOptions(probabilities_dtype="float32")``) that are read back: the engine's 512 px
-windows with overlap 64 and zero padding at the scene's edges, its rule of refining only
-windows whose coarse map holds a boundary, its stitching and its gate. The maps are scored with
-:mod:`idgbr_geo.metrics`, pooled over all scenes.
+Every map comes from the code ``idgbr-geo refine`` runs, :func:`idgbr_geo.engine.refine_raster`,
+on the model as :func:`idgbr_geo.registry.load_model` loads it. Each held-out scene of
+``.train/<set>_val_scenes.npz`` (written by release/prepare_data.py) is written as a GeoTIFF
+at its *native* resolution: with a CRS (EPSG:32633) and its pixel size when its GSD is known,
+without any CRS or transform when it is not (a user's un-georeferenced export: the engine then
+assumes the model's GSD). The class rasters the engine writes are scored on that native grid
+against the native label with :class:`idgbr_geo.metrics.MetricAccumulator`, pooled per scene
+source (banepa, xdomain, dubai, massachusetts, ...) and over all sources.
 
-    OMP_NUM_THREADS=2 .venv/bin/python release/validate.py buildings --ablations \
-        --json .train/val-buildings.json --md .train/val-buildings.md
+Coarse maps (``--sources``), each scored as it is and refined by the model under test:
 
-Networks come from the training runs in ``.train/runs/<set>-<tag>/checkpoint.pt`` (tags:
-``coarse``, ``coarse2`` = the second, blurrier coarse model, ``refiner``, and for the
-ablations ``refiner-norough`` and ``refiner-oneshot``). Ablations swap what the engine runs:
-another refiner, the card's sampling (steps, gate), or a research sampler option through
-:class:`research.sampling.ResearchRefiner`; the dense CRF baseline (:mod:`research.crf`)
-post-processes the engine's stitched coarse maps.
+* ``ours``: the model's own segmentor (``RunOptions(coarse_only=True)``) vs the default run;
+* ``second-arch``: the coarse-only class raster of ``--second-model`` (another architecture
+  and GSD), refined through ``coarse=``;
+* truth degradations (:mod:`degradations`: ``smooth-0.5m``, ``smooth-1m``, ``stride8``,
+  ``stride16``, ``erode1``, ``erode2``, ``dilate1``, ``dilate2``), written as class rasters on
+  the scene's grid and refined through ``coarse=``.
+
+``--ablations`` adds, on ``ours`` only, steps 1, 2, 4 (those not the card's) and a one-shot
+refiner (``.train/runs/<set>-<oneshot-tag>/checkpoint.pt``, with ``--coarse-tag``).
+``--passthrough`` adds, on the external maps, a 0-step run: what the engine's resampling of a
+map to the model grid and back alone does to it (nothing when the scene is at the model GSD).
+
+Rows: IoU, BF@2 (boundary F-score, 2 px) and IoU_imp in %, for the foreground class (binary)
+or the mean over classes 1..K-1 (class 0 left out); ΔIoU, ΔBF@2 = refined minus coarse;
+seconds of engine time summed over the scenes. They are printed as each finishes; ``--md`` /
+``--json`` get all tables (the JSON with the metrics' full results).
+
+The model is a bundled name or card (``--model``), or the training checkpoints
+``.train/runs/<set>-<tag>/checkpoint.pt`` of ``--coarse-tag`` and ``--refiner-tag``, exported to
+a temporary card (tiles 512, overlap 64, stride multiple 32, sampling from ``--steps`` /
+``--gate``) with :func:`idgbr_geo.checkpoints.export_model` and loaded like a shipped one.
+
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python release/validate.py buildings \
+        --model buildings --second-model .train/old-models/roads.json --limit 2 --threads 1
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python release/validate.py roads --model roads \
+        --limit 1 --sources ours,stride8,erode1 --passthrough --threads 1
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python release/validate.py landcover \
+        --model landcover --limit 1 --ablations --threads 1 --md .train/val-landcover.md
+    OMP_NUM_THREADS=2 .venv/bin/python release/validate.py buildings --coarse-tag coarse \
+        --refiner-tag refiner --second-model .train/old-models/buildings.json --ablations \
+        --json .train/val-buildings.json --md .train/val-buildings.md --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
-from dataclasses import replace
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
 import torch
+from degradations import DEGRADATIONS, degrade  # noqa: I001  (release/ is on sys.path)
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
-from research.sampling import DEFAULTS as RESEARCH_DEFAULTS  # noqa: I001  (release/ is on sys.path)
-from research.sampling import ResearchRefiner
 
 from idgbr_geo.cards import ModelCard, Normalization
+from idgbr_geo.checkpoints import export_model
 from idgbr_geo.config import SamplingConfig
 from idgbr_geo.engine import refine_raster
-from idgbr_geo.interfaces import Model, Refiner, Segmentor
+from idgbr_geo.interfaces import Model
 from idgbr_geo.metrics import MetricAccumulator
-from idgbr_geo.options import OutputOptions, RunOptions
-from idgbr_geo.registry import load_checkpoint
+from idgbr_geo.options import RunOptions
+from idgbr_geo.registry import load_checkpoint, load_model
+from idgbr_geo.tiling import NoCRSWarning
 
 ROOT = Path(__file__).resolve().parent.parent / ".train"
-#: the bundled cards' tiling
-TILE, OVERLAP, MULT = 512, 64, 16
+#: the tiling of the cards exported from checkpoints
+TILE, OVERLAP, MULT = 512, 64, 32
+#: the CRS of scenes with a known GSD (origin on the central meridian)
+CRS = "EPSG:32633"
+SOURCES = ("ours", "second-arch", *DEGRADATIONS)
+COARSE = "coarse (no refinement)"
+POOLED = "all sources (pooled)"
+#: the --passthrough row: the external map through the engine's grids, no refiner
+PASSTHROUGH = "engine, 0 steps (resampling only)"
 
 
-def load_scenes(name: str, limit: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+@dataclass
+class Scene:
+    image: np.ndarray  # (3, H, W) uint8
+    label: np.ndarray  # (H, W) uint8, 255 = ignore
+    gsd: float | None  # metres; None: undocumented
+    source: str
+    name: str
+
+
+def load_scenes(name: str, limit: int | None = None) -> dict[str, list[Scene]]:
+    """The held-out scenes by source (in file order), at most ``limit`` per source."""
+    out: dict[str, list[Scene]] = {}
     with np.load(ROOT / f"{name}_val_scenes.npz") as z:
         n = len([k for k in z.files if k.startswith("image_")])
-        idx = range(n) if limit is None else range(min(n, limit))
-        return [(z[f"image_{i}"], z[f"label_{i}"]) for i in idx]
+        for i in range(n):
+            src = str(z[f"source_{i}"])
+            group = out.setdefault(src, [])
+            if limit is not None and len(group) >= limit:
+                continue
+            gsd = float(z[f"gsd_{i}"])
+            group.append(Scene(z[f"image_{i}"], z[f"label_{i}"],
+                               gsd if math.isfinite(gsd) and gsd > 0 else None, src,
+                               str(z[f"name_{i}"])))
+    return out
 
 
 def card_from_checkpoint(name: str, path: Path, sampling: SamplingConfig) -> ModelCard:
-    """The card the engine runs the checkpoints with: the bundled cards' tiling, the
+    """The card the checkpoints are exported with: TILE/OVERLAP/MULT tiling, the
     checkpoint's classes, bands, normalisation and GSD, and ``sampling``."""
     state = load_checkpoint(path)
     gsd = float(state.get("gsd", float("nan")))
@@ -70,128 +125,64 @@ def card_from_checkpoint(name: str, path: Path, sampling: SamplingConfig) -> Mod
                      overlap=OVERLAP, stride_multiple=MULT, sampling=sampling)
 
 
-class Engine:
-    """Scenes (uint8 images) as GeoTIFFs in ``workdir``, refined by :func:`refine_raster`;
-    per scene the stitched float32 probabilities (K, H, W) come back."""
-
-    def __init__(self, scenes: list[tuple[np.ndarray, np.ndarray]], gsd: float | None,
-                 workdir: Path) -> None:
-        self.workdir = workdir
-        self.paths: list[Path] = []
-        res = gsd or 1.0
-        for i, (img, _) in enumerate(scenes):
-            path = workdir / f"scene_{i:05d}.tif"
-            with rasterio.open(path, "w", driver="GTiff", width=img.shape[2],
-                               height=img.shape[1], count=img.shape[0], dtype=img.dtype,
-                               crs="EPSG:32633", transform=from_origin(500000, 4000000, res, res),
-                               tiled=True, blockxsize=256, blockysize=256) as dst:
-                dst.write(img)
-            self.paths.append(path)
-
-    def maps(self, model: Model, *, coarse_only: bool = False) -> list[torch.Tensor]:
-        out = []
-        classes, probs = self.workdir / "classes.tif", self.workdir / "probabilities.tif"
-        for path in self.paths:
-            refine_raster(path, classes, model=model, probabilities=probs,
-                          options=RunOptions(coarse_only=coarse_only, seed=0),
-                          outputs=OutputOptions(probabilities_dtype="float32"),
-                          overwrite=True, quiet=True)
-            with rasterio.open(probs) as ds:
-                out.append(torch.from_numpy(ds.read()))
-        return out
+def exported(name: str, coarse: Path, refiner: Path, sampling: SamplingConfig,
+             folder: Path) -> Model:
+    """The checkpoints exported to a card in ``folder`` and loaded as a shipped model."""
+    card = card_from_checkpoint(name, coarse, sampling)
+    return load_model(export_model(coarse, refiner, card, folder), "cpu")
 
 
-def score(preds: list[np.ndarray], truths: list[np.ndarray], coarse: list[np.ndarray] | None,
-          classes: list[str]) -> dict[str, Any]:
-    acc = MetricAccumulator(classes, with_coarse=coarse is not None)
-    for i, (p, t) in enumerate(zip(preds, truths, strict=True)):
-        acc.update(p, t, None if coarse is None else coarse[i])
-    return acc.result()
+def write_raster(path: Path, data: np.ndarray, gsd: float | None) -> Path:
+    """(C, H, W) as a tiled GeoTIFF: georeferenced at ``gsd`` m, or with no CRS at all."""
+    geo = {} if gsd is None else {"crs": CRS,
+                                   "transform": from_origin(500000, 4000000, gsd, gsd)}
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
+                       count=data.shape[0], dtype=data.dtype, tiled=True, blockxsize=256,
+                       blockysize=256, **geo) as dst:
+        dst.write(data)
+    return path
 
 
-def summarise(res: dict[str, Any], key: str) -> dict[str, float | None]:
-    """The table's numbers for one class (or 'mean'), in percent."""
+def engine(scene: Path, out: Path, model: Model, coarse: Path | None = None,
+           **options: Any) -> tuple[np.ndarray, float]:
+    """The class raster :func:`refine_raster` writes for ``scene``, and the seconds it took."""
+    t = time.perf_counter()
+    refine_raster(scene, out, model=model, coarse=coarse,
+                  options=RunOptions(seed=0, device="cpu", **options),
+                  overwrite=True, quiet=True)
+    with rasterio.open(out) as ds:
+        return ds.read(1), time.perf_counter() - t
+
+
+def pick(d: dict[str, Any], classes: list[str]) -> float | None:
+    """Binary: the foreground class's value; several classes: the mean over classes
+    1..K-1 (class 0 left out); None where undefined."""
+    if len(classes) == 2:
+        return d.get(classes[1])
+    vals = [d.get(c) for c in classes[1:] if d.get(c) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarise(res: dict[str, Any], classes: list[str]) -> dict[str, float | None]:
+    """The table's numbers, in percent (see :func:`pick`)."""
     def g(d: dict[str, Any], m: str, sub: str | None = None) -> float | None:
         v = d.get(m, {})
-        v = v.get(sub) if sub else v
-        v = v.get(key) if isinstance(v, dict) else None
+        v = v.get(sub, {}) if sub else v
+        v = pick(v, classes)
         return None if v is None else 100.0 * v
 
-    out = {"iou": g(res, "iou"), "bf2": g(res, "boundary_f", "2"),
-           "biou": g(res, "boundary_iou"), "miou": g(res, "iou") if key == "mean" else
-           100.0 * res["iou"]["mean"]}
+    out = {"iou": g(res, "iou"), "bf2": g(res, "boundary_f", "2")}
     if "coarse" in res:
-        out["iou_imp"] = g(res, "iou_imp")
         c = res["coarse"]
-        out["d_iou"] = out["iou"] - g(c, "iou")
-        out["d_bf2"] = out["bf2"] - g(c, "boundary_f", "2")
+        ci, cb = g(c, "iou"), g(c, "boundary_f", "2")
+        out["iou_imp"] = g(res, "iou_imp")
+        out["d_iou"] = None if out["iou"] is None or ci is None else out["iou"] - ci
+        out["d_bf2"] = None if out["bf2"] is None or cb is None else out["bf2"] - cb
     return out
 
 
-class Blurred:
-    """A deliberately blurrier coarse model: another model's probabilities at 1/``factor``."""
-
-    def __init__(self, seg: Any, factor: int) -> None:
-        self.seg, self.factor, self.num_classes = seg, factor, seg.num_classes
-
-    def predict(self, image: torch.Tensor) -> torch.Tensor:
-        p = torch.nn.functional.avg_pool2d(self.seg.predict(image), self.factor)
-        return torch.nn.functional.interpolate(p, size=image.shape[-2:], mode="bilinear",
-                                               align_corners=False)
-
-
-class Validator:
-    """Maps of scenes (or chips) through the engine, and the table rows scoring them."""
-
-    def __init__(self, name: str, scenes: list[tuple[np.ndarray, np.ndarray]],
-                 card: ModelCard, workdir: Path) -> None:
-        self.name, self.scenes, self.card = name, scenes, card
-        self.truths = [lab for _, lab in scenes]
-        self.engine = Engine(scenes, card.gsd, workdir)
-        self.rows: list[dict[str, Any]] = []
-
-    def model(self, segmentor: Segmentor, refiner: Refiner | None = None, *,
-              steps: int | None = None, gate: Any = None) -> Model:
-        """The engine's model: ``segmentor`` and ``refiner`` with the card's sampling, or
-        the ``steps`` / ``gate`` given."""
-        s = self.card.sampling
-        sampling = SamplingConfig(steps=s.steps if steps is None else steps,
-                                  gate=s.gate if gate is None else gate)
-        return Model(card=replace(self.card, sampling=sampling), segmentor=segmentor,
-                     refiner=refiner)
-
-    def coarse_maps(self, seg: Segmentor) -> list[torch.Tensor]:
-        return self.engine.maps(self.model(seg), coarse_only=True)
-
-    def refine_maps(self, seg: Segmentor, ref: Any, **kw: Any) -> list[torch.Tensor]:
-        """Refined maps; ``steps`` and ``gate`` set the sampling, the other keywords are
-        research sampler options (:class:`ResearchRefiner`)."""
-        steps, gate = kw.pop("steps", None), kw.pop("gate", None)
-        if any(v != RESEARCH_DEFAULTS.get(k) for k, v in kw.items()):
-            ref = ResearchRefiner(ref, **kw)
-        return self.engine.maps(self.model(seg, ref, steps=steps, gate=gate))
-
-    def crf_maps(self, coarse: list[torch.Tensor], **kw: Any) -> list[torch.Tensor]:
-        from research.crf import dense_crf
-
-        return [torch.from_numpy(dense_crf(img, cm.numpy(), **kw))
-                for (img, _), cm in zip(self.scenes, coarse, strict=True)]
-
-    def add(self, source: str, method: str, maps: list[torch.Tensor],
-            coarse: list[torch.Tensor] | None, classes: list[str], seconds: float) -> None:
-        preds = [m.argmax(0).numpy().astype(np.uint8) for m in maps]
-        cm = None if coarse is None else [c.argmax(0).numpy().astype(np.uint8) for c in coarse]
-        res = score(preds, self.truths, cm, classes)
-        key = classes[1] if len(classes) == 2 else "mean"
-        row = {"coarse": source, "method": method, "class": key, "seconds": round(seconds, 1),
-               **summarise(res, key)}
-        self.rows.append({**row, "raw": res})
-        print(format_row(row), flush=True)
-
-
-COLS = [("coarse", "coarse map"), ("method", "method"), ("iou", "IoU"), ("miou", "mIoU"),
-        ("bf2", "BF@2px"), ("biou", "boundary IoU"), ("iou_imp", "IoU_imp"),
-        ("d_iou", "ΔIoU"), ("d_bf2", "ΔBF@2")]
+COLS = [("coarse", "coarse map"), ("method", "method"), ("iou", "IoU"), ("bf2", "BF@2"),
+        ("iou_imp", "IoU_imp"), ("d_iou", "ΔIoU"), ("d_bf2", "ΔBF@2"), ("seconds", "s")]
 
 
 def gate_label(gate: float | list[float] | tuple[float, ...]) -> str:
@@ -209,167 +200,238 @@ def format_row(row: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def table_head() -> str:
+    return "\n".join(["| " + " | ".join(h for _, h in COLS) + " |",
+                      "|" + "|".join("---" for _ in COLS) + "|"])
+
+
 def markdown(rows: list[dict[str, Any]], title: str) -> str:
-    head = "| " + " | ".join(h for _, h in COLS) + " |"
-    sep = "|" + "|".join("---" for _ in COLS) + "|"
-    return "\n".join([title, "", head, sep, *[format_row(r) for r in rows]]) + "\n"
+    return "\n".join([title, "", table_head(), *[format_row(r) for r in rows]]) + "\n"
 
 
-def main() -> None:
-    from idgbr_geo.checkpoints import refiner_from_checkpoint, segmentor_from_checkpoint
+class Validator:
+    """Runs the scenes of one source through the engine and pools their scores per
+    (scene source, coarse map, method), and over all sources."""
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("set")
-    ap.add_argument("--steps", type=int, default=SamplingConfig().steps)
-    ap.add_argument("--start", default=RESEARCH_DEFAULTS["start"], choices=["noise", "coarse"])
-    ap.add_argument("--t-start", type=float, default=RESEARCH_DEFAULTS["t_start"])
-    ap.add_argument("--x0", default=RESEARCH_DEFAULTS["x0"], choices=["soft", "hard"])
-    ap.add_argument("--only", default=None,
-                    help="JSON list of refine variants (steps, gate and research options), "
-                         "on our coarse maps only")
-    ap.add_argument("--band", type=int, default=RESEARCH_DEFAULTS["band"],
-                    help="keep the coarse map farther than this many px from its boundaries")
-    ap.add_argument("--gate", type=json.loads, default=SamplingConfig().gate,
-                    help="keep the coarse class unless the refiner gives its own at least this "
-                         "(a number, or a JSON list: one per class the pixel would turn into)")
-    ap.add_argument("--limit", type=int, default=None, help="first N scenes only")
-    ap.add_argument("--model", default=None,
-                    help="score a bundled model or card as shipped (its own coarse segmentor, "
-                         "refiner and sampling) instead of the training checkpoints")
-    ap.add_argument("--ablations", action="store_true")
-    ap.add_argument("--refiner-tag", default="refiner")
-    ap.add_argument("--coarse-tag", default="coarse")
-    ap.add_argument("--norough-tag", default="refiner-norough")
-    ap.add_argument("--oneshot-tag", default="refiner-oneshot")
-    ap.add_argument("--steps-ablation", action="store_true", help="only the steps ablation")
-    ap.add_argument("--no-crf", action="store_true")
-    ap.add_argument("--crf", default="{}", help="JSON keyword arguments of dense_crf")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--md", type=Path)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.model:
-        shipped(args)
-        return
-    runs = ROOT / "runs"
+    def __init__(self, model: Model, workdir: Path, *, second: Model | None = None,
+                 oneshot: tuple[str, Model] | None = None, ablations: bool = False,
+                 passthrough: bool = False) -> None:
+        self.model, self.second, self.oneshot = model, second, oneshot
+        self.workdir, self.ablations, self.passthrough = workdir, ablations, passthrough
+        self.classes = list(model.card.classes)
+        self.acc: dict[tuple[str, str, str], MetricAccumulator] = {}
+        self.seconds: dict[tuple[str, str, str], float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.rows: list[dict[str, Any]] = []
 
-    def ckpt(tag: str) -> Path:
-        return runs / f"{args.set}-{tag}" / "checkpoint.pt"
+    def methods(self, source: str) -> list[tuple[str, Model, dict[str, Any]]]:
+        """(label, model, RunOptions fields) of the refined rows of a coarse-map source."""
+        s = self.model.card.sampling
+        out = [(f"refined ({s.steps} step(s), gate {gate_label(s.gate)})", self.model, {})]
+        if source != "ours" and self.passthrough:
+            out.append((PASSTHROUGH, self.model, {"steps": 0}))
+        if source != "ours" or not self.ablations:
+            return out
+        out += [(f"refined, {n} step(s)", self.model, {"steps": n})
+                for n in sorted({1, 2, 4} - {s.steps})]
+        if self.oneshot is not None:
+            tag, m = self.oneshot
+            out.append((f"one-shot refiner ({tag}), {s.steps} step(s)", m, {}))
+        return out
 
-    card = card_from_checkpoint(args.set, ckpt(args.coarse_tag),
-                                SamplingConfig(steps=args.steps, gate=args.gate))
-    classes = card.classes
-    with tempfile.TemporaryDirectory(prefix="idgbr-validate-") as tmp:
-        v = Validator(args.set, load_scenes(args.set, args.limit), card, Path(tmp))
-        rows(args, v, ckpt, classes, segmentor_from_checkpoint, refiner_from_checkpoint)
-    report(args, v, f"Validation, {args.set}",
-           {"steps": args.steps, "start": args.start, "t_start": args.t_start,
-            "band": args.band, "gate": args.gate})
+    def coarse_map(self, source: str, scene: Scene, path: Path, out: Path
+                   ) -> tuple[np.ndarray, float]:
+        """A scene's coarse map ``source`` as a class raster at ``out``, and its seconds."""
+        if source == "ours":
+            return engine(path, out, self.model, coarse_only=True)
+        if source == "second-arch":
+            assert self.second is not None
+            return engine(path, out, self.second, coarse_only=True)
+        t = time.perf_counter()
+        gsd = self.model.card.gsd or scene.gsd or 1.0
+        cm = degrade(scene.label, source, num_classes=len(self.classes), gsd=scene.gsd,
+                     model_gsd=gsd)
+        write_raster(out, cm[None], scene.gsd)
+        return cm, time.perf_counter() - t
+
+    def score(self, group: str, source: str, method: str, pred: np.ndarray, truth: np.ndarray,
+              coarse: np.ndarray, seconds: float) -> None:
+        """Score one scene's refined map (and its coarse map) once; pool the counts into its
+        source's and the all-source accumulators."""
+        one = MetricAccumulator(self.classes, with_coarse=True)
+        one.update(pred, truth, coarse)
+        for g in (group, POOLED):
+            key = (g, source, method)
+            if key not in self.acc:
+                self.acc[key] = MetricAccumulator(self.classes, with_coarse=True)
+            self.acc[key].merge(one)
+            self.seconds[key] += seconds
+
+    def emit(self, group: str, source: str, method: str) -> None:
+        """Finish a row: score it, print it, keep it. The coarse row is the coarse part of
+        the first refined row's counts (the same map, so scored once)."""
+        key = (group, source, method)
+        if method == COARSE:
+            res = self.acc[(group, source, self.methods(source)[0][0])].result()["coarse"]
+        else:
+            res = self.acc[key].result()
+        row = {"scenes": group, "n": self.counts[group], "coarse": source, "method": method,
+               "seconds": round(self.seconds[key], 1), **summarise(res, self.classes)}
+        self.rows.append({**row, "raw": res})
+        print(format_row(row), flush=True)
+
+    def run_group(self, group: str, scenes: list[Scene], sources: list[str]) -> None:
+        """All rows of one scene source."""
+        self.counts[group] = len(scenes)
+        self.counts[POOLED] += len(scenes)
+        gsds = sorted({f"{s.gsd:g} m" if s.gsd else "unknown" for s in scenes})
+        print(f"\n{group}: {len(scenes)} scene(s), GSD {', '.join(gsds)}\n{table_head()}",
+              flush=True)
+        paths = [write_raster(self.workdir / f"scene_{i}.tif", s.image, s.gsd)
+                 for i, s in enumerate(scenes)]
+        for source in sources:
+            maps = []
+            for i, (s, p) in enumerate(zip(scenes, paths, strict=True)):
+                cm, secs = self.coarse_map(source, s, p, self.workdir / f"coarse_{i}.tif")
+                for g in (group, POOLED):
+                    self.seconds[(g, source, COARSE)] += secs
+                maps.append(cm)
+            for j, (method, model, opts) in enumerate(self.methods(source)):
+                for i, (s, p) in enumerate(zip(scenes, paths, strict=True)):
+                    given = None if source == "ours" else self.workdir / f"coarse_{i}.tif"
+                    pred, secs = engine(p, self.workdir / "refined.tif", model, given, **opts)
+                    self.score(group, source, method, pred, s.label, maps[i], secs)
+                if j == 0:
+                    self.emit(group, source, COARSE)
+                self.emit(group, source, method)
+        for p in paths:
+            p.unlink()
+
+    def pooled(self) -> None:
+        print(f"\n{POOLED}: {self.counts[POOLED]} scene(s)\n{table_head()}", flush=True)
+        for g, source, method in list(self.seconds):
+            if g == POOLED:
+                self.emit(POOLED, source, method)
 
 
-def report(args: argparse.Namespace, v: Validator, heading: str, meta: dict[str, Any]) -> None:
-    """Print the table and write it to ``--md`` / ``--json`` (with ``meta``)."""
-    title = (f"{heading}: {len(v.scenes)} held-out scenes, class '{v.rows[0]['class']}' "
-             "(IoU, BF, boundary IoU, IoU_imp in %; mIoU over classes)")
-    md = markdown(v.rows, title)
-    print(md)
+def describe(m: Model) -> str:
+    c = m.card
+    archs = "/".join(str((sec or {}).get("arch", "-")) for sec in (c.segmentor, c.refiner))
+    gsd = f"{c.gsd:g} m" if c.gsd else "no GSD"
+    return (f"`{c.name}` ({archs}, {gsd}, tiles {c.tile_size}/{c.overlap}, steps "
+            f"{c.sampling.steps}, gate {gate_label(c.sampling.gate)})")
+
+
+def report(args: argparse.Namespace, v: Validator, meta: dict[str, Any]) -> None:
+    """Print the tables and write them to ``--md`` / ``--json`` (with ``meta``)."""
+    classes = v.classes
+    what = (f"class '{classes[1]}'" if len(classes) == 2 else
+            f"mean over classes 1..{len(classes) - 1} ({', '.join(classes[1:])}; class 0 "
+            f"'{classes[0]}' left out)")
+    parts = [f"# Validation, {args.set}: {meta['model']}", "",
+             f"IoU, BF@2 (boundary F-score, 2 px) and IoU_imp in %, {what}; Δ = refined minus "
+             "coarse; s = seconds of engine time (coarse rows: making the coarse map) summed "
+             "over the scenes; scored on each scene's native grid; scenes without a GSD run "
+             "without a CRS (the engine assumes the model's GSD). "
+             f"second-arch: {meta.get('second_model') or '-'}.", ""]
+    groups = list(dict.fromkeys(r["scenes"] for r in v.rows))
+    for g in groups:
+        rows = [r for r in v.rows if r["scenes"] == g]
+        parts.append(markdown(rows, f"## {g}: {rows[0]['n']} scene(s)"))
+    md = "\n".join(parts)
+    print("\n" + md)
     if args.md:
         args.md.write_text(md)
     if args.json:
         args.json.write_text(json.dumps({"set": args.set, **meta, "rows": v.rows}, indent=1))
 
 
-def shipped(args: argparse.Namespace) -> None:
-    """The shipped model through the engine: its coarse map, the refined map, and the same
-    for a blurrier coarse map (its probabilities pooled 8x) standing in for another model."""
-    from idgbr_geo.registry import load_model
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("set", choices=["buildings", "roads", "landcover"])
+    ap.add_argument("--model", default=None, help="bundled model name or card path")
+    ap.add_argument("--coarse-tag", default=None,
+                    help="with --refiner-tag: .train/runs/<set>-<tag>/checkpoint.pt")
+    ap.add_argument("--refiner-tag", default=None)
+    ap.add_argument("--oneshot-tag", default="refiner-oneshot",
+                    help="one-shot refiner run for --ablations (with --coarse-tag)")
+    ap.add_argument("--second-model", default=None,
+                    help="card of another model whose coarse maps are refined (second-arch)")
+    ap.add_argument("--sources", default=None,
+                    help=f"comma-separated coarse maps (default: all available): "
+                         f"{', '.join(SOURCES)}")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="sampling steps (default: the card's; exported cards: 1)")
+    ap.add_argument("--gate", type=json.loads, default=None,
+                    help="the gate: a number or a JSON list, one per class (default: the "
+                         "card's; exported cards: 0)")
+    ap.add_argument("--ablations", action="store_true",
+                    help="on 'ours': steps 1, 2, 4 and the one-shot refiner")
+    ap.add_argument("--passthrough", action="store_true",
+                    help="on external coarse maps also a 0-step run: what the engine's "
+                         "resampling to the model grid and back alone does to them")
+    ap.add_argument("--limit", type=int, default=None, help="at most N scenes per source")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--md", type=Path)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if (args.model is None) == (args.coarse_tag is None or args.refiner_tag is None):
+        ap.error("give --model, or --coarse-tag and --refiner-tag")
+    sources = (list(SOURCES) if args.sources is None else
+               [s.strip() for s in args.sources.split(",") if s.strip()])
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        ap.error(f"unknown source(s) {unknown}; known: {', '.join(SOURCES)}")
+    if args.second_model is None:
+        if args.sources is not None and "second-arch" in sources:
+            ap.error("second-arch needs --second-model")
+        sources = [s for s in sources if s != "second-arch"]
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=NoCRSWarning)
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
-    m = load_model(args.model, "cpu")
-    card = replace(m.card, tile_size=TILE, overlap=OVERLAP)
-    classes = card.classes
+    def ckpt(tag: str) -> Path:
+        return ROOT / "runs" / f"{args.set}-{tag}" / "checkpoint.pt"
+
     with tempfile.TemporaryDirectory(prefix="idgbr-validate-") as tmp:
-        v = Validator(args.set, load_scenes(args.set, args.limit), card, Path(tmp))
-        s = card.sampling
-        method = f"refiner as shipped ({s.steps} step(s), gate {gate_label(s.gate)})"
-        for label, seg in ((f"shipped coarse ({args.model})", m.segmentor),
-                           ("shipped coarse blurred (probabilities pooled 8x)",
-                            Blurred(m.segmentor, 8))):
-            t = time.time()
-            cm = v.coarse_maps(seg)
-            v.add(label, "coarse (no refinement)", cm, None, classes, time.time() - t)
-            t = time.time()
-            v.add(label, method, v.refine_maps(seg, m.refiner), cm, classes, time.time() - t)
-    report(args, v, f"Validation of the shipped `{args.model}` model through the engine, "
-           f"{args.set}", {"model": args.model})
-
-
-def rows(args: argparse.Namespace, v: Validator, ckpt: Any, classes: list[str],
-         segmentor_from_checkpoint: Any, refiner_from_checkpoint: Any) -> None:
-    """The table's rows, in order."""
-    seg = segmentor_from_checkpoint(ckpt(args.coarse_tag), "cpu")
-    ref = refiner_from_checkpoint(ckpt(args.refiner_tag), "cpu")
-    sources: dict[str, Any] = {"coarse": seg}
-    if ckpt("coarse2").is_file():
-        sources["coarse2"] = segmentor_from_checkpoint(ckpt("coarse2"), "cpu")
-    else:
-        sources["coarse2"] = Blurred(seg, 8)
-
-    def describe(tag: str) -> str:
-        st = load_checkpoint(ckpt(tag))
-        return f"FPN, output stride {st['config'].get('output_stride', 4)}"
-
-    label = {"coarse": f"shipped coarse ({describe(args.coarse_tag)})",
-             "coarse2": f"second coarse ({describe('coarse2')}, trained separately)"
-             if ckpt("coarse2").is_file() else
-             "second coarse (shipped one blurred: probs pooled 8x, upsampled)"}
-    research = {"start": args.start, "t_start": args.t_start, "x0": args.x0, "band": args.band}
-    default = f"IDGBR refiner ({args.steps} steps, start={args.start}, x0={args.x0}" + (
-        f", band {args.band} px" if args.band else "") + (
-        f", gate {gate_label(args.gate)}" if args.gate else "") + ")"
-    if args.only:  # quick comparison of sampler settings on our coarse maps only
-        cm = v.coarse_maps(seg)
-        v.add(label["coarse"], "coarse (no refinement)", cm, None, classes, 0.0)
-        for kw in json.loads(args.only):
-            t = time.time()
-            v.add(label["coarse"], json.dumps(kw), v.refine_maps(seg, ref, **{**research, **kw}),
-                  cm, classes, time.time() - t)
-        return
-    for src, model in sources.items():
-        t = time.time()
-        cm = v.coarse_maps(model)
-        v.add(label[src], "coarse (no refinement)", cm, None, classes, time.time() - t)
-        t = time.time()
-        v.add(label[src], default, v.refine_maps(model, ref, **research), cm, classes,
-              time.time() - t)
-        if args.gate:
-            t = time.time()
-            v.add(label[src], "refiner without the gate",
-                  v.refine_maps(model, ref, **research, gate=0.0), cm, classes, time.time() - t)
-        if not args.no_crf:
-            t = time.time()
-            v.add(label[src], "dense CRF", v.crf_maps(cm, **json.loads(args.crf)), cm, classes,
-                  time.time() - t)
-        if src == "coarse" and (args.ablations or args.steps_ablation):
-            for steps in sorted({1, 2, 4, 2 * args.steps} - {args.steps}):
-                t = time.time()
-                v.add(label[src], f"refiner, {steps} step(s)",
-                      v.refine_maps(model, ref, **research, steps=steps), cm, classes,
-                      time.time() - t)
-            if not args.ablations:
-                continue
-            other = "coarse" if args.start == "noise" else "noise"
-            t = time.time()
-            v.add(label[src], f"refiner, start={other}" + (" t=0.5" if other == "coarse" else ""),
-                  v.refine_maps(model, ref, **{**research, "start": other, "t_start": 0.5}),
-                  cm, classes, time.time() - t)
-            for tag, what in ((args.norough_tag, "no coarse map (image-only guidance)"),
-                              (args.oneshot_tag, "one-shot refiner, same size")):
-                if ckpt(tag).is_file():
-                    r2 = refiner_from_checkpoint(ckpt(tag), "cpu")
-                    t = time.time()
-                    v.add(label[src], what, v.refine_maps(model, r2, **research), cm, classes,
-                          time.time() - t)
+        work = Path(tmp)
+        default = SamplingConfig()
+        sampling = SamplingConfig(steps=default.steps if args.steps is None else args.steps,
+                                  gate=default.gate if args.gate is None else args.gate)
+        oneshot = None
+        if args.model:
+            model = load_model(args.model, "cpu")
+            if args.steps is not None or args.gate is not None:
+                s = model.card.sampling
+                model.card.sampling = SamplingConfig(
+                    steps=s.steps if args.steps is None else args.steps,
+                    gate=s.gate if args.gate is None else args.gate)
+        else:
+            model = exported(f"{args.set}-{args.coarse_tag}-{args.refiner_tag}",
+                             ckpt(args.coarse_tag), ckpt(args.refiner_tag), sampling,
+                             work / "model")
+            if args.ablations and ckpt(args.oneshot_tag).is_file():
+                oneshot = (args.oneshot_tag, exported(
+                    f"{args.set}-{args.coarse_tag}-{args.oneshot_tag}", ckpt(args.coarse_tag),
+                    ckpt(args.oneshot_tag), sampling, work / "oneshot"))
+        if args.ablations and oneshot is None:
+            print(f"(no one-shot ablation: needs --coarse-tag and {ckpt(args.oneshot_tag)})")
+        second = None
+        if "second-arch" in sources:
+            second = load_model(args.second_model, "cpu")
+            if len(second.card.classes) != len(model.card.classes):
+                ap.error(f"--second-model has classes {second.card.classes}, the model "
+                         f"{model.card.classes}")
+        v = Validator(model, work, second=second, oneshot=oneshot, ablations=args.ablations,
+                      passthrough=args.passthrough)
+        print(f"model {describe(model)}" + (f"; second-arch {describe(second)}" if second
+                                              else ""), flush=True)
+        for group, scenes in load_scenes(args.set, args.limit).items():
+            v.run_group(group, scenes, sources)
+        v.pooled()
+    report(args, v, {"model": describe(model), "sources": sources, "limit": args.limit,
+                     "second_model": describe(second) if second else None,
+                     "ablations": args.ablations, "passthrough": args.passthrough})
 
 
 if __name__ == "__main__":

@@ -210,7 +210,13 @@ def test_band_selection(tmp_path):
     np.testing.assert_array_equal(read_probs(tmp_path / "pa.tif"), read_probs(tmp_path / "pb.tif"))
 
 
-def test_gsd_resampling_writes_on_input_grid(tmp_path):
+def test_gsd_resampling_writes_on_input_grid(tmp_path, monkeypatch):
+    from idgbr_geo import engine
+
+    # bilinear back onto the input grid: the edge-aware upsampling (test_engine_native.py)
+    # also smooths the probabilities within regions of one colour (here: the toy model's
+    # one-pixel rings around each block), which this comparison is not about
+    monkeypatch.setattr(engine, "_JOINT_UPSAMPLING", False)
     model = conv_model(tmp_path / "m", gsd=0.6, refiner=False)
     low = np.full((3, 60, 70), 60, np.uint8)  # piecewise-constant scene at 0.6 m
     low[:, 10:30, 5:25] = 200
@@ -264,12 +270,22 @@ def test_windows_without_boundary_keep_coarse(tmp_path):
 
 def test_no_crs_warns_and_continues(tmp_path, toy_model):
     src = write_raster(tmp_path / "nocrs.tif", synthetic_scene(70, 70), crs=None)
-    with pytest.warns(UserWarning, match="no CRS"):
+    with pytest.warns(UserWarning, match="no CRS") as caught:
         s = refine_raster(src, tmp_path / "o.tif", model=toy_model, quiet=True,
                           options=RunOptions(device="cpu"))
     assert s.windows >= 1
     with rasterio.open(tmp_path / "o.tif") as ds:
         assert ds.crs is None and ds.width == 70
+    # the message says which GSD was assumed, and how to give the true one
+    msg = str(caught[0].message)
+    assert msg in s.warnings
+    assert "ground sample distance is unknown: assuming the model's 0.3 m per pixel" in msg
+    assert "gsd" in msg.split("per pixel")[1]
+    # a GSD given: nothing is assumed
+    with pytest.warns(UserWarning, match="no CRS") as caught:
+        refine_raster(src, tmp_path / "g.tif", model=toy_model, quiet=True,
+                      options=RunOptions(device="cpu", gsd=0.3))
+    assert "assuming" not in str(caught[0].message)
 
 
 def _classes(path) -> np.ndarray:

@@ -8,7 +8,7 @@ import rasterio
 from rasterio.enums import Resampling
 from synth import write_raster
 
-from idgbr_geo.tiling import open_source, plan_tiles, read_tile, resample
+from idgbr_geo.tiling import open_source, plan_tiles, read_tile, read_window, resample
 
 
 def _smooth(h: int, w: int, dtype=np.uint8, scale: float = 200.0) -> np.ndarray:
@@ -58,6 +58,34 @@ def test_read_tile_native_and_resampled(tmp_path):
     assert pixels.shape == (3, 64, 64) and mask.shape == (64, 64) and mask.all()
     np.testing.assert_array_equal(pixels, resample(data[:, :32, :32], (64, 64)))
     src.ds.close()
+
+
+def test_read_window_keeps_the_native_pixels_of_a_resampled_window(tmp_path):
+    data = _smooth(100, 130, np.float32, scale=1.0)
+    data[:, 5:8, 9:12] = np.nan
+    fine = write_raster(tmp_path / "fine.tif", data, res=0.0625)  # 4x finer than the model
+    src = open_source(fine, model_bands=3, bands=None, model_gsd=0.25)
+    tiles = plan_tiles(src.width, src.height, tile_size=16, overlap=0, factor=src.factor)
+    got = read_window(src, tiles[0], native=True)
+    win = tiles[0].window
+    h, w = int(win.height), int(win.width)
+    assert got.native is not None and got.native.shape == (3, h, w)
+    # as read: NaN left in place (the model-grid data has 0 there), validity beside it
+    np.testing.assert_array_equal(got.native, data[:, :h, :w])
+    assert got.native_valid is not None and not got.native_valid[5:8, 9:12].any()
+    assert got.native_valid.sum() == h * w - 9
+    pixels, mask = read_tile(src, tiles[0])  # the same model-grid read
+    np.testing.assert_array_equal(got.data, pixels)
+    np.testing.assert_array_equal(got.mask, mask)
+    assert read_window(src, tiles[-1], native=True).native_valid is None  # all valid there
+    assert read_window(src, tiles[0]).native is None  # only when asked for
+    src.ds.close()
+    # at the model's GSD nothing is resampled, so nothing is kept
+    same = open_source(write_raster(tmp_path / "same.tif", data, res=0.25), model_bands=3,
+                       bands=None, model_gsd=0.25)
+    t = plan_tiles(same.width, same.height, tile_size=64, overlap=16)[0]
+    assert read_window(same, t, native=True).native is None
+    same.ds.close()
 
 
 @pytest.mark.parametrize("res", [0.25, 0.3, 0.2])  # native, enlarged and shrunk on read

@@ -1,0 +1,121 @@
+"""The engine on inputs finer than the model: results upsampled edge-aware, guided by the
+native image (idgbr_geo.upsampling), stitched seamlessly, nodata honoured."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+from synth import conv_model, synthetic_scene, write_raster
+
+from idgbr_geo import engine, upsampling
+from idgbr_geo.engine import refine_raster
+from idgbr_geo.options import OutputOptions, RunOptions
+
+FLOAT = OutputOptions(probabilities_dtype="float32")
+
+
+def _read(path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read()
+
+
+def _fine_scene(h: int, w: int, seed: int = 0, factor: int = 4) -> np.ndarray:
+    """A scene at the model's GSD, enlarged ``factor`` x with its own fine detail: block
+    edges anywhere on the fine grid (not only on the model grid)."""
+    rng = np.random.default_rng(seed)
+    img = np.kron(synthetic_scene(h, w, seed=seed), np.ones((1, factor, factor), np.uint8))
+    H, W = img.shape[1:]
+    for _ in range(H * W // 3000):
+        y, x = rng.integers(0, H), rng.integers(0, W)
+        hh, ww = rng.integers(6, 40, size=2)
+        img[:, y:y + hh, x:x + ww] = rng.integers(150, 250, size=(3, 1, 1))
+    return img
+
+
+@pytest.mark.parametrize("coarse_only", [True, False])
+def test_one_window_and_many_windows_agree(tmp_path, coarse_only):
+    """The guided upsampling is per window; where windows overlap, the stitching's zero
+    margin (a quarter of the overlap) covers its reach, so a scene refined in one window
+    and in many agrees away from the window edges (here: everywhere)."""
+    one = conv_model(tmp_path / "one", kernel=5, gsd=0.3, tile_size=240, overlap=64)
+    many = conv_model(tmp_path / "many", kernel=5, gsd=0.3, tile_size=136, overlap=64)
+    data = _fine_scene(200, 230, seed=2)
+    data[:, ::48, :] = 250  # stripes: every window holds a boundary, so all are refined
+    src = write_raster(tmp_path / "in.tif", data, res=0.075)  # 4x finer than the model
+    probs = []
+    for name, model in (("one", one), ("many", many)):
+        s = refine_raster(src, tmp_path / f"{name}.tif", model=model,
+                          probabilities=tmp_path / f"{name}_p.tif", quiet=True, outputs=FLOAT,
+                          options=RunOptions(device="cpu", coarse_only=coarse_only, steps=2,
+                                             seed=4))
+        assert (s.windows == 1) == (name == "one")
+        assert s.refined == (0 if coarse_only else s.windows)
+        probs.append(_read(tmp_path / f"{name}_p.tif"))
+    a, b = probs
+    assert a.shape == (2, 800, 920)
+    assert np.abs(a - b).max() < 1e-4, np.abs(a - b).max()
+
+
+def _boundary_error(tmp_path, monkeypatch, guided: bool) -> float:
+    """Share of pixels off the true classes when a user's coarse map (the truth itself) is
+    brought to the model grid and back, bilinear or guided by the image."""
+    rng = np.random.default_rng(1)
+    truth = np.zeros((240, 280), np.uint8)
+    for _ in range(14):
+        y, x = rng.integers(0, 220), rng.integers(0, 260)
+        hh, ww = rng.integers(9, 50, size=2)
+        truth[y:y + hh, x:x + ww] = 1
+    img = (70 + 120 * truth[None] + rng.normal(0, 6, (3, 240, 280))).clip(0, 255)
+    src = write_raster(tmp_path / "img.tif", img.astype(np.uint8), res=0.075)
+    cmap = write_raster(tmp_path / "truth.tif", truth, res=0.075)
+    model = conv_model(tmp_path / "m", gsd=0.3)
+    monkeypatch.setattr(engine, "_JOINT_UPSAMPLING", guided)
+    out = tmp_path / f"out{int(guided)}.tif"
+    refine_raster(src, out, model=model, coarse=cmap, quiet=True,
+                  options=RunOptions(device="cpu", coarse_only=True))
+    return float((_read(out)[0] != truth).mean())
+
+
+def test_boundaries_follow_the_native_image(tmp_path, monkeypatch):
+    bilinear = _boundary_error(tmp_path, monkeypatch, guided=False)
+    guided = _boundary_error(tmp_path, monkeypatch, guided=True)
+    assert bilinear > 0.01  # a 4x coarser grid moves the boundaries by a pixel or two
+    assert guided < 0.25 * bilinear, (guided, bilinear)
+
+
+def test_inputs_close_to_the_models_gsd_stay_bilinear(tmp_path, monkeypatch):
+    model = conv_model(tmp_path / "m", gsd=0.3, refiner=False)
+    src = write_raster(tmp_path / "in.tif", synthetic_scene(120, 130), res=0.25)  # 1.2x
+    outs = []
+    for guided in (True, False):
+        monkeypatch.setattr(engine, "_JOINT_UPSAMPLING", guided)
+        p = tmp_path / f"p{int(guided)}.tif"
+        refine_raster(src, tmp_path / f"o{int(guided)}.tif", model=model, probabilities=p,
+                      quiet=True, outputs=FLOAT, options=RunOptions(device="cpu"))
+        outs.append(_read(p))
+    assert 1.2 < upsampling.MIN_FACTOR
+    np.testing.assert_array_equal(*outs)
+
+
+def test_nan_speck_in_a_fine_input_stays_a_speck(tmp_path):
+    model = conv_model(tmp_path / "m", gsd=0.3)
+    clean = _fine_scene(50, 60, seed=3).astype(np.float32) / 255
+    speck = clean.copy()
+    speck[:, 100:112, 120:132] = np.nan
+    kw = dict(model=model, quiet=True, outputs=FLOAT, options=RunOptions(device="cpu"))
+    refine_raster(write_raster(tmp_path / "a.tif", clean, res=0.075), tmp_path / "ao.tif",
+                  probabilities=tmp_path / "ap.tif", **kw)
+    refine_raster(write_raster(tmp_path / "b.tif", speck, res=0.075), tmp_path / "bo.tif",
+                  probabilities=tmp_path / "bp.tif", **kw)
+    a, b = _read(tmp_path / "ao.tif")[0], _read(tmp_path / "bo.tif")[0]
+    pb = _read(tmp_path / "bp.tif")
+    assert (b[102:110, 122:130] == 255).all()
+    covered = b != 255
+    assert np.isfinite(pb[:, covered]).all()
+    np.testing.assert_allclose(pb[:, covered].sum(0), 1.0, atol=1e-5)
+    # the networks' and the filter's reach around the speck, in model pixels, x 4
+    reach = 4 * (3 + 2 * upsampling.RADIUS + 2)
+    near = np.zeros(a.shape, bool)
+    near[100 - reach:112 + reach, 120 - reach:132 + reach] = True
+    np.testing.assert_array_equal(a[~near], b[~near])

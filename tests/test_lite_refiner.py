@@ -1,0 +1,160 @@
+"""The lite-idgbr refiner: trained on a lite-fpn coarse model's frozen encoder, exported
+without a second copy of it, and run with one encoder pass per window for both stages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from idgbr_geo import encoders
+from idgbr_geo.cards import ModelCard
+from idgbr_geo.checkpoints import (
+    export_model,
+    refiner_from_checkpoint,
+    segmentor_from_checkpoint,
+)
+from idgbr_geo.encoders import FeatureMemo
+from idgbr_geo.errors import UserError
+from idgbr_geo.predict import predict_windows
+from idgbr_geo.registry import load_model
+from idgbr_geo.training import train_coarse, train_refiner
+
+LITE = {"arch": "lite-fpn", "channels": 8}
+REF = {"arch": "lite-idgbr", "c1": 4, "c2": 4, "c4": 8, "ch": 8}
+KW = dict(batch_size=2, crop=32, progress=False, device="cpu")
+
+
+@pytest.fixture
+def npz(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 60, size=(4, 3, 32, 32)).astype(np.uint8)
+    labels = np.zeros((4, 32, 32), np.uint8)
+    labels[:, 8:20, 10:24] = 1
+    images[:, :, labels[0] == 1] += 150
+    path = tmp_path / "chips.npz"
+    np.savez(path, images=images, labels=labels, classes=np.array(["bg", "sq"]),
+             gsd=np.float64(0.5), source=np.array("generated"))
+    return path
+
+
+@pytest.fixture
+def imagenet(monkeypatch):
+    """Random stand-ins for the ImageNet weights (CI lacks the `train` extra)."""
+    import timm
+
+    monkeypatch.setattr(encoders, "imagenet_state_dict", lambda v: timm.create_model(
+        encoders.VARIANTS[v], pretrained=False).state_dict())
+
+
+@pytest.fixture
+def trained(npz, tmp_path, imagenet):
+    coarse = train_coarse(npz, tmp_path / "coarse", iterations=2, config=LITE, **KW)
+    seg = segmentor_from_checkpoint(coarse, "cpu")
+    ref = train_refiner(npz, tmp_path / "ref", coarse=seg, iterations=2, config=REF, **KW)
+    return coarse, ref
+
+
+def _windows() -> torch.Tensor:
+    x = torch.zeros(3, 3, 64, 64)
+    x[:, :, 16:40, 20:48] = 2.0  # a square: the coarse map may hold a boundary
+    x[1] += 0.5
+    x[2] = torch.randn(3, 64, 64)
+    return x
+
+
+def test_refiner_reads_the_coarse_models_frozen_encoder(trained):
+    coarse, ref = trained
+    c, r = (torch.load(p, weights_only=True) for p in (coarse, ref))
+    assert r["arch"] == "lite-idgbr"
+    enc = {k[len("encoder."):]: v for k, v in r["model"].items() if k.startswith("encoder.")}
+    assert enc and all(torch.equal(v, c["model"]["encoder." + k]) for k, v in enc.items())
+    # the normalisation is the lite-fpn model's (ImageNet statistics), not refitted
+    assert r["normalization"] == c["normalization"]
+
+
+def test_export_stores_the_encoder_once_and_loading_shares_it(trained, tmp_path,
+                                                              monkeypatch):
+    coarse, ref = trained
+    path = export_model(coarse, ref, ModelCard(name="m", classes=["bg", "sq"],
+                                               stride_multiple=32), tmp_path / "models")
+    card = json.loads(path.read_text())
+    assert card["refiner"]["arch"] == "lite-idgbr"
+    assert card["refiner"]["config"]["encoder"] == "segmentor"
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    assert not any(k.startswith("refiner.encoder.") for k in tensors)
+    assert any(k.startswith("segmentor.encoder.") for k in tensors)
+    model = load_model(path, "cpu")
+    assert model.refiner.net.encoder is model.segmentor.net.encoder
+
+    calls = []
+    memo = model.segmentor.net.encoder
+    inner = memo.encoder.forward
+    memo.encoder.forward = lambda x: calls.append(len(x)) or inner(x)
+    x = _windows()
+    # (a two-iteration coarse model maps one class: refine windows 0 and 2 regardless)
+    monkeypatch.setattr("idgbr_geo.predict.has_boundary",
+                        lambda probs, valid: torch.tensor([True, False, True]))
+    probs, refined = predict_windows(model, x, origins=[(0, 0), (0, 64), (64, 0)], steps=1)
+    assert refined == 2 and calls == [3]  # one encoder pass for both stages
+
+    # the same numbers as a refiner with its own, unshared copy of the encoder
+    own = refiner_from_checkpoint(ref, "cpu")
+    coarse_probs = model.segmentor.predict(x)
+    want = own.refine(x, coarse_probs, steps=1, seed=0, origins=[(0, 0), (0, 64), (64, 0)])
+    got = model.refiner.refine(x, coarse_probs, steps=1, seed=0,
+                               origins=[(0, 0), (0, 64), (64, 0)])
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_refiner_trained_on_another_coarse_model_is_not_exported(trained, npz, tmp_path):
+    _, ref = trained
+    other = train_coarse(npz, tmp_path / "other", iterations=1, config=LITE, seed=3, lr=0.5,
+                         **KW)
+    with pytest.raises(UserError, match="not the coarse model's"):
+        export_model(other, ref, ModelCard(name="m", classes=["bg", "sq"]), tmp_path / "x")
+
+
+def test_resuming_keeps_the_encoder(trained, npz, tmp_path):
+    coarse, ref = trained
+    before = torch.load(ref, weights_only=True)["model"]
+    train_refiner(npz, tmp_path / "ref", iterations=4, resume=True, **KW)
+    after = torch.load(ref, weights_only=True)
+    assert after["iteration"] == 4
+    enc = [k for k in before if k.startswith("encoder.") and before[k].is_floating_point()]
+    assert all(torch.equal(before[k], after["model"][k]) for k in enc)
+
+
+def test_the_refiner_needs_a_lite_fpn_coarse_model(npz, tmp_path):
+    with pytest.raises(UserError, match="give the coarse model"):
+        train_refiner(npz, tmp_path / "a", iterations=1, config=REF, **KW)
+    seg = segmentor_from_checkpoint(train_coarse(npz, tmp_path / "c", iterations=1, **KW),
+                                    "cpu")
+    with pytest.raises(UserError, match="reads the encoder of a lite-fpn coarse model"):
+        train_refiner(npz, tmp_path / "b", coarse=seg, iterations=1, config=REF, **KW)
+
+
+def test_feature_memo_reuses_equal_rows_and_recomputes_others():
+    calls = []
+
+    class Enc(torch.nn.Module):
+        def forward(self, x):
+            calls.append(len(x))
+            return [x * 2, x.mean(1, keepdim=True)]
+
+    memo = FeatureMemo(Enc()).eval()
+    x = torch.randn(4, 3, 8, 8)
+    full = memo(x)
+    sub = memo(x[[1, 3]].clone())  # the engine's copy of the windows it refines
+    assert calls == [4]
+    assert all(torch.equal(s, f[[1, 3]]) for s, f in zip(sub, full, strict=True))
+    other = x[[1]].clone()
+    other[0, 0, 0, 0] += 1
+    assert torch.equal(memo(other)[0], other * 2) and calls == [4, 1]
+    memo.train()
+    memo(x)
+    memo(x)
+    assert calls == [4, 1, 4, 4]  # no memo while training
