@@ -286,7 +286,8 @@ class WindowPixels:
     #: with ``native=True`` and resampling: the raw pixels (bands, h, w) of the clipped
     #: window on the input grid, as read (nodata values and NaN left as they are)
     native: np.ndarray | None = None
-    #: their validity (h, w); None: every native pixel is valid
+    #: their validity (h, w) (also with ``native_mask=True`` alone); None: every native
+    #: pixel is valid, or not asked for
     native_valid: np.ndarray | None = None
 
 
@@ -297,11 +298,15 @@ def read_tile(src: Source, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
     return got.data, got.mask
 
 
-def read_window(src: Source, tile: Tile, *, native: bool = False) -> WindowPixels:
+def read_window(src: Source, tile: Tile, *, native: bool = False,
+                native_mask: bool = False) -> WindowPixels:
     """Raw pixels and validity of a tile's part inside the raster, on the model grid, and
     with ``native`` the same window's pixels at the input's resolution (for an edge-aware
     upsampling of the results, :mod:`idgbr_geo.upsampling`; only kept when the window is
-    resampled). Nodata values, internal masks and alpha bands are
+    resampled). ``native_mask``: keep the validity at the input's resolution
+    (``native_valid``) of a resampled window even without its pixels (for a user's coarse
+    map kept at its own resolution, :func:`idgbr_geo.engine.refine_raster`). Nodata values,
+    internal masks and alpha bands are
     all honoured through GDAL's dataset mask, and non-finite values (NaN, inf) are nodata
     too: a float raster without a nodata tag often marks gaps with NaN.
 
@@ -323,8 +328,8 @@ def read_window(src: Source, tile: Tile, *, native: bool = False) -> WindowPixel
         if not finite.all():
             valid = finite if valid is None else valid & finite
     raw = raw_valid = None
-    if native and data.shape[1:] != out:
-        raw = data  # (the resampling below makes new arrays: this one stays as read)
+    if (native or native_mask) and data.shape[1:] != out:
+        raw = data if native else None  # (the resampling below makes new arrays)
         raw_valid = None if valid is None or valid.all() else valid
     if valid is None or valid.all():
         mask = np.ones(out, bool)

@@ -1,13 +1,14 @@
 """Export the trained networks into idgbr_geo/models/<name>.json + .safetensors with a full card.
 
-    .venv/bin/python release/export_models.py buildings roads landcover
+    .venv/bin/python release/export_models.py buildings roads [--coarse-tag lite]
+        [--refiner-tag refiner] [--steps 1] [--gate 0]
 
-Reads the training runs ``.train/runs/<set>-coarse`` and ``-refiner`` and the validation
-results ``.train/val-<set>.json`` / ``.md`` (release/validate.py), and writes the card in
-the current schema (classes, colours, bands, normalisation, GSD, tiling; the architecture
-and each stage's training settings from the checkpoints; ``sampling``: the steps and gate
-the validation used; ``training``: data, licences and the exact commands; the validation
-table in ``extra``) and ``docs/validation.md``.
+Reads the training runs ``.train/runs/<set>-<coarse-tag>`` and ``-<refiner-tag>`` and the
+validation table ``.train/val-<set>.md`` (release/validate.py), and writes the card in the
+current schema (classes, colours, bands, normalisation, GSD, tiling; the architecture and
+each stage's training settings from the checkpoints; ``sampling``: the steps and gate given;
+``training``: data, licences, terms of use and the exact commands; the validation table in
+``extra``) and ``docs/validation.md`` (from the tables present).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-from research.sampling import DEFAULTS as RESEARCH_DEFAULTS  # noqa: I001  (release/ is on sys.path)
 
 from idgbr_geo.cards import ModelCard, TrainingRecord
 from idgbr_geo.checkpoints import export_model
@@ -91,114 +90,58 @@ DATA = {
 }
 
 
-GATE_NOTE = ("The refiner rows use the card's default gate: a pixel keeps its coarse class "
-             "unless the refiner gives its own, different class at least that probability "
-             "(a list: one threshold per class the pixel would turn into). "
-             "The gate was chosen once, before this table was made, on chips of every 4th "
-             "training scene (release/select_options.py; rule in its docstring); the row "
-             "'refiner without the gate' shows what it trades: fewer damaged pixels "
-             "(IoU_imp up) for less boundary gain. The ablation rows (steps, start, no coarse "
-             "map, one-shot) use the same gate.")
-
-NOTES = {
-    "buildings": "The refiner learned from the maps of the output-stride-16 coarse model "
-                 "(second row group) and from degraded ground truth, never from the shipped "
-                 "stride-4 model's maps. The stride-4 model is shipped although the stride-16 "
-                 "one scores higher on Banepa (IoU 53.1 vs 44.6) because the stride-16 one "
-                 "marks water, trees and roads as buildings on the bundled 0.25 m Dutch example "
-                 "(42% of its pixels). Dense CRF with the defaults of research.crf.dense_crf "
-                 "(sxy_gaussian 3, compat 3, sxy_bilateral 40, srgb 13, compat_bilateral 5, "
-                 "5 iterations). The ablation refiners (no coarse map, one-shot) have the same "
-                 "size and the same 1200 training iterations on the same data. " + GATE_NOTE,
-    "roads": "Dense CRF with sxy_bilateral 10, compat_bilateral 3, sxy_gaussian 1, "
-             "compat_gaussian 1 (the defaults erase 1 m roads: IoU 10.9). The shipped refiner "
-             "was trained 4000 iterations; it was preferred to a 1500-iteration one on the "
-             "selection split (training scenes), where it had better ΔIoU, ΔBF@2 and IoU_imp "
-             "at every gate. The ablation refiners (no coarse map, one-shot) have the same "
-             "size and the same 4000 training iterations on the same data. The second coarse "
-             "map is the shipped model's "
-             "probabilities pooled 8x and upsampled (deliberately blurrier). " + GATE_NOTE,
-    "landcover": "Metrics are means over all 6 classes ('unlabeled', 0.4% of the pixels, "
-                 "included; its IoU pulls the means down). Dense CRF with the defaults of "
-                 "research.crf.dense_crf. The shipped refiner was trained with the "
-                 "boundary-weighted loss (boundary_weight 4: pixels within 2 px of a true "
-                 "class boundary count 5x in the full-resolution loss); it was preferred to "
-                 "the plain-loss one on the selection split (training scenes), where at each "
-                 "one's rule gate (0.7 vs 0.65) it had the same IoU_imp (+0.1) and ΔIoU "
-                 "(+0.1) and a better ΔBF@2 (+0.3 vs -0.1). The ablation refiners (no coarse "
-                 "map, one-shot) have the same size, the same loss and the same 1500 "
-                 "training iterations on the same data. " + GATE_NOTE,
-}
-
-
-def _gate(gate: float | list[float]) -> float | list[float]:
-    """A gate as the card stores it: one threshold, or one per class."""
-    return [float(g) for g in gate] if isinstance(gate, list) else float(gate)
-
-
-def commands(name: str, log: dict, refiner_tag: str = "refiner") -> list[str]:
-    tag = "" if refiner_tag == "refiner" else f" --refiner-tag {refiner_tag}"
-    return [
-        f".venv/bin/python release/prepare_data.py {name}",
-        *log.get(name, []),
-        f".venv/bin/python release/export_models.py {name}{tag}",
-    ]
+def commands(name: str, log: dict, coarse_tag: str, refiner_tag: str) -> list[str]:
+    return [*log.get(name, []),
+            f".venv/bin/python release/export_models.py {name} --coarse-tag {coarse_tag} "
+            f"--refiner-tag {refiner_tag}"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sets", nargs="+")
     ap.add_argument("--out", type=Path, default=REPO / "idgbr_geo" / "models")
+    ap.add_argument("--coarse-tag", default="lite", help="training run of the segmentor")
     ap.add_argument("--refiner-tag", default="refiner", help="training run of the refiner")
+    ap.add_argument("--steps", type=int, default=SamplingConfig().steps)
+    ap.add_argument("--gate", type=json.loads, default=SamplingConfig().gate)
     args = ap.parse_args()
     log = json.loads((REPO / "release" / "training_commands.json").read_text())
-    for name in args.sets:
-        val_json = TRAIN / f"val-{name}.json"
-        val = json.loads(val_json.read_text()) if val_json.is_file() else None
-        from idgbr_geo.training import load_npz  # classes/gsd of the arrays
+    from idgbr_geo.training import load_npz  # classes/gsd of the arrays
 
+    for name in args.sets:
         meta = load_npz(TRAIN / f"{name}_val.npz")
-        steps = int(val["steps"]) if val else SamplingConfig().steps
-        gate = _gate(val.get("gate", 0.0)) if val else SamplingConfig().gate
-        if val:  # a card can only carry what the production refiner runs
-            research = {k: val[k] for k in ("start", "t_start", "band")
-                        if k in val and val[k] != RESEARCH_DEFAULTS[k]}
-            if research:
-                raise SystemExit(f"{val_json} was made with research sampler options "
-                                 f"{research}: the production refiner cannot ship them")
         data = dict(DATA[name])
-        licences = {k: data.pop(k) for k in ("imagery", "labels")}
+        licences = {k: data.pop(k) for k in ("imagery", "labels", "use")}
         card = ModelCard(
             name=name, classes=meta["classes"], colors=COLORS[name], bands=3,
-            gsd=float(meta["gsd"]), tile_size=512, overlap=64, stride_multiple=16,
-            sampling=SamplingConfig(steps=steps, gate=gate),
+            gsd=float(meta["gsd"]), tile_size=512, overlap=64, stride_multiple=32,
+            sampling=SamplingConfig(steps=args.steps, gate=args.gate),
             training=TrainingRecord(data={**data, "source": str(meta["source"])},
                                     licences=licences,
-                                    commands=commands(name, log, args.refiner_tag)),
+                                    commands=commands(name, log, args.coarse_tag,
+                                                      args.refiner_tag)),
         )
-        if val:
+        md = TRAIN / f"val-{name}.md"
+        if md.is_file():
             card.extra["validation"] = {
-                "split": "held-out areas (see training_data.dataset)",
-                "refiner_defaults": {"steps": steps, "start": val["start"],
-                                     "t_start": val["t_start"], "band": int(val.get("band", 0)),
-                                     "gate": _gate(val.get("gate", 0.0))},
-                "table_markdown": (TRAIN / f"val-{name}.md").read_text(),
-                "notes": NOTES[name],
-                "rows": [{k: v for k, v in r.items() if k != "raw"} for r in val["rows"]],
+                "split": "held-out areas and sources (see training.data.dataset)",
+                "table_markdown": md.read_text(),
             }
-        path = export_model(TRAIN / "runs" / f"{name}-coarse" / "checkpoint.pt",
-                            TRAIN / "runs" / f"{name}-{args.refiner_tag}" / "checkpoint.pt", card,
-                            args.out)
+        path = export_model(TRAIN / "runs" / f"{name}-{args.coarse_tag}" / "checkpoint.pt",
+                            TRAIN / "runs" / f"{name}-{args.refiner_tag}" / "checkpoint.pt",
+                            card, args.out)
         print(path, (args.out / f"{name}.safetensors").stat().st_size // 1024, "KiB")
     parts = ["# Validation of the bundled models\n",
-             "Generated by `release/validate.py`: whole held-out scenes at the model "
-             "GSD through the engine (`refine_raster`: 512 px windows, overlap 64, only "
-             "windows whose coarse map holds a boundary refined); metrics from "
-             "`idgbr_geo.metrics`, pooled over all scenes. Δ = refined minus coarse.\n"]
+             "Generated by `release/validate.py` (see its docstring): whole held-out scenes "
+             "of each source at their native resolution through the engine (`refine_raster`), "
+             "scored on the native grid with `idgbr_geo.metrics`; coarse maps from the model's "
+             "own segmentor, from a model of another architecture (`second-arch`: the "
+             "previous release's `idgbr-coarse` model of the same classes) and from "
+             "degradations of the truth. Δ = refined minus coarse.\n"]
     for name in ("buildings", "roads", "landcover"):
         md = TRAIN / f"val-{name}.md"
         if md.is_file():
-            parts.append(f"## {name}\n\n" + md.read_text() + "\n" + NOTES[name] + "\n")
+            parts.append(md.read_text() + "\n")
     (REPO / "docs" / "validation.md").write_text("\n".join(parts))
 
 

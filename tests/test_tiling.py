@@ -79,6 +79,10 @@ def test_read_window_keeps_the_native_pixels_of_a_resampled_window(tmp_path):
     np.testing.assert_array_equal(got.mask, mask)
     assert read_window(src, tiles[-1], native=True).native_valid is None  # all valid there
     assert read_window(src, tiles[0]).native is None  # only when asked for
+    assert read_window(src, tiles[0]).native_valid is None
+    only_mask = read_window(src, tiles[0], native_mask=True)  # the validity without pixels
+    assert only_mask.native is None
+    np.testing.assert_array_equal(only_mask.native_valid, got.native_valid)
     src.ds.close()
     # at the model's GSD nothing is resampled, so nothing is kept
     same = open_source(write_raster(tmp_path / "same.tif", data, res=0.25), model_bands=3,
