@@ -96,19 +96,22 @@ class Scene:
 
 
 def load_scenes(name: str, limit: int | None = None) -> dict[str, list[Scene]]:
-    """The held-out scenes by source (in file order), at most ``limit`` per source."""
+    """The held-out scenes by source, at most ``limit`` per source, evenly spread over the
+    source's scenes in file order (so that a limited run still spans its sub-areas)."""
     out: dict[str, list[Scene]] = {}
     with np.load(ROOT / f"{name}_val_scenes.npz") as z:
         n = len([k for k in z.files if k.startswith("image_")])
+        by_source: dict[str, list[int]] = {}
         for i in range(n):
-            src = str(z[f"source_{i}"])
-            group = out.setdefault(src, [])
-            if limit is not None and len(group) >= limit:
-                continue
-            gsd = float(z[f"gsd_{i}"])
-            group.append(Scene(z[f"image_{i}"], z[f"label_{i}"],
-                               gsd if math.isfinite(gsd) and gsd > 0 else None, src,
-                               str(z[f"name_{i}"])))
+            by_source.setdefault(str(z[f"source_{i}"]), []).append(i)
+        for src, idx in by_source.items():
+            if limit is not None and len(idx) > limit:
+                idx = [idx[j] for j in np.linspace(0, len(idx) - 1, limit).round().astype(int)]
+            for i in idx:
+                gsd = float(z[f"gsd_{i}"])
+                out.setdefault(src, []).append(Scene(
+                    z[f"image_{i}"], z[f"label_{i}"],
+                    gsd if math.isfinite(gsd) and gsd > 0 else None, src, str(z[f"name_{i}"])))
     return out
 
 
