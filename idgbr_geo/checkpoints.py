@@ -152,9 +152,12 @@ def refiner_from_checkpoint(path: str | Path, device: str = "auto") -> Diffusion
     return DiffusionRefiner(net, arch, resolve_device(device))
 
 
-def _drop_shared_encoder(tensors: dict[str, torch.Tensor], where: Any) -> None:
+def drop_shared_encoder(tensors: dict[str, torch.Tensor], where: Any) -> None:
     """A refiner that reads the segmentor's encoder is stored without its copy, which must
-    be the segmentor's exactly (it was trained on that coarse model)."""
+    be the segmentor's exactly (it was trained on that coarse model). Without segmentor
+    tensors (yet) the copy is kept."""
+    if not any(k.startswith("segmentor.") for k in tensors):
+        return
     own = {k[len("refiner."):]: tensors.pop(k) for k in list(tensors)
            if k.startswith("refiner." + ENCODER_PREFIX)}
     for k, v in own.items():
@@ -199,7 +202,7 @@ def export_model(coarse_ckpt: str | Path | None, refiner_ckpt: str | Path | None
         card.normalization = Normalization(**state["normalization"])
         tensors.update({prefix + k: v for k, v in state["model"].items()})
     if shares_encoder(card.refiner):
-        _drop_shared_encoder(tensors, refiner_ckpt)
+        drop_shared_encoder(tensors, refiner_ckpt)
     if not tensors:
         raise UserError("export_model needs at least one checkpoint")
     return save_model(card, tensors, folder)

@@ -22,6 +22,8 @@ from idgbr_geo.predict import predict_windows
 from idgbr_geo.registry import load_model, models_dir
 
 V1_BUILDINGS = Path(__file__).resolve().parent / "data" / "buildings_v1.json"
+#: the same release's card as version 2 wrote it (the release before the lite models)
+V2_BUILDINGS = Path(__file__).resolve().parent / "data" / "buildings_v2.json"
 
 
 def _set(key, value):
@@ -171,15 +173,40 @@ def test_good_cards_still_load(tmp_path):
     assert card.normalization == Normalization() and card.colors and card.gsd is None
 
 
+def _previous_weights(folder: Path) -> None:
+    """Random weights of the architecture of the previous release's buildings card (its
+    trained weights are no longer shipped): what the migration must load alike."""
+    from idgbr_geo.config import CoarseConfig, RefinerConfig
+    from idgbr_geo.networks import build_coarse_net, build_refiner_net
+
+    card = json.loads(V2_BUILDINGS.read_text())
+    torch.manual_seed(0)
+    seg = build_coarse_net(CoarseConfig.from_dict(card["segmentor"]["config"], "test"))
+    ref = build_refiner_net(RefinerConfig.from_dict(card["refiner"]["config"], "test"))
+    save_file({**{f"segmentor.{k}": v for k, v in seg.state_dict().items()},
+               **{f"refiner.{k}": v for k, v in ref.state_dict().items()}},
+              str(folder / "buildings.safetensors"))
+
+
 def _v1_model_folder(tmp_path: Path, edit=None) -> Path:
-    """The version-1 bundled buildings card (validation table left out) beside its weights."""
+    """The previous release's version-1 buildings card (validation table left out) beside
+    weights of its architecture."""
     data = json.loads(V1_BUILDINGS.read_text())
     if edit is not None:
         edit(data)
     folder = tmp_path / "v1"
     folder.mkdir()
-    shutil.copy(models_dir() / "buildings.safetensors", folder)
+    _previous_weights(folder)
     (folder / "buildings.json").write_text(json.dumps(data))
+    return folder / "buildings.json"
+
+
+def _v2_model_folder(tmp_path: Path) -> Path:
+    """The same release's version-2 card beside the same weights."""
+    folder = tmp_path / "v2"
+    folder.mkdir()
+    _previous_weights(folder)
+    shutil.copy(V2_BUILDINGS, folder / "buildings.json")
     return folder / "buildings.json"
 
 
@@ -187,7 +214,7 @@ def test_version_1_card_migrates_and_gives_the_same_model(tmp_path):
     v1 = json.loads(V1_BUILDINGS.read_text())
     assert "version" not in v1 and v1["steps"] == 1 and "gate" in v1["refiner"]["config"]
     old = load_model(_v1_model_folder(tmp_path), "cpu")
-    new = load_model("buildings", "cpu")
+    new = load_model(_v2_model_folder(tmp_path), "cpu")
     for key in ("classes", "normalization", "gsd", "tile_size", "overlap", "stride_multiple",
                 "segmentor", "refiner", "sampling"):
         assert getattr(old.card, key) == getattr(new.card, key), key

@@ -158,3 +158,27 @@ def test_feature_memo_reuses_equal_rows_and_recomputes_others():
     memo(x)
     memo(x)
     assert calls == [4, 1, 4, 4]  # no memo while training
+
+
+def test_train_refiner_cli_on_a_lite_fpn_card(npz, tmp_path, imagenet):
+    from click.testing import CliRunner
+
+    from idgbr_geo.cli import main
+
+    common = ["--data", str(npz), "--iterations", "2", "--batch-size", "2", "--crop", "32",
+              "--device", "cpu", "--quiet"]
+    r = CliRunner().invoke(main, ["train", "coarse", *common, "--out", str(tmp_path / "c"),
+                                  "--name", "c", "--config", json.dumps(LITE)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["train", "refiner", *common, "--out", str(tmp_path / "r"),
+                                  "--name", "r", "--config", json.dumps(REF),
+                                  "--coarse-model", str(tmp_path / "c" / "c.json")],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    tensors = load_file(str(tmp_path / "r" / "r.safetensors"))
+    assert not any(k.startswith("refiner.encoder.") for k in tensors)
+    model = load_model(tmp_path / "r" / "r.json", "cpu")
+    assert model.refiner.net.encoder is model.segmentor.net.encoder
+    probs, _ = predict_windows(model, _windows(), origins=[(0, 0), (0, 64), (64, 0)])
+    assert probs.shape == (3, 2, 64, 64)

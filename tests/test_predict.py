@@ -32,14 +32,14 @@ class Spy:
 def _one_window_scene(tmp_path, model, h, w, seed=0):
     """Refine a scene that is one window; return (engine probabilities, image, summary)."""
     data = synthetic_scene(h, w, seed=seed)
-    src = write_raster(tmp_path / "in.tif", data, res=0.25)
+    m = model if isinstance(model, Model) else load_model(model, "cpu")
+    src = write_raster(tmp_path / "in.tif", data, res=m.card.gsd or 0.25)  # no resampling
     summary = refine_raster(src, tmp_path / "out.tif", model=model, quiet=True,
                             probabilities=tmp_path / "p.tif",
                             options=RunOptions(device="cpu", seed=3),
                             outputs=OutputOptions(probabilities_dtype="float32"))
     with rasterio.open(tmp_path / "p.tif") as ds:
         engine = ds.read()
-    m = model if isinstance(model, Model) else load_model(model, "cpu")
     image = torch.from_numpy(m.card.normalization.apply(data, data.dtype))[None]
     return engine, image, summary, m
 
@@ -54,7 +54,7 @@ def test_equals_refine_raster_on_a_one_window_scene(tmp_path):
 
 
 def test_equals_refine_raster_with_the_bundled_model(tmp_path):
-    """The bundled buildings model (diffusion refiner and per-class gate) on one window."""
+    """The bundled buildings model (shared-encoder refiner) on one window."""
     m = load_model("buildings", "cpu")
     engine, image, summary, _ = _one_window_scene(tmp_path, m, 128, 160, seed=2)
     assert summary.windows == 1 and summary.refined == 1

@@ -445,8 +445,8 @@ def refiner(ctx: click.Context, **opts: Any) -> None:
 
     from .. import byo
     from ..cards import Normalization
-    from ..checkpoints import export_model
-    from ..registry import save_model
+    from ..checkpoints import drop_shared_encoder, export_model
+    from ..registry import save_model, shares_encoder
     from ..training import fit_normalization, train_refiner
 
     config = _config(opts["config_text"], "refiner")
@@ -491,7 +491,10 @@ def refiner(ctx: click.Context, **opts: Any) -> None:
             section, state = byo.segmentor_section(stage.path, model_normalization=model_norm)
             extra = {f"segmentor.{k}": v for k, v in state.items()}
         card.segmentor = section
-        path = save_model(card, {**load_file(str(out / card.weights)), **extra}, out)
+        tensors = {**load_file(str(out / card.weights)), **extra}
+        if shares_encoder(card.refiner):
+            drop_shared_encoder(tensors, ckpt)
+        path = save_model(card, tensors, out)
     if not opts["quiet"]:
         click.echo(f"refiner model written: {path}")
         if stage is not None and stage.kind == "torchscript":
