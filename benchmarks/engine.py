@@ -44,11 +44,16 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 
+def _profile(size: int, gsd: float) -> dict:
+    """A tiled, compressed RGB uint8 GeoTIFF of size x size pixels at ``gsd`` metres."""
+    return dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8",
+                crs="EPSG:32633", transform=from_origin(500000, 4000000, gsd, gsd),
+                tiled=True, blockxsize=512, blockysize=512, compress="deflate")
+
+
 def make_scene(path: Path, size: int, seed: int = 0, block: int = 512, gsd: float = 0.3) -> None:
     """A city-like RGB uint8 GeoTIFF (roofs, roads, vegetation, noise), written block by block."""
-    profile = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8",
-                   crs="EPSG:32633", transform=from_origin(500000, 4000000, gsd, gsd),
-                   tiled=True, blockxsize=512, blockysize=512, compress="deflate")
+    profile = _profile(size, gsd)
     with rasterio.open(path, "w", **profile) as dst:
         for r in range(0, size, block):
             for c in range(0, size, block):
@@ -73,9 +78,7 @@ def tile_image(path: Path, size: int, image: Path, gsd: float) -> None:
     with rasterio.open(image) as src:
         base = src.read()[:3]
     _, h, w = base.shape
-    profile = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8",
-                   crs="EPSG:32633", transform=from_origin(500000, 4000000, gsd, gsd),
-                   tiled=True, blockxsize=512, blockysize=512, compress="deflate")
+    profile = _profile(size, gsd)
     with rasterio.open(path, "w", **profile) as dst:
         for r in range(0, size, h):
             for c in range(0, size, w):

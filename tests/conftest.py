@@ -31,3 +31,37 @@ def toy_model(tmp_path: Path) -> Path:
 def scene(tmp_path: Path) -> Path:
     """A 150 x 170 RGB uint8 GeoTIFF in EPSG:32633 at 0.3 m."""
     return write_raster(tmp_path / "scene.tif", synthetic_scene(150, 170))
+
+
+@pytest.fixture
+def square_chips(tmp_path: Path) -> Path:
+    """Four 32 px training chips (npz): a bright square is class 1, the rest class 0."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 60, size=(4, 3, 32, 32)).astype(np.uint8)
+    labels = np.zeros((4, 32, 32), np.uint8)
+    labels[:, 8:20, 10:24] = 1
+    images[:, :, labels[0] == 1] += 150
+    path = tmp_path / "chips.npz"
+    np.savez(path, images=images, labels=labels, classes=np.array(["bg", "sq"]),
+             gsd=np.float64(0.5), source=np.array("generated"))
+    return path
+
+
+@pytest.fixture
+def imagenet(monkeypatch) -> list[str]:
+    """Random stand-ins for the ImageNet weights (CI lacks the `train` extra); the list
+    holds the variants whose weights were asked for."""
+    import timm
+
+    from idgbr_geo import encoders
+
+    asked: list[str] = []
+
+    def fake(variant: str):
+        asked.append(variant)
+        return timm.create_model(encoders.VARIANTS[variant], pretrained=False).state_dict()
+
+    monkeypatch.setattr(encoders, "imagenet_state_dict", fake)
+    return asked

