@@ -90,6 +90,11 @@ class _Settings:
         if not isinstance(getattr(self, name), bool):
             raise ValueError(f"{name!r} must be true or false, not {getattr(self, name)!r}")
 
+    def _choice(self, name: str, options: tuple[str, ...]) -> None:
+        if getattr(self, name) not in options:
+            raise ValueError(f"{name!r} must be one of {', '.join(options)}, "
+                             f"not {getattr(self, name)!r}")
+
 
 # ------------------------------------------------------------------------ architecture
 
@@ -128,9 +133,7 @@ class LiteFpnConfig(_Settings):
     channels: int = 64
 
     def __post_init__(self) -> None:
-        if self.variant not in LITE_VARIANTS:
-            raise ValueError(f"'variant' must be one of {', '.join(LITE_VARIANTS)}, "
-                             f"not {self.variant!r}")
+        self._choice("variant", LITE_VARIANTS)
         self._int("channels", 1)
 
 
@@ -160,9 +163,7 @@ class RefinerConfig(_Settings):
             self._int(name, 1)
         self._bool("use_coarse")
         self._bool("residual")
-        if self.mode not in REFINER_MODES:
-            raise ValueError(f"'mode' must be one of {', '.join(REFINER_MODES)}, "
-                             f"not {self.mode!r}")
+        self._choice("mode", REFINER_MODES)
 
 
 @dataclass(frozen=True)
@@ -187,17 +188,12 @@ class LiteRefinerConfig(_Settings):
     mode: str = "diffusion"
 
     def __post_init__(self) -> None:
-        if self.variant not in LITE_VARIANTS:
-            raise ValueError(f"'variant' must be one of {', '.join(LITE_VARIANTS)}, "
-                             f"not {self.variant!r}")
-        if self.encoder not in ("segmentor", "own"):
-            raise ValueError(f"'encoder' must be 'segmentor' or 'own', not {self.encoder!r}")
+        self._choice("variant", LITE_VARIANTS)
+        self._choice("encoder", ("segmentor", "own"))
         for name in ("c1", "c2", "c4", "ch", "blocks"):
             self._int(name, 1)
         self._bool("residual")
-        if self.mode not in REFINER_MODES:
-            raise ValueError(f"'mode' must be one of {', '.join(REFINER_MODES)}, "
-                             f"not {self.mode!r}")
+        self._choice("mode", REFINER_MODES)
 
 
 # ---------------------------------------------------------------------------- sampling
