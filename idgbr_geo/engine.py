@@ -24,12 +24,9 @@ import numpy as np
 import rasterio
 import torch
 import torch.nn.functional as F
-from rasterio.enums import Resampling
-from rasterio.errors import RasterioError
 from tqdm import tqdm
 
 from .cards import ModelCard
-from .errors import InputError
 from .files import atomic_output, check_distinct, check_output, temporary_path
 from .interfaces import Model
 from .options import OutputOptions, RunOptions, raise_problems
@@ -40,7 +37,6 @@ from .tiling import (
     Source,
     Tile,
     clip,
-    model_extent,
     open_coarse,
     open_source,
     plan_tiles,
@@ -48,6 +44,7 @@ from .tiling import (
 )
 from .tuning import background_priority
 from .upsampling import MIN_FACTOR, radius_for, upsample_probabilities
+from .user_maps import UserMap, nearest, read_user_map
 from .writing import BLOCK, ResultWriter, to_cog
 
 _DONE = object()
@@ -107,7 +104,7 @@ class _Item:
     native: np.ndarray | None = None
     native_valid: np.ndarray | None = None
     #: a user's coarse map at the input's resolution, when it is resampled (else None)
-    user: _UserMap | None = None
+    user: UserMap | None = None
     #: every pixel valid / any pixel valid (worked out here, in the reader thread)
     full: bool = field(init=False)
     any: bool = field(init=False)
@@ -115,103 +112,6 @@ class _Item:
     def __post_init__(self) -> None:
         self.full = bool(self.mask.all())
         self.any = self.full or bool(self.mask.any())
-
-
-@dataclass
-class _UserMap:
-    """One window of a user's coarse map on the input grid (h, w), as the user gave it: the
-    class ids (``ids``, (h, w)) or the probability bands (``bands``, (K, h, w) raw values,
-    divided by ``divisor``); ``valid`` (h, w): where both the map and the image hold data
-    (None: everywhere)."""
-
-    ids: np.ndarray | None
-    bands: np.ndarray | None
-    divisor: float
-    valid: np.ndarray | None
-
-    @property
-    def nbytes(self) -> int:
-        arrays = (self.ids, self.bands, self.valid)
-        return sum(a.nbytes for a in arrays if a is not None)
-
-    def fill(self, out: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
-        """Write its probabilities into ``out`` (K, h, w) float32: the one-hot of the class
-        ids, or the scaled bands; only where ``where`` (h, w) is True when given."""
-        k = out.shape[0]
-        for c in range(k):
-            if self.ids is not None:
-                v = self.ids == c
-            else:
-                assert self.bands is not None
-                v = self.bands[c].astype(np.float32) / np.float32(self.divisor)
-            if where is None:
-                out[c] = v
-            else:
-                np.copyto(out[c], v, where=where)
-        return out
-
-
-def _centres(n_to: int, n_from: int) -> np.ndarray:
-    """Nearest (pixel-centre aligned) index into an axis of ``n_from`` pixels for each of
-    ``n_to`` pixels spanning the same extent: GDAL's nearest-neighbour resampling."""
-    i = ((np.arange(n_to) + 0.5) * (n_from / n_to)).astype(np.int64)
-    return np.minimum(i, n_from - 1)
-
-
-def _nearest(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(..., h, w) ``a`` resampled (nearest, pixel-centre aligned) to (..., *shape)."""
-    h, w = a.shape[-2:]
-    if (h, w) == tuple(shape):
-        return a
-    return a[..., _centres(shape[0], h)[:, None], _centres(shape[1], w)[None]]
-
-
-def _coarse_probs(ds: Any, tile: Tile, src: Source, k: int, *, native: bool = False
-                  ) -> tuple[np.ndarray, np.ndarray, _UserMap | None]:
-    """Read a user's coarse map for a tile: one class-id band -> one-hot, or K probability
-    bands (uint8 0..255 or float 0..1). Returns (probabilities, valid) on the model grid
-    and, with ``native`` and a resampled window, the map on the input grid as given
-    (:class:`_UserMap`, its ``valid`` the map's own only; else None).
-
-    Class ids are read at the input's resolution and picked from there for the model grid
-    (nearest, as GDAL resamples), so the two grids hold the same classes; every valid pixel
-    of the window is checked to be a class of the model's."""
-    win = clip(tile.window, src.width, src.height)
-    out = model_extent(tile, win, src.factor)
-    resampled = (int(win.height), int(win.width)) != out
-    try:
-        if ds.count == 1:
-            ids = ds.read(1, window=win)
-            valid = ds.read_masks(1, window=win) > 0
-            if np.issubdtype(ids.dtype, np.floating):
-                raise InputError("coarse map is a float raster; give class ids (integers) or "
-                                 f"{k} probability bands")
-            bad = valid & ((ids < 0) | (ids >= k))
-            if bad.any():
-                raise InputError(f"coarse map has class id {int(ids[bad].max())} but the model "
-                                 f"knows {k} classes (0..{k - 1})")
-            user = None
-            if native and resampled:
-                user = _UserMap(ids, None, 1.0, None if valid.all() else valid)
-            ids_m, valid_m = _nearest(ids, out), _nearest(valid, out)
-            onehot = np.zeros((k, *out), np.float32)
-            idx = np.where(valid_m, ids_m, 0).astype(np.int64)
-            np.put_along_axis(onehot, idx[None], 1.0, axis=0)
-            return onehot, valid_m, user
-        if ds.count != k:
-            raise InputError(f"coarse map has {ds.count} bands: give 1 class-id band or {k} "
-                             "probability bands")
-        p = ds.read(window=win, out_shape=(k, *out), resampling=Resampling.bilinear)
-        valid = ds.dataset_mask(window=win, out_shape=out) > 0
-        divisor = 255.0 if p.dtype == np.uint8 else 1.0
-        p = p.astype(np.float32) / divisor
-        user = None
-        if native and resampled:
-            nv = ds.dataset_mask(window=win) > 0
-            user = _UserMap(None, ds.read(window=win), divisor, None if nv.all() else nv)
-        return p, valid, user
-    except RasterioError as exc:
-        raise InputError(f"failed to read the coarse map: {exc}") from None
 
 
 def _reader(src: Source, tiles: Sequence[Tile], coarse_ds: Any, card: ModelCard,
@@ -235,7 +135,7 @@ def _reader(src: Source, tiles: Sequence[Tile], coarse_ds: Any, card: ModelCard,
                 mask = got.mask
                 coarse = user = None
                 if coarse_ds is not None:
-                    coarse, cvalid, user = _coarse_probs(coarse_ds, tile, src,
+                    coarse, cvalid, user = read_user_map(coarse_ds, tile, src,
                                                          card.num_classes, native=keep_user)
                     mask = mask & cvalid
                     if user is not None and got.native_valid is not None:  # the image's
@@ -419,7 +319,7 @@ def _keep_user_map(probs: torch.Tensor, item: _Item, h: int, w: int, card: Model
         grown = F.max_pool2d(changed[None, None].float(), k, stride=1, padding=CHANGED_MARGIN)
         changed = (grown[0, 0] > 0) & valid_low
     refined, _ = _to_input_grid(probs, None, h, w, item, card, dtype, radius)
-    keep = ~_nearest(changed.cpu().numpy(), (h, w))
+    keep = ~nearest(changed.cpu().numpy(), (h, w))
     return user.fill(refined, where=keep), user.valid
 
 
