@@ -152,6 +152,33 @@ def refiner_from_checkpoint(path: str | Path, device: str = "auto") -> Diffusion
     return DiffusionRefiner(net, arch, resolve_device(device))
 
 
+def model_stage(name_or_path: str | os.PathLike[str], stage: str
+                ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One stage of a model (card + safetensors) to start a training run from: the stage's
+    settings as ``--config`` takes them (``arch`` and the network settings) and its weights
+    without their prefix, in float32 (fp16 storage is for shipping, not for training).
+    ``stage``: ``"coarse"`` (the segmentor) or ``"refiner"``."""
+    from safetensors.torch import load_file
+
+    from .registry import resolve_card, weights_path
+
+    card_path = resolve_card(name_or_path)
+    card = ModelCard.load(card_path)
+    section = card.segmentor if stage == "coarse" else card.refiner
+    what = "coarse segmentor" if stage == "coarse" else "refiner"
+    if not section or not card.weights:
+        raise UserError(f"model {card.name!r} has no {what} to start from")
+    prefix = "segmentor." if stage == "coarse" else "refiner."
+    try:
+        tensors = load_file(str(weights_path(card, card_path)))
+    except Exception as exc:  # SafetensorError, OSError
+        raise UserError(f"model card {card_path}: weights not readable ({first_line(exc)})"
+                        ) from None
+    weights = {k[len(prefix):]: v.float() if v.is_floating_point() else v
+               for k, v in tensors.items() if k.startswith(prefix)}
+    return {"arch": section.get("arch"), **section.get("config", {})}, weights
+
+
 def drop_shared_encoder(tensors: dict[str, torch.Tensor], where: Any) -> None:
     """A refiner that reads the segmentor's encoder is stored without its copy, which must
     be the segmentor's exactly (it was trained on that coarse model). Without segmentor

@@ -1,12 +1,8 @@
 """Training loops for the coarse segmentor and the diffusion refiner (torch + numpy only).
 
-They read the compact ``.npz`` chip arrays of :mod:`idgbr_geo.datasets` (``images``
-(N, bands, T, T) uint8/uint16, ``labels`` (N, T, T) uint8 with 255 = ignore, ``classes``,
-``gsd``, ``source``; optionally ``coarse`` (N, K, T, T) uint8, probabilities x 255 of coarse
-maps made beforehand, e.g. by a coarse model that never saw the chip's area) and import
-nothing from the geospatial stack, so training runs on any machine with torch, including a
-GPU box. Augmentation: random scale (0.7-1.4x, since the scenes users refine come from
-other sensors and GSDs), flips/rot90 and colour jitter. Every ``checkpoint_every``
+They read the chip arrays of :mod:`idgbr_geo.chips` (sampled and augmented there) and
+import nothing from the geospatial stack, so training runs on any machine with torch,
+including a GPU box. Every ``checkpoint_every``
 iterations the full training state goes to ``out_dir/checkpoint.pt`` (resumable with
 ``resume=True``) and a row to ``out_dir/log.csv``. Seeds fix the run. Settings are typed
 (:mod:`idgbr_geo.config`): the architecture (:class:`CoarseConfig`, :class:`RefinerConfig`) and
@@ -33,6 +29,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .cards import Normalization
 from .checkpoints import BAD_STATE, build_segmentor_net, checkpoint_settings, write_checkpoint
+from .chips import IMAGENET, ChipSampler, fit_normalization, load_npz, val_batches
 from .config import (
     RUN_KEYS,
     ArchConfig,
@@ -55,169 +52,9 @@ from .registry import load_checkpoint, resolve_device
 
 #: the defaults of the training functions' keyword arguments
 _T = TrainingConfig
-#: ImageNet statistics of 8-bit RGB on [0, 1]: the input scaling of pretrained encoders
-IMAGENET = Normalization(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-
-
-# --------------------------------------------------------------------------- data
-
-
-def load_npz(path: str | Path) -> dict[str, Any]:
-    """Read a training array file (fails with one clear line if it is not one)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read training arrays {path}: {exc}") from None
-    for key in ("images", "labels", "classes"):
-        if key not in data:
-            raise UserError(f"{path} is not a training array file (no {key!r})")
-    im, lb = data["images"], data["labels"]
-    if im.ndim != 4 or lb.ndim != 3 or im.shape[0] != lb.shape[0] or im.shape[2:] != lb.shape[1:]:
-        raise UserError(f"{path}: images {im.shape} and labels {lb.shape} do not match")
-    data["classes"] = [str(c) for c in data["classes"]]
-    return data
-
-
-def fit_normalization(images: np.ndarray) -> Normalization:
-    """Per-band mean/std of the training chips (deterministic: same data -> same numbers)."""
-    norm = Normalization()
-    div = norm.divisor(images.dtype)
-    sub = images[:: max(1, len(images) // 256)].astype(np.float64) / div
-    return Normalization(mean=[float(v) for v in sub.mean(axis=(0, 2, 3))],
-                         std=[float(max(v, 1e-3)) for v in sub.std(axis=(0, 2, 3))],
-                         value_range=norm.value_range)
-
-
-class ChipSampler:
-    """Random augmented crops from the chip arrays, as normalised torch batches.
-
-    Optional arrays of the npz widen what one file can hold: ``chip_gsd`` (N,) the ground
-    pixel size of each chip (chips of several sources kept near their native resolution;
-    each crop is then cut so that it lands at the model ``gsd`` times the random ``scale``)
-    and ``weight`` (N,) sampling weights (to balance sources of very different sizes)."""
-
-    def __init__(self, data: dict[str, Any], norm: Normalization, crop: int,
-                 rng: np.random.Generator, scale: tuple[float, float] = (0.7, 1.4),
-                 colour: bool = True, sensor: bool = False) -> None:
-        self.images, self.labels = data["images"], data["labels"]
-        n = len(self.images)
-        self.coarse = data.get("coarse")
-        if self.coarse is not None and (self.coarse.ndim != 4 or self.coarse.shape[0] != n
-                                        or self.coarse.shape[2:] != self.images.shape[2:]):
-            raise UserError(f"coarse maps {self.coarse.shape} do not match the images "
-                            f"{self.images.shape}")
-        self.zoom = np.ones(n)
-        if "chip_gsd" in data:
-            chip_gsd = np.asarray(data["chip_gsd"], np.float64)
-            model_gsd = float(data.get("gsd", np.nan))
-            if (chip_gsd.shape != (n,) or not np.isfinite(chip_gsd).all()
-                    or (chip_gsd <= 0).any() or not model_gsd > 0):
-                raise UserError("'chip_gsd' must hold one pixel size > 0 per chip, with the "
-                                "model 'gsd' given")
-            self.zoom = model_gsd / chip_gsd  # source pixels per model pixel
-        self.div = norm.divisor(self.images.dtype)
-        self.mean = torch.tensor(norm.mean, dtype=torch.float32)[:, None, None]
-        self.std = torch.tensor(norm.std, dtype=torch.float32)[:, None, None]
-        self.crop, self.rng, self.scale = crop, rng, scale
-        self.colour, self.sensor = colour, sensor
-        valid = (self.labels != 255).reshape(n, -1).mean(1)
-        self.candidates = np.flatnonzero(valid > 0.05)
-        if len(self.candidates) == 0:
-            raise UserError("the training arrays hold no labelled pixels")
-        self.p = None
-        if "weight" in data:
-            w = np.asarray(data["weight"], np.float64)
-            if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any():
-                raise UserError("'weight' must hold one sampling weight >= 0 per chip")
-            w = w[self.candidates]
-            if w.sum() <= 0:
-                raise UserError("the training arrays' weights are all 0")
-            self.p = w / w.sum()
-
-    def sample(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Images, labels and the stored coarse maps (probabilities; None without them) of
-        ``batch`` random crops, all augmented alike."""
-        imgs, labs, pres = [], [], []
-        t = self.images.shape[-1]
-        lo, hi = np.log(self.scale[0]), np.log(self.scale[1])
-        for i in self.rng.choice(self.candidates, size=batch, p=self.p):
-            s = float(np.exp(self.rng.uniform(lo, hi))) / self.zoom[i]
-            src = int(min(t, max(8, round(self.crop / s))))
-            r, c = self.rng.integers(0, t - src + 1, size=2)
-            img = torch.from_numpy(self.images[i, :, r:r + src, c:c + src].astype(np.float32))
-            lab = torch.from_numpy(self.labels[i, r:r + src, c:c + src].astype(np.int64))
-            pre = (None if self.coarse is None else
-                   torch.from_numpy(self.coarse[i, :, r:r + src, c:c + src].astype(np.float32)))
-            if src != self.crop:
-                img, pre = (None if x is None else
-                            F.interpolate(x[None], size=(self.crop, self.crop), mode="bilinear",
-                                          antialias=src > self.crop, align_corners=False)[0]
-                            for x in (img, pre))
-                lab = F.interpolate(lab[None, None].float(), size=(self.crop, self.crop),
-                                    mode="nearest")[0, 0].long()
-            k = int(self.rng.integers(4))
-            img, lab = torch.rot90(img, k, (1, 2)), torch.rot90(lab, k, (0, 1))
-            flip = self.rng.random() < 0.5
-            if flip:
-                img, lab = img.flip(2), lab.flip(1)
-            if pre is not None:
-                pre = torch.rot90(pre, k, (1, 2))
-                pres.append((pre.flip(2) if flip else pre) / 255.0)
-            img = img / self.div
-            if self.colour:
-                img = self._jitter(img)
-            if self.sensor:
-                img = self._sensor(img)
-            imgs.append((img - self.mean) / self.std)
-            labs.append(lab)
-        return torch.stack(imgs), torch.stack(labs), torch.stack(pres) if pres else None
-
-    def _sensor(self, img: torch.Tensor) -> torch.Tensor:
-        """What other cameras and pipelines do to [0, 1] values: gamma, haze, blur, noise and
-        JPEG compression, each at random and of random strength."""
-        from .degrade import gaussian_blur
-
-        rng = self.rng
-        if rng.random() < 0.3:
-            img = img.clamp(0, 1) ** float(np.exp(rng.uniform(-0.4, 0.4)))
-        if rng.random() < 0.2:
-            a = float(rng.uniform(0.1, 0.4))
-            img = img * (1 - a) + a * float(rng.uniform(0.6, 0.9))
-        if rng.random() < 0.3:
-            img = gaussian_blur(img[None], float(rng.uniform(0.4, 1.5)))[0]
-        if rng.random() < 0.2:
-            img = img + torch.from_numpy(rng.normal(0, rng.uniform(0.01, 0.04), img.shape)
-                                         ).float()
-        if rng.random() < 0.3 and img.shape[0] in (1, 3):
-            img = _jpeg(img, int(rng.integers(30, 90)))
-        return img.clamp(0, 1)
-
-    def _jitter(self, img: torch.Tensor) -> torch.Tensor:
-        """Brightness, contrast, saturation and per-band gain jitter on [0, 1] values."""
-        rng = self.rng
-        gray = img.mean(0, keepdim=True)
-        img = gray + (img - gray) * rng.uniform(0.7, 1.3)  # saturation
-        img = (img - img.mean()) * rng.uniform(0.75, 1.25) + img.mean()  # contrast
-        gains = torch.from_numpy(rng.uniform(0.92, 1.08, size=(img.shape[0], 1, 1)))
-        img = img * gains.float() + rng.uniform(-0.1, 0.1)  # brightness / white balance
-        return img.clamp(0, 1)
 
 
 # ------------------------------------------------------------------------ helpers
-
-
-def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
-    """(1 or 3, H, W) values in [0, 1] through a JPEG encode/decode at ``quality``."""
-    import io
-
-    from PIL import Image
-
-    u8 = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8).save(buf, "JPEG", quality=quality)
-    out = np.asarray(Image.open(buf), dtype=np.float32) / 255
-    return torch.from_numpy(out.reshape(u8.shape)).permute(2, 0, 1).contiguous()
 
 
 def _soft_dice(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -250,18 +87,6 @@ def _miou(pred: torch.Tensor, labels: torch.Tensor, k: int) -> float:
         if (t.sum().item()) > 0:
             ious.append((p & t).sum().item() / union)
     return float(np.mean(ious)) if ious else float("nan")
-
-
-def _val_batches(val: dict[str, Any], norm: Normalization, limit: int = 48):
-    n = len(val["images"])
-    idx = np.linspace(0, n - 1, min(n, limit)).round().astype(int)
-    mean = torch.tensor(norm.mean)[:, None, None]
-    std = torch.tensor(norm.std)[:, None, None]
-    div = norm.divisor(val["images"].dtype)
-    for j in range(0, len(idx), 8):
-        sel = idx[j:j + 8]
-        img = (torch.from_numpy(val["images"][sel].astype(np.float32)) / div - mean) / std
-        yield img, torch.from_numpy(val["labels"][sel].astype(np.int64))
 
 
 class _Run:
@@ -372,6 +197,7 @@ def train_coarse(
     crop: int = _T.crop,
     normalization: Normalization | None = None,
     checkpoint_every: int = _T.checkpoint_every,
+    init_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Train the coarse segmentor (cross-entropy + soft Dice); return the checkpoint path.
 
@@ -381,6 +207,9 @@ def train_coarse(
     ``train coarse --config`` takes them; an unknown key (another architecture's included)
     is a UserError. A new ``lite-fpn`` run starts its encoder from ImageNet weights (the
     ``train`` extra; a UserError without it), a resumed one from its checkpoint.
+    ``init_weights`` (a state dict of the same architecture, e.g. a bundled model's
+    ``segmentor.*`` tensors without the prefix) starts a new run from a trained network:
+    fine-tuning, or a longer run whose checkpoint is gone.
     """
     arch, extra = split_config("coarse", config, "config")
     training = TrainingConfig.from_dict(
@@ -393,7 +222,10 @@ def train_coarse(
     k = len(run.classes)
     # a new lite-fpn run starts from ImageNet weights; a resumed one has its own
     net = build_segmentor_net(cast(CoarseConfig | LiteFpnConfig, run.arch), **run.shape,
-                              pretrained=run.state is None).to(run.device)
+                              pretrained=run.state is None and init_weights is None)
+    if run.state is None and init_weights is not None:
+        _load_init(net, init_weights)
+    net = net.to(run.device)
 
     def step(img: torch.Tensor, lab: torch.Tensor, _pre: torch.Tensor | None
              ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -406,6 +238,23 @@ def train_coarse(
     return _fit(run, net, step, progress=progress,
                 validate=None if val is None else
                 (lambda: _validate_coarse(net, val, run.norm, k, run.device)))
+
+
+def _load_init(net: torch.nn.Module, weights: Mapping[str, torch.Tensor],
+               allow_missing: str | None = None) -> None:
+    """Load a trained network's weights to start from; keys under ``allow_missing`` may be
+    absent (a shared encoder stored with the segmentor), nothing else."""
+    try:
+        missing, unexpected = net.load_state_dict(dict(weights), strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise UserError("the initial weights do not fit the network (they need the same "
+                        f"architecture, bands and classes): {first_line(exc)}") from None
+    missing = [k for k in missing if not (allow_missing and k.startswith(allow_missing))]
+    if missing or unexpected:
+        raise UserError("the initial weights do not fit the network (they need the same "
+                        f"architecture, bands and classes): {len(missing)} missing "
+                        f"(e.g. {missing[:1]}), {len(unexpected)} unexpected "
+                        f"(e.g. {unexpected[:1]})")
 
 
 def _fit(run: _Run, net: torch.nn.Module,
@@ -476,7 +325,7 @@ def _averaged_weights(net: torch.nn.Module, ema: AveragedModel | None) -> Iterat
 def _validate_coarse(net, val, norm, k, device) -> dict[str, float]:
     net.eval()
     losses, preds, labs = [], [], []
-    for img, lab in _val_batches(val, norm):
+    for img, lab in val_batches(val, norm):
         logits = net(img.to(device))
         losses.append(float(F.cross_entropy(logits, lab.to(device), ignore_index=255)))
         preds.append(logits.argmax(1).cpu())
@@ -506,6 +355,7 @@ def train_refiner(
     crop: int = _T.crop,
     normalization: Normalization | None = None,
     checkpoint_every: int = _T.checkpoint_every,
+    init_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Train the guidance network + denoiser; return the checkpoint path.
 
@@ -518,7 +368,8 @@ def train_refiner(
     ``config``: :class:`RefinerConfig` and :class:`RefinerTrainingConfig` settings in one flat
     object, as ``train refiner --config`` takes them (an unknown key is a UserError);
     ``use_coarse=False`` trains the image-only ('no rough') ablation and ``mode="oneshot"``
-    the non-iterative one.
+    the non-iterative one. ``init_weights`` starts a new run from a trained refiner of the
+    same architecture (a lite refiner's encoder comes from ``coarse`` all the same).
     """
     arch, extra = split_config("refiner", config, "config")
     training = RefinerTrainingConfig.from_dict(
@@ -544,6 +395,8 @@ def train_refiner(
                         f"arrays have {k}")
     if isinstance(run.arch, LiteRefinerConfig):
         net: torch.nn.Module = build_lite_refiner(run.arch, **run.shape)
+        if run.state is None and init_weights is not None:
+            _load_init(net, init_weights, allow_missing="encoder.")
         if run.state is None:  # a new run reads the coarse model's (frozen) encoder
             if coarse is None:
                 raise UserError(f"a {arch_name(run.arch)} refiner is trained on a lite-fpn "
@@ -551,7 +404,10 @@ def train_refiner(
             net.encoder.load_state_dict(encoder_state(coarse, run.arch.variant))
         net = net.to(run.device)
     else:
-        net = build_refiner_net(cast(RefinerConfig, run.arch), **run.shape).to(run.device)
+        net = build_refiner_net(cast(RefinerConfig, run.arch), **run.shape)
+        if run.state is None and init_weights is not None:
+            _load_init(net, init_weights)
+        net = net.to(run.device)
     gen = torch.Generator().manual_seed(seed + run.start)
     p_model = tc.p_model if coarse is not None or stored is not None else 0.0
     if not tc.degradation:
@@ -582,7 +438,7 @@ def _validate_refiner(net, val, norm, k, device, coarse, oneshot: bool) -> dict[
     net.eval()
     gen = torch.Generator().manual_seed(1)
     cs, rs, labs = [], [], []
-    for img, lab in _val_batches(val, norm, limit=24):
+    for img, lab in val_batches(val, norm, limit=24):
         img = img.to(device)
         probs = (coarse.predict(img).float() if coarse is not None
                  else degrade(lab, k, generator=gen).to(device))

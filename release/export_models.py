@@ -90,10 +90,11 @@ DATA = {
 }
 
 
-def commands(name: str, log: dict, coarse_tag: str, refiner_tag: str) -> list[str]:
+def commands(name: str, log: dict, coarse_tag: str, refiner_tag: str, steps: int,
+             gate: object) -> list[str]:
     return [*log.get(name, []),
             f".venv/bin/python release/export_models.py {name} --coarse-tag {coarse_tag} "
-            f"--refiner-tag {refiner_tag}"]
+            f"--refiner-tag {refiner_tag} --steps {steps} --gate '{json.dumps(gate)}'"]
 
 
 def main() -> None:
@@ -106,7 +107,7 @@ def main() -> None:
     ap.add_argument("--gate", type=json.loads, default=SamplingConfig().gate)
     args = ap.parse_args()
     log = json.loads((REPO / "release" / "training_commands.json").read_text())
-    from idgbr_geo.training import load_npz  # classes/gsd of the arrays
+    from idgbr_geo.chips import load_npz  # classes/gsd of the arrays
 
     for name in args.sets:
         meta = load_npz(TRAIN / f"{name}_val.npz")
@@ -119,7 +120,8 @@ def main() -> None:
             training=TrainingRecord(data={**data, "source": str(meta["source"])},
                                     licences=licences,
                                     commands=commands(name, log, args.coarse_tag,
-                                                      args.refiner_tag)),
+                                                      args.refiner_tag, args.steps,
+                                                      args.gate)),
         )
         md = TRAIN / f"val-{name}.md"
         if md.is_file():

@@ -27,10 +27,11 @@ import torch
 
 from idgbr_geo.cards import ModelCard, Normalization
 from idgbr_geo.checkpoints import segmentor_from_checkpoint
+from idgbr_geo.chips import load_npz
 from idgbr_geo.interfaces import Model
 from idgbr_geo.predict import predict_windows
 from idgbr_geo.registry import load_checkpoint
-from idgbr_geo.training import load_npz, train_coarse
+from idgbr_geo.training import train_coarse
 
 ROOT = Path(__file__).resolve().parent.parent / ".train"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from idgbr_geo.checkpoints import segmentor_from_checkpoint
+from idgbr_geo.checkpoints import model_stage, segmentor_from_checkpoint
 from idgbr_geo.config import TrainingConfig
 from idgbr_geo.training import train_coarse, train_refiner
 
@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--arrays", default=None, help="training arrays in .train [<set>_train]")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-model", default=None,
+                    help="start a new run from this model's network (a bundled model name or "
+                         "a card path): its segmentor for coarse, its refiner for refiner")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tag = args.tag or args.stage
@@ -49,6 +52,8 @@ def main() -> None:
     common = dict(iterations=args.iterations, batch_size=args.batch_size, crop=args.crop,
                   lr=args.lr, seed=0, device="auto", resume=args.resume,
                   config=json.loads(args.config), progress=True)
+    if args.init_model:
+        common["init_weights"] = model_stage(args.init_model, args.stage)[1]
     train = ROOT / f"{args.arrays or args.set + '_train'}.npz"
     if args.stage == "coarse":
         path = train_coarse(train, out, val_npz=ROOT / f"{args.set}_val.npz", **common)

@@ -218,8 +218,9 @@ class Validator:
 
     def __init__(self, model: Model, workdir: Path, *, second: Model | None = None,
                  oneshot: tuple[str, Model] | None = None, ablations: bool = False,
-                 passthrough: bool = False) -> None:
+                 passthrough: bool = False, assume_gsd: float | None = None) -> None:
         self.model, self.second, self.oneshot = model, second, oneshot
+        self.assume_gsd = assume_gsd
         self.workdir, self.ablations, self.passthrough = workdir, ablations, passthrough
         self.classes = list(model.card.classes)
         self.acc: dict[tuple[str, str, str], MetricAccumulator] = {}
@@ -242,14 +243,19 @@ class Validator:
             out.append((f"one-shot refiner ({tag}), {s.steps} step(s)", m, {}))
         return out
 
+    def given_gsd(self, scene: Scene) -> dict[str, Any]:
+        """``gsd`` for a scene without one when ``--assume-gsd`` is set (what a user's
+        ``--gsd`` does), else nothing (the engine assumes the model's GSD)."""
+        return {"gsd": self.assume_gsd} if scene.gsd is None and self.assume_gsd else {}
+
     def coarse_map(self, source: str, scene: Scene, path: Path, out: Path
                    ) -> tuple[np.ndarray, float]:
         """A scene's coarse map ``source`` as a class raster at ``out``, and its seconds."""
         if source == "ours":
-            return engine(path, out, self.model, coarse_only=True)
+            return engine(path, out, self.model, coarse_only=True, **self.given_gsd(scene))
         if source == "second-arch":
             assert self.second is not None
-            return engine(path, out, self.second, coarse_only=True)
+            return engine(path, out, self.second, coarse_only=True, **self.given_gsd(scene))
         t = time.perf_counter()
         gsd = self.model.card.gsd or scene.gsd or 1.0
         cm = degrade(scene.label, source, num_classes=len(self.classes), gsd=scene.gsd,
@@ -302,7 +308,8 @@ class Validator:
             for j, (method, model, opts) in enumerate(self.methods(source)):
                 for i, (s, p) in enumerate(zip(scenes, paths, strict=True)):
                     given = None if source == "ours" else self.workdir / f"coarse_{i}.tif"
-                    pred, secs = engine(p, self.workdir / "refined.tif", model, given, **opts)
+                    pred, secs = engine(p, self.workdir / "refined.tif", model, given,
+                                        **opts, **self.given_gsd(s))
                     self.score(group, source, method, pred, s.label, maps[i], secs)
                 if j == 0:
                     self.emit(group, source, COARSE)
@@ -373,6 +380,12 @@ def main() -> None:
     ap.add_argument("--passthrough", action="store_true",
                     help="on external coarse maps also a 0-step run: what the engine's "
                          "resampling to the model grid and back alone does to them")
+    ap.add_argument("--soften", type=float, default=0.0,
+                    help="research: blur one-hot coarse maps by SIGMA model px before the "
+                         "refiner (research/soften.py)")
+    ap.add_argument("--assume-gsd", type=float, default=None,
+                    help="run scenes without a GSD with this --gsd (default: none, the engine "
+                         "assumes the model's)")
     ap.add_argument("--limit", type=int, default=None, help="at most N scenes per source")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
@@ -417,6 +430,10 @@ def main() -> None:
                 oneshot = (args.oneshot_tag, exported(
                     f"{args.set}-{args.coarse_tag}-{args.oneshot_tag}", ckpt(args.coarse_tag),
                     ckpt(args.oneshot_tag), sampling, work / "oneshot"))
+        if args.soften > 0:
+            from research.soften import SoftenedRefiner
+
+            model.refiner = SoftenedRefiner(model.refiner, args.soften)
         if args.ablations and oneshot is None:
             print(f"(no one-shot ablation: needs --coarse-tag and {ckpt(args.oneshot_tag)})")
         second = None
@@ -426,7 +443,7 @@ def main() -> None:
                 ap.error(f"--second-model has classes {second.card.classes}, the model "
                          f"{model.card.classes}")
         v = Validator(model, work, second=second, oneshot=oneshot, ablations=args.ablations,
-                      passthrough=args.passthrough)
+                      passthrough=args.passthrough, assume_gsd=args.assume_gsd)
         print(f"model {describe(model)}" + (f"; second-arch {describe(second)}" if second
                                               else ""), flush=True)
         for group, scenes in load_scenes(args.set, args.limit).items():
@@ -434,7 +451,8 @@ def main() -> None:
         v.pooled()
     report(args, v, {"model": describe(model), "sources": sources, "limit": args.limit,
                      "second_model": describe(second) if second else None,
-                     "ablations": args.ablations, "passthrough": args.passthrough})
+                     "ablations": args.ablations, "passthrough": args.passthrough,
+                     "soften": args.soften, "assume_gsd": args.assume_gsd})
 
 
 if __name__ == "__main__":

@@ -214,6 +214,45 @@ def test_train_coarse_then_refiner(tmp_path):
     assert refined.shape == (1, 2, 32, 32)
 
 
+def test_train_coarse_from_a_model(tmp_path):
+    """--init-model: a new run starts from another model's network and settings."""
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    img, lab = labelled_scenes(tmp_path, n=2, size=64)
+    data = ["--images", str(img), "--labels", str(lab), "--classes", "background,building",
+            "--chip-size", "64", "--val-fraction", "0.5"]
+    small = ["--iterations", "2", "--batch-size", "2", "--crop", "32", "--device", "cpu",
+             "--quiet"]
+    first = tmp_path / "a"
+    r = run(["coarse", *data, "--out", str(first), "--name", "a", *small,
+             "--config", '{"widths": [4, 8, 8, 8]}'])
+    assert r.exit_code == 0, r.output
+    # no --config: the model's network settings; a tiny lr: its weights come through
+    second = tmp_path / "b"
+    r = run(["coarse", "--data", str(first / "data"), "--out", str(second), "--name", "b",
+             *small, "--lr", "1e-12", "--init-model", str(first / "a.json")])
+    assert r.exit_code == 0, r.output
+    card_a = json.loads((first / "a.json").read_text())
+    card_b = json.loads((second / "b.json").read_text())
+    assert card_b["segmentor"] == card_a["segmentor"]
+    wa, wb = load_file(str(first / "a.safetensors")), load_file(str(second / "b.safetensors"))
+    learned = [k for k in wa if "running" not in k and "num_batches" not in k]
+    assert learned and all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6)
+                           for k in learned)
+    # a network of other settings cannot start from it: one line, no run
+    r = run(["coarse", "--data", str(first / "data"), "--out", str(tmp_path / "c"), *small,
+             "--init-model", str(first / "a.json"), "--config", '{"widths": [4, 8, 8, 16]}'])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert r.stderr.startswith("Error: the initial weights do not fit the network")
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c" / "c.json").exists()
+    # the model it starts from is an input: no output may replace it
+    r = run(["coarse", "--data", str(first / "data"), "--out", str(first), "--name", "a",
+             *small, "--overwrite", "--init-model", str(first / "a.json")])
+    assert r.exit_code != 0 and "is the --init-model" in r.stderr
+
+
 def test_refiner_with_torchgeo_checkpoint(tmp_path):
     from test_byo import make_task, save_ckpt
 

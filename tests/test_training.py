@@ -10,17 +10,11 @@ import torch
 
 from idgbr_geo.cards import ModelCard
 from idgbr_geo.checkpoints import export_model, refiner_from_checkpoint, segmentor_from_checkpoint
+from idgbr_geo.chips import ChipSampler, fit_normalization, load_npz
 from idgbr_geo.config import RefinerConfig, RefinerTrainingConfig, SamplingConfig
 from idgbr_geo.errors import UserError
 from idgbr_geo.registry import load_model
-from idgbr_geo.training import (
-    ChipSampler,
-    _coarse_maps,
-    fit_normalization,
-    load_npz,
-    train_coarse,
-    train_refiner,
-)
+from idgbr_geo.training import _coarse_maps, train_coarse, train_refiner
 
 TINY = {"widths": [4, 8, 8, 8]}
 TINY_REF = {"c1": 4, "c2": 4, "c4": 8, "c8": 8, "ch": 8, "blocks": 1}
@@ -261,59 +255,35 @@ def test_checkpoint_of_the_flat_config_format_still_loads(npz, tmp_path):
     assert torch.equal(a, b)
 
 
-def _gradient_chips(n: int = 2, t: int = 64) -> dict:
-    """Chips whose red band is the column index: a crop's span of columns shows its zoom."""
-    images = np.zeros((n, 3, t, t), np.uint8)
-    images[:, 0] = np.arange(t, dtype=np.uint8)[None, None, :]
-    return {"images": images, "labels": np.zeros((n, t, t), np.uint8),
-            "classes": ["a", "b"], "gsd": np.float64(0.5)}
-
-
-def test_chip_gsd_zooms_each_chip_to_the_model_gsd():
-    from idgbr_geo.cards import Normalization
-
-    data = _gradient_chips()
-    data["chip_gsd"] = np.array([0.25, 0.5])  # chip 0 is twice as fine as the model
-    data["weight"] = np.array([1.0, 0.0])  # and the only one drawn
-    norm = Normalization(mean=[0, 0, 0], std=[1 / 255] * 3)  # raw values back
-    s = ChipSampler(data, norm, 16, np.random.default_rng(0), scale=(1.0, 1.0), colour=False)
-    img, _, _ = s.sample(8)
-    spans = img[:, 0].amax((1, 2)) - img[:, 0].amin((1, 2))
-    assert torch.all((spans > 26) & (spans < 34))  # 16 model px = 32 source px
-    data["weight"] = np.array([0.0, 1.0])
-    s = ChipSampler(data, norm, 16, np.random.default_rng(0), scale=(1.0, 1.0), colour=False)
-    spans = (lambda x: x.amax((1, 2)) - x.amin((1, 2)))(s.sample(8)[0][:, 0])
-    assert torch.all((spans > 12) & (spans < 18))  # no zoom
-
-
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("chip_gsd", np.array([0.5]), "'chip_gsd' must hold one pixel size"),
-    ("chip_gsd", np.array([0.5, -1.0]), "'chip_gsd' must hold one pixel size"),
-    ("weight", np.array([1.0, np.nan]), "'weight' must hold one sampling weight"),
-    ("weight", np.array([0.0, 0.0]), "weights are all 0"),
-])
-def test_bad_chip_gsd_or_weights_are_one_error(key, value, message):
-    data = _gradient_chips()
-    data["labels"][:] = 1
-    data[key] = value
-    with pytest.raises(UserError, match=message):
-        ChipSampler(data, fit_normalization(data["images"]), 16, np.random.default_rng(0))
-
-
-def test_sensor_augmentation_keeps_values_in_range_and_changes_images():
-    from idgbr_geo.cards import Normalization
-
-    data = _gradient_chips(4)
-    norm = Normalization(mean=[0, 0, 0], std=[1, 1, 1])
-    plain = ChipSampler(data, norm, 32, np.random.default_rng(0), colour=False).sample(16)[0]
-    aug = ChipSampler(data, norm, 32, np.random.default_rng(0), colour=False,
-                      sensor=True).sample(16)[0]
-    assert aug.min() >= 0 and aug.max() <= 1
-    assert not torch.allclose(plain, aug)
-
-
 @pytest.mark.parametrize("scale", [[1.0], [2.0, 1.0], [0.0, 1.0], "big"])
 def test_bad_scale_range_is_refused(npz, tmp_path, scale):
     with pytest.raises(UserError, match="'scale' must be"):
         train_coarse(npz, tmp_path / "c", iterations=1, config={"scale": scale},
                      batch_size=2, crop=32, progress=False, device="cpu")
+
+
+def test_a_new_run_starts_from_given_weights(npz, tmp_path):
+    """``init_weights`` continues a trained network in a new run (a longer run whose
+    checkpoint is gone, or fine-tuning a bundled model); weights of another shape are one
+    UserError, not a traceback."""
+    kw = dict(batch_size=2, crop=32, progress=False, device="cpu", config=TINY)
+    first = torch.load(train_coarse(npz, tmp_path / "a", iterations=3, **kw),
+                       weights_only=True)["model"]
+    # a vanishing learning rate keeps the start: the new run's weights are the given ones
+    again = torch.load(train_coarse(npz, tmp_path / "b", iterations=1, lr=1e-12,
+                                    init_weights=first, **kw), weights_only=True)["model"]
+    fresh = torch.load(train_coarse(npz, tmp_path / "c", iterations=1, lr=1e-12, **kw),
+                       weights_only=True)["model"]
+    floats = [k for k in first if first[k].is_floating_point() and "running" not in k]
+    assert all(torch.allclose(first[k], again[k], atol=1e-6) for k in floats)
+    assert not all(torch.allclose(first[k], fresh[k], atol=1e-6) for k in floats)
+    wrong = {k: v[..., :1] if v.ndim == 4 else v for k, v in first.items()}
+    with pytest.raises(UserError, match="initial weights do not fit"):
+        train_coarse(npz, tmp_path / "d", iterations=1, init_weights=wrong, **kw)
+    rc = torch.load(train_refiner(npz, tmp_path / "r", iterations=2, config=TINY_REF,
+                                  batch_size=2, crop=32, progress=False, device="cpu"),
+                    weights_only=True)["model"]
+    with pytest.raises(UserError, match="1 missing"):
+        train_refiner(npz, tmp_path / "r2", iterations=1, config=TINY_REF, batch_size=2,
+                      crop=32, progress=False, device="cpu",
+                      init_weights={k: v for k, v in list(rc.items())[1:]})

@@ -119,6 +119,11 @@ def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "is an error."),
         click.option("--checkpoint-every", type=int, default=_T.checkpoint_every,
                      show_default=True),
+        click.option("--init-model", metavar="NAME|CARD",
+                     help="Start from this model's network instead of from scratch or "
+                          "ImageNet (fine-tuning, e.g. a bundled model on your own chips): "
+                          "its segmentor for coarse, its refiner for refiner; its network "
+                          "settings unless --config changes them. Same bands and classes."),
     ]
     for opt in reversed(opts):
         func = opt(func)
@@ -280,6 +285,38 @@ def _config(text: str | None, stage: str) -> dict[str, Any] | None:
     return cfg
 
 
+def _init(opts: dict[str, Any], stage: str, config: dict[str, Any] | None
+          ) -> tuple[dict[str, Any] | None, Any]:
+    """``--init-model``: the settings to train with (the model's network settings, then
+    ``--config``'s) and the weights to start from (None without the option)."""
+    if not opts.get("init_model"):
+        return config, None
+    from ..checkpoints import model_stage
+
+    base, weights = model_stage(opts["init_model"], stage)
+    return {**base, **(config or {})}, weights
+
+
+def _card_files(label: str, spec: str) -> dict[str, str | os.PathLike[str] | None]:
+    """A model option's card and weights file (when ``spec`` names a card)."""
+    from ..registry import resolve_card
+
+    files: dict[str, str | os.PathLike[str] | None] = {label: spec}
+    try:
+        card = resolve_card(spec)  # a card (or a bundled name, or a model folder)
+    except UserError:
+        return files  # not a card: a checkpoint, or an error reported when loading it
+    if card.suffix.lower() == ".json":
+        files[f"{label} card"] = card
+        try:
+            weights = json.loads(card.read_text()).get("weights")
+        except (OSError, ValueError, AttributeError):
+            weights = None
+        if isinstance(weights, str) and weights:
+            files[f"{label} weights"] = card.parent / weights
+    return files
+
+
 def _input_files(opts: dict[str, Any]) -> dict[str, str | os.PathLike[str] | None]:
     """Files a training run reads that an output path could name by mistake."""
     files: dict[str, str | os.PathLike[str] | None] = {}
@@ -291,23 +328,9 @@ def _input_files(opts: dict[str, Any]) -> dict[str, str | os.PathLike[str] | Non
     config = opts.get("config_text")
     if config and config.endswith(".json"):
         files["--config file"] = config
-    spec = opts.get("coarse_model")
-    if spec:
-        from ..registry import resolve_card
-
-        files["--coarse-model"] = spec
-        try:
-            card = resolve_card(spec)  # a card (or a bundled name, or a model folder)
-        except UserError:
-            return files  # not a card: a checkpoint, or an error reported when loading it
-        if card.suffix.lower() == ".json":
-            files["--coarse-model card"] = card
-            try:
-                weights = json.loads(card.read_text()).get("weights")
-            except (OSError, ValueError, AttributeError):
-                weights = None
-            if isinstance(weights, str) and weights:
-                files["--coarse-model weights"] = card.parent / weights
+    for option in ("coarse_model", "init_model"):
+        if opts.get(option):
+            files.update(_card_files("--" + option.replace("_", "-"), opts[option]))
     return files
 
 
@@ -402,6 +425,7 @@ def coarse(ctx: click.Context, **opts: Any) -> None:
 
     config = _config(opts["config_text"], "coarse")
     out, name, train_path, val_path = _prepare_run(opts, "coarse")
+    config, init = _init(opts, "coarse", config)
     info_train, chips = _summary(train_path)
     info = {"train": info_train, "val": _summary(val_path)[0] if val_path else None}
     ckpt = train_coarse(train_path, out / "coarse", val_npz=val_path,
@@ -409,7 +433,7 @@ def coarse(ctx: click.Context, **opts: Any) -> None:
                         lr=opts["lr"], seed=opts["seed"], device=opts["device"],
                         resume=opts["resume"], config=config,
                         progress=not opts["quiet"], crop=opts["crop"],
-                        checkpoint_every=opts["checkpoint_every"])
+                        checkpoint_every=opts["checkpoint_every"], init_weights=init)
     card = _card(name, chips, info, _command_line(ctx), "coarse", opts)
     path = export_model(ckpt, None, card, out)
     if not opts["quiet"]:
@@ -446,11 +470,13 @@ def refiner(ctx: click.Context, **opts: Any) -> None:
     from .. import byo
     from ..cards import Normalization
     from ..checkpoints import drop_shared_encoder, export_model
+    from ..chips import fit_normalization
     from ..registry import save_model, shares_encoder
-    from ..training import fit_normalization, train_refiner
+    from ..training import train_refiner
 
     config = _config(opts["config_text"], "refiner")
     out, name, train_path, val_path = _prepare_run(opts, "refiner")
+    config, init = _init(opts, "refiner", config)
     info_train, chips = _summary(train_path)
     info = {"train": info_train, "val": _summary(val_path)[0] if val_path else None}
     norm, stage, model_norm = None, None, None
@@ -474,7 +500,8 @@ def refiner(ctx: click.Context, **opts: Any) -> None:
                          device=opts["device"], resume=opts["resume"],
                          config=config, progress=not opts["quiet"],
                          degradation=opts["degradation"], crop=opts["crop"],
-                         normalization=norm, checkpoint_every=opts["checkpoint_every"])
+                         normalization=norm, checkpoint_every=opts["checkpoint_every"],
+                         init_weights=init)
     card = _card(name, chips, info, _command_line(ctx), "refiner", opts,
                  base=stage.card if stage else None)
     if stage is not None:

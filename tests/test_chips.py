@@ -1,0 +1,58 @@
+"""The chip sampler: per-chip GSD zoom, sampling weights, sensor augmentation, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from idgbr_geo.cards import Normalization
+from idgbr_geo.chips import ChipSampler, fit_normalization
+from idgbr_geo.errors import UserError
+
+
+def _gradient_chips(n: int = 2, t: int = 64) -> dict:
+    """Chips whose red band is the column index: a crop's span of columns shows its zoom."""
+    images = np.zeros((n, 3, t, t), np.uint8)
+    images[:, 0] = np.arange(t, dtype=np.uint8)[None, None, :]
+    return {"images": images, "labels": np.zeros((n, t, t), np.uint8),
+            "classes": ["a", "b"], "gsd": np.float64(0.5)}
+
+
+def test_chip_gsd_zooms_each_chip_to_the_model_gsd():
+    data = _gradient_chips()
+    data["chip_gsd"] = np.array([0.25, 0.5])  # chip 0 is twice as fine as the model
+    data["weight"] = np.array([1.0, 0.0])  # and the only one drawn
+    norm = Normalization(mean=[0, 0, 0], std=[1 / 255] * 3)  # raw values back
+    s = ChipSampler(data, norm, 16, np.random.default_rng(0), scale=(1.0, 1.0), colour=False)
+    img, _, _ = s.sample(8)
+    spans = img[:, 0].amax((1, 2)) - img[:, 0].amin((1, 2))
+    assert torch.all((spans > 26) & (spans < 34))  # 16 model px = 32 source px
+    data["weight"] = np.array([0.0, 1.0])
+    s = ChipSampler(data, norm, 16, np.random.default_rng(0), scale=(1.0, 1.0), colour=False)
+    spans = (lambda x: x.amax((1, 2)) - x.amin((1, 2)))(s.sample(8)[0][:, 0])
+    assert torch.all((spans > 12) & (spans < 18))  # no zoom
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("chip_gsd", np.array([0.5]), "'chip_gsd' must hold one pixel size"),
+    ("chip_gsd", np.array([0.5, -1.0]), "'chip_gsd' must hold one pixel size"),
+    ("weight", np.array([1.0, np.nan]), "'weight' must hold one sampling weight"),
+    ("weight", np.array([0.0, 0.0]), "weights are all 0"),
+])
+def test_bad_chip_gsd_or_weights_are_one_error(key, value, message):
+    data = _gradient_chips()
+    data["labels"][:] = 1
+    data[key] = value
+    with pytest.raises(UserError, match=message):
+        ChipSampler(data, fit_normalization(data["images"]), 16, np.random.default_rng(0))
+
+
+def test_sensor_augmentation_keeps_values_in_range_and_changes_images():
+    data = _gradient_chips(4)
+    norm = Normalization(mean=[0, 0, 0], std=[1, 1, 1])
+    plain = ChipSampler(data, norm, 32, np.random.default_rng(0), colour=False).sample(16)[0]
+    aug = ChipSampler(data, norm, 32, np.random.default_rng(0), colour=False,
+                      sensor=True).sample(16)[0]
+    assert aug.min() >= 0 and aug.max() <= 1
+    assert not torch.allclose(plain, aug)
