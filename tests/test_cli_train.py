@@ -247,6 +247,11 @@ def test_train_coarse_from_a_model(tmp_path):
     assert r.stderr.startswith("Error: the initial weights do not fit the network")
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "c" / "c.json").exists()
+    # a model that does not exist: one line before any work (no output folder)
+    r = run(["coarse", "--data", str(first / "data"), "--out", str(tmp_path / "d"), *small,
+             "--init-model", str(tmp_path / "nosuch.json")])
+    assert r.exit_code != 0 and r.stderr.startswith("Error:")
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
     # the model it starts from is an input: no output may replace it
     r = run(["coarse", "--data", str(first / "data"), "--out", str(first), "--name", "a",
              *small, "--overwrite", "--init-model", str(first / "a.json")])

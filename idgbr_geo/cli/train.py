@@ -423,9 +423,8 @@ def coarse(ctx: click.Context, **opts: Any) -> None:
     from ..checkpoints import export_model
     from ..training import train_coarse
 
-    config = _config(opts["config_text"], "coarse")
+    config, init = _init(opts, "coarse", _config(opts["config_text"], "coarse"))  # first
     out, name, train_path, val_path = _prepare_run(opts, "coarse")
-    config, init = _init(opts, "coarse", config)
     info_train, chips = _summary(train_path)
     info = {"train": info_train, "val": _summary(val_path)[0] if val_path else None}
     ckpt = train_coarse(train_path, out / "coarse", val_npz=val_path,
@@ -474,9 +473,8 @@ def refiner(ctx: click.Context, **opts: Any) -> None:
     from ..registry import save_model, shares_encoder
     from ..training import train_refiner
 
-    config = _config(opts["config_text"], "refiner")
+    config, init = _init(opts, "refiner", _config(opts["config_text"], "refiner"))  # first
     out, name, train_path, val_path = _prepare_run(opts, "refiner")
-    config, init = _init(opts, "refiner", config)
     info_train, chips = _summary(train_path)
     info = {"train": info_train, "val": _summary(val_path)[0] if val_path else None}
     norm, stage, model_norm = None, None, None
