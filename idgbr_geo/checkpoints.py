@@ -44,7 +44,13 @@ from .errors import UserError, first_line
 from .lite_fpn import build_lite_fpn
 from .lite_refiner import ENCODER_PREFIX, LiteRefiner, build_lite_refiner
 from .networks import CoarseSegmentor, DiffusionRefiner, build_coarse_net, build_refiner_net
-from .registry import load_checkpoint, resolve_device, save_model, shares_encoder
+from .registry import (
+    load_checkpoint,
+    read_model,
+    resolve_device,
+    save_model,
+    shares_encoder,
+)
 
 #: what a checkpoint of the wrong shape raises when its contents are used
 BAD_STATE = (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError)
@@ -158,22 +164,12 @@ def model_stage(name_or_path: str | os.PathLike[str], stage: str
     settings as ``--config`` takes them (``arch`` and the network settings) and its weights
     without their prefix, in float32 (fp16 storage is for shipping, not for training).
     ``stage``: ``"coarse"`` (the segmentor) or ``"refiner"``."""
-    from safetensors.torch import load_file
-
-    from .registry import resolve_card, weights_path
-
-    card_path = resolve_card(name_or_path)
-    card = ModelCard.load(card_path)
+    card, _, tensors = read_model(name_or_path)
     section = card.segmentor if stage == "coarse" else card.refiner
     what = "coarse segmentor" if stage == "coarse" else "refiner"
-    if not section or not card.weights:
+    if not section or not tensors:
         raise UserError(f"model {card.name!r} has no {what} to start from")
     prefix = "segmentor." if stage == "coarse" else "refiner."
-    try:
-        tensors = load_file(str(weights_path(card, card_path)))
-    except Exception as exc:  # SafetensorError, OSError
-        raise UserError(f"model card {card_path}: weights not readable ({first_line(exc)})"
-                        ) from None
     weights = {k[len(prefix):]: v.float() if v.is_floating_point() else v
                for k, v in tensors.items() if k.startswith(prefix)}
     return {"arch": section.get("arch"), **section.get("config", {})}, weights

@@ -184,12 +184,12 @@ def _import_named_architectures() -> None:
                             f"{first_line(exc)}") from None
 
 
-def load_model(name_or_path: str | os.PathLike[str] = "buildings",
-               device: str | torch.device = "auto") -> Model:
-    """Load a bundled or user model (card + safetensors) onto a device."""
+def read_model(name_or_path: str | os.PathLike[str]
+               ) -> tuple[ModelCard, Path, dict[str, torch.Tensor]]:
+    """A model's card, the card's path and all its tensors (on the CPU, as stored), each
+    problem one UserError line; nothing is built."""
     card_path = resolve_card(name_or_path)
     card = ModelCard.load(card_path)
-    dev = resolve_device(device)
     weights: dict[str, torch.Tensor] = {}
     if card.weights:
         wpath = weights_path(card, card_path)
@@ -200,6 +200,14 @@ def load_model(name_or_path: str | os.PathLike[str] = "buildings",
         except Exception as exc:  # SafetensorError, OSError, ... for a file of another kind
             raise UserError(f"model card {card_path}: weights {wpath.name} are not a readable "
                             f"safetensors file ({first_line(exc)})") from None
+    return card, card_path, weights
+
+
+def load_model(name_or_path: str | os.PathLike[str] = "buildings",
+               device: str | torch.device = "auto") -> Model:
+    """Load a bundled or user model (card + safetensors) onto a device."""
+    card, card_path, weights = read_model(name_or_path)
+    dev = resolve_device(device)
     where = f"model card {card_path}"
     seg = _build(card, card.segmentor, "segmentor.", weights, dev, where)
     ref_weights = weights

@@ -146,20 +146,22 @@ def fit_head(m, per_source: int, seed: int):
     return ridge(x, y, best[1])
 
 
-def head_estimate(src, m, fit) -> float:
-    logs = []
+def windows(src, m):
+    """The scene's :func:`window_grid` windows, normalised for the model (1, bands, h, w)."""
     for win in window_grid(src.width, src.height):
-        x = torch.from_numpy(m.card.normalization.apply(src.ds.read(src.bands, window=win),
-                                                        src.dtype))[None]
-        logs.append(float(predict(fit, pooled_features(m.segmentor.net.encoder, x))[0]))
+        yield torch.from_numpy(m.card.normalization.apply(src.ds.read(src.bands, window=win),
+                                                          src.dtype))[None]
+
+
+def head_estimate(src, m, fit) -> float:
+    logs = [float(predict(fit, pooled_features(m.segmentor.net.encoder, x))[0])
+            for x in windows(src, m)]
     return 2.0 ** float(np.median(logs))
 
 
 def confidence_estimate(src, m) -> float:
     scores = np.zeros(len(CANDIDATES))
-    for win in window_grid(src.width, src.height):
-        x = torch.from_numpy(m.card.normalization.apply(src.ds.read(src.bands, window=win),
-                                                        src.dtype))[None]
+    for x in windows(src, m):
         for j, c in enumerate(CANDIDATES):
             h, w = (max(32, round(n / c / 32) * 32) for n in x.shape[-2:])
             y = F.interpolate(x, size=(h, w), mode="area" if c < 1 else "bilinear")
