@@ -288,6 +288,8 @@ class RefinerTrainingConfig(TrainingConfig):
     p_model: float = 0.5
     #: share of samples whose x_t is the noised coarse map instead of the noised truth
     p_coarse_x0: float = 0.5
+    #: share of the degraded-truth maps given as one-hot class rasters (a user's map)
+    p_onehot: float = 0.25
     #: corrupt the coarse model's input by this much (0: clean image)
     coarse_perturb: float = 0.0
     #: extra loss weight of pixels near a true class boundary (0: plain mean)
@@ -298,7 +300,7 @@ class RefinerTrainingConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("t_max", "p_uncond", "p_model", "p_coarse_x0"):
+        for name in ("t_max", "p_uncond", "p_model", "p_coarse_x0", "p_onehot"):
             self._float(name, 0.0, 1.0)
         self._float("coarse_perturb", 0.0)
         self._float("boundary_weight", 0.0)

