@@ -455,7 +455,8 @@ def _validate_refiner(net, val, norm, k, device, coarse, oneshot: bool) -> dict[
 @torch.no_grad()
 def _coarse_maps(img: torch.Tensor, lab: torch.Tensor, k: int, coarse: Any, p_model: float,
                  gen: torch.Generator, rng: np.random.Generator, perturb: float = 0.0,
-                 stored: torch.Tensor | None = None, p_onehot: float = 0.25) -> torch.Tensor:
+                 stored: torch.Tensor | None = None,
+                 p_onehot: float = RefinerTrainingConfig.p_onehot) -> torch.Tensor:
     """Per sample: the coarse model's map, or the ``stored`` one where the training arrays
     carry maps (prob p_model), or a degraded ground truth (one-hot with prob ``p_onehot``).
 
