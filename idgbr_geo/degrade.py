@@ -16,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .config import RefinerTrainingConfig as _T
+
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W) with reflect padding."""
@@ -83,7 +85,7 @@ def harden(probs: torch.Tensor) -> torch.Tensor:
 
 
 def degrade(labels: torch.Tensor, num_classes: int, *, generator: torch.Generator | None = None,
-            ignore_index: int = 255, strength: float = 1.0, p_onehot: float = 0.25
+            ignore_index: int = 255, strength: float = 1.0, p_onehot: float = _T.p_onehot
             ) -> torch.Tensor:
     """Ground truth (B, H, W) -> a random plausible coarse probability map (B, K, H, W).
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from idgbr_geo.cards import ModelCard, TrainingRecord
 from idgbr_geo.checkpoints import export_model
 from idgbr_geo.config import SamplingConfig
+from idgbr_geo.registry import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / ".train"
@@ -99,9 +100,7 @@ def commands(name: str, log: dict, coarse_tag: str, refiner_tag: str, steps: int
 
 def encoder_variant(checkpoint: Path) -> str | None:
     """The EfficientNet-Lite variant of a lite-fpn coarse run (None for other networks)."""
-    import torch
-
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_checkpoint(checkpoint)
     return state["config"].get("variant") if state.get("arch") == "lite-fpn" else None
 
 
