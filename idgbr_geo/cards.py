@@ -154,9 +154,12 @@ def _common_problem(data: dict[str, Any]) -> str | None:
     problem = _normalization_problem(data.get("normalization", {}), bands)
     if problem:
         return problem
-    gsd = data.get("gsd")
-    if gsd is not None and not (_is_number(gsd) and gsd > 0):
-        return f"'gsd' must be a positive number of metres (or null), not {gsd!r}"
+    for key in ("gsd", "gsd_without_crs"):
+        gsd = data.get(key)
+        if gsd is not None and not (_is_number(gsd) and math.isfinite(gsd) and gsd > 0):
+            return f"{key!r} must be a positive number of metres (or null), not {gsd!r}"
+    if data.get("gsd_without_crs") is not None and data.get("gsd") is None:
+        return "'gsd_without_crs' needs the model's 'gsd'"
     for key, low in (("tile_size", 1), ("overlap", 0), ("stride_multiple", 1)):
         v = data.get(key, 0 if low == 0 else 1)
         if not _is_int(v) or v < low:
@@ -373,6 +376,9 @@ class ModelCard:
     band_names: list[str] = field(default_factory=lambda: ["red", "green", "blue"])
     normalization: Normalization = field(default_factory=Normalization)
     gsd: float | None = None
+    #: the pixel size assumed for an input without a CRS (its GSD unknown; most such files
+    #: are satellite exports) when none is given; None: the model's ``gsd``
+    gsd_without_crs: float | None = None
     tile_size: int = 512
     overlap: int = 64
     #: multiple that window origins must respect (e.g. a refiner working at 1/4 resolution)

@@ -454,6 +454,7 @@ def refine_raster(
         stack.enter_context(rasterio.Env(**cache))  # (bytes)
         src = open_source(input, model_bands=card.bands, bands=options.bands,
                           model_gsd=card.gsd, gsd=options.gsd,
+                          gsd_without_crs=card.gsd_without_crs,
                           normalization=card.normalization)
         stack.callback(src.ds.close)
         coarse_ds = None

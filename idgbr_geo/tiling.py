@@ -124,11 +124,13 @@ def select_bands(ds: rasterio.DatasetReader, wanted: int, bands: Sequence[int] |
 
 def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequence[int] | None,
                 model_gsd: float | None, gsd: float | None = None,
+                gsd_without_crs: float | None = None,
                 normalization: Normalization | None = None) -> Source:
     """Open and validate an input raster for a model reading ``model_bands`` bands.
 
-    ``gsd`` overrides the file's pixel size; ``normalization`` (the card's) enables the
-    :class:`ValueRangeWarning` checks."""
+    ``gsd`` overrides the file's pixel size; a file without a CRS and no ``gsd`` is taken to
+    have ``gsd_without_crs`` (the card's; None: ``model_gsd``, i.e. no resampling);
+    ``normalization`` (the card's) enables the :class:`ValueRangeWarning` checks."""
     if gsd is not None and not (math.isfinite(gsd) and gsd > 0):
         raise InputError(f"GSD {gsd} m: give a finite pixel size greater than 0")
     ds = open_raster(path)
@@ -147,7 +149,9 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
                              f"({src.gsd:g} m; corrupt?): give the true one with $gsd",
                              options=["gsd"])
         if ds.crs is None:
-            msg = no_crs_message(src.path, model_gsd, gsd)
+            if gsd is None and gsd_without_crs is not None and model_gsd:
+                src.gsd = gsd_without_crs
+            msg = no_crs_message(src.path, model_gsd, gsd, gsd_without_crs)
             src.warnings.append(msg)
             warnings.warn(msg, NoCRSWarning, stacklevel=2)
         if model_gsd and src.gsd:
@@ -165,14 +169,17 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
         raise
 
 
-def no_crs_message(path: str, model_gsd: float | None, gsd: float | None) -> str:
+def no_crs_message(path: str, model_gsd: float | None, gsd: float | None,
+                   gsd_without_crs: float | None = None) -> str:
     """The :class:`NoCRSWarning` text: what the run does without a CRS and, unless a GSD is
     given, which one it assumes (warnings are shown as they are, not rendered per caller
     like a :class:`UserError`'s ``$option``: the option is named in words)."""
     msg = f"{path} has no CRS: continuing in pixel space (the output has no CRS either)"
     if gsd is None and model_gsd:
-        msg += (f"; its ground sample distance is unknown: assuming the model's {model_gsd:g} m "
-                "per pixel (give the true one with the gsd option)")
+        assumed = (f"the model's default for images without a CRS, {gsd_without_crs:g} m"
+                   if gsd_without_crs is not None else f"the model's {model_gsd:g} m")
+        msg += (f"; its ground sample distance is unknown: assuming {assumed} per pixel "
+                "(give the true one with the gsd option)")
     return msg
 
 

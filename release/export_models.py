@@ -92,10 +92,11 @@ DATA = {
 
 
 def commands(name: str, log: dict, coarse_tag: str, refiner_tag: str, steps: int,
-             gate: object) -> list[str]:
+             gate: object, gsd_without_crs: float | None = None) -> list[str]:
+    extra = f" --gsd-without-crs {gsd_without_crs:g}" if gsd_without_crs else ""
     return [*log.get(name, []),
             f".venv/bin/python release/export_models.py {name} --coarse-tag {coarse_tag} "
-            f"--refiner-tag {refiner_tag} --steps {steps} --gate '{json.dumps(gate)}'"]
+            f"--refiner-tag {refiner_tag} --steps {steps} --gate '{json.dumps(gate)}'{extra}"]
 
 
 def encoder_variant(checkpoint: Path) -> str | None:
@@ -140,6 +141,8 @@ def main() -> None:
     ap.add_argument("--refiner-tag", default="refiner", help="training run of the refiner")
     ap.add_argument("--steps", type=int, default=SamplingConfig().steps)
     ap.add_argument("--gate", type=json.loads, default=SamplingConfig().gate)
+    ap.add_argument("--gsd-without-crs", type=float, default=None,
+                    help="the GSD assumed for inputs without a CRS (default: the model's)")
     args = ap.parse_args()
     log = json.loads((REPO / "release" / "training_commands.json").read_text())
     from idgbr_geo.chips import load_npz  # classes/gsd of the arrays
@@ -156,13 +159,14 @@ def main() -> None:
                                    "(Apache-2.0), fine-tuned")
         card = ModelCard(
             name=name, classes=meta["classes"], colors=COLORS[name], bands=3,
-            gsd=float(meta["gsd"]), tile_size=512, overlap=64, stride_multiple=32,
+            gsd=float(meta["gsd"]), gsd_without_crs=args.gsd_without_crs,
+            tile_size=512, overlap=64, stride_multiple=32,
             sampling=SamplingConfig(steps=args.steps, gate=args.gate),
             training=TrainingRecord(data={**data, "source": str(meta["source"])},
                                     licences=licences,
                                     commands=commands(name, log, args.coarse_tag,
                                                       args.refiner_tag, args.steps,
-                                                      args.gate)),
+                                                      args.gate, args.gsd_without_crs)),
         )
         md = TRAIN / f"val-{name}.md"
         table = md.read_text() if md.is_file() else None

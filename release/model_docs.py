@@ -37,8 +37,8 @@ V1_TRAINING = ("t_max", "p_uncond", "p_model", "p_coarse_x0", "coarse_perturb",
                "boundary_weight", "boundary_radius", "ema", "lr", "iterations", "batch_size")
 #: card fields this generator knows (anything else is listed under "other fields")
 KNOWN = {"version", "name", "classes", "colors", "bands", "band_names", "normalization", "gsd",
-         "tile_size", "overlap", "stride_multiple", "weights", "segmentor", "refiner",
-         "architecture", "sampling", "training", "steps", "extra", "training_data",
+         "gsd_without_crs", "tile_size", "overlap", "stride_multiple", "weights", "segmentor",
+         "refiner", "architecture", "sampling", "training", "steps", "extra", "training_data",
          "training_commands", "validation", "licences", "description"}
 #: words in a licence text that make a model unfit for commercial use
 RESTRICTED = ("research use", "research only", "non-commercial", "noncommercial",
@@ -100,6 +100,7 @@ def normalise(card: dict[str, Any]) -> dict[str, Any]:
         "band_names": [str(b) for b in _list(card.get("band_names"))],
         "normalization": _dict(card.get("normalization")),
         "gsd": card.get("gsd"),
+        "gsd_without_crs": card.get("gsd_without_crs"),
         "tile_size": card.get("tile_size"),
         "overlap": card.get("overlap"),
         "stride_multiple": card.get("stride_multiple"),
@@ -222,6 +223,9 @@ def render_card(card: dict[str, Any], card_path: Path) -> str:
         ("normalisation", norm_text),
         ("ground sample distance", f"{_fmt(c['gsd'])} m" if c["gsd"] is not None
          else "not declared (no resampling)"),
+        ("input without a CRS", f"assumed {_fmt(c['gsd_without_crs'] or c['gsd'])} m per pixel "
+                                "unless `--gsd` is given" if c["gsd"] is not None
+         else "run as it is"),
         ("window", f"{c['tile_size']} px, overlap {c['overlap']} px, window origins on "
                    f"multiples of {c['stride_multiple']} px"),
         ("sampling defaults", f"{c['sampling'].get('steps', '?')} diffusion step(s); gate "

@@ -5,9 +5,10 @@ on the model as :func:`idgbr_geo.registry.load_model` loads it. Each held-out sc
 ``.train/<set>_val_scenes.npz`` (written by release/prepare_data.py) is written as a GeoTIFF
 at its *native* resolution: with a CRS (EPSG:32633) and its pixel size when its GSD is known,
 without any CRS or transform when it is not (a user's un-georeferenced export: the engine then
-assumes the model's GSD). The class rasters the engine writes are scored on that native grid
-against the native label with :class:`idgbr_geo.metrics.MetricAccumulator`, pooled per scene
-source (banepa, xdomain, dubai, massachusetts, ...) and over all sources.
+assumes the card's ``gsd_without_crs``, else its GSD). The class rasters the engine writes are
+scored on that native grid against the native label with
+:class:`idgbr_geo.metrics.MetricAccumulator`, pooled per scene source (banepa, xdomain, dubai,
+massachusetts, ...) and over all sources.
 
 Coarse maps (``--sources``), each scored as it is and refined by the model under test:
 
@@ -245,7 +246,8 @@ class Validator:
 
     def given_gsd(self, scene: Scene) -> dict[str, Any]:
         """``gsd`` for a scene without one when ``--assume-gsd`` is set (what a user's
-        ``--gsd`` does), else nothing (the engine assumes the model's GSD)."""
+        ``--gsd`` does), else nothing (the engine assumes the card's GSD for inputs
+        without a CRS)."""
         return {"gsd": self.assume_gsd} if scene.gsd is None and self.assume_gsd else {}
 
     def coarse_map(self, source: str, scene: Scene, path: Path, out: Path
@@ -342,7 +344,7 @@ def report(args: argparse.Namespace, v: Validator, meta: dict[str, Any]) -> None
              f"IoU, BF@2 (boundary F-score, 2 px) and IoU_imp in %, {what}; Δ = refined minus "
              "coarse; s = seconds of engine time (coarse rows: making the coarse map) summed "
              "over the scenes; scored on each scene's native grid; scenes without a GSD run "
-             "without a CRS (the engine assumes the model's GSD). "
+             "without a CRS (the engine assumes the card's GSD for such inputs). "
              f"second-arch: {meta.get('second_model') or '-'}.", ""]
     groups = list(dict.fromkeys(r["scenes"] for r in v.rows))
     for g in groups:
@@ -383,10 +385,15 @@ def main() -> None:
     ap.add_argument("--soften", type=float, default=0.0,
                     help="research: blur one-hot coarse maps by SIGMA model px before the "
                          "refiner (research/soften.py)")
+    ap.add_argument("--tta", default=None,
+                    help="research: average the segmentor over views (research/tta.py: "
+                         "flip, scale2, flip+scale2, scale1.5)")
     ap.add_argument("--assume-gsd", type=float, default=None,
                     help="run scenes without a GSD with this --gsd (default: none, the engine "
-                         "assumes the model's)")
+                         "assumes the card's)")
     ap.add_argument("--limit", type=int, default=None, help="at most N scenes per source")
+    ap.add_argument("--groups", default=None,
+                    help="comma-separated scene sources to run (default: all), e.g. dubai")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     ap.add_argument("--threads", type=int, default=2)
@@ -434,6 +441,10 @@ def main() -> None:
             from research.soften import SoftenedRefiner
 
             model.refiner = SoftenedRefiner(model.refiner, args.soften)
+        if args.tta:
+            from research.tta import TTASegmentor
+
+            model.segmentor = TTASegmentor(model.segmentor, args.tta)
         if args.ablations and oneshot is None:
             print(f"(no one-shot ablation: needs --coarse-tag and {ckpt(args.oneshot_tag)})")
         second = None
@@ -446,13 +457,15 @@ def main() -> None:
                       passthrough=args.passthrough, assume_gsd=args.assume_gsd)
         print(f"model {describe(model)}" + (f"; second-arch {describe(second)}" if second
                                               else ""), flush=True)
+        groups = None if args.groups is None else set(args.groups.split(","))
         for group, scenes in load_scenes(args.set, args.limit).items():
-            v.run_group(group, scenes, sources)
+            if groups is None or group in groups:
+                v.run_group(group, scenes, sources)
         v.pooled()
     report(args, v, {"model": describe(model), "sources": sources, "limit": args.limit,
                      "second_model": describe(second) if second else None,
                      "ablations": args.ablations, "passthrough": args.passthrough,
-                     "soften": args.soften, "assume_gsd": args.assume_gsd})
+                     "soften": args.soften, "tta": args.tta, "assume_gsd": args.assume_gsd})
 
 
 if __name__ == "__main__":

@@ -60,6 +60,10 @@ def _outside(card, folder):
     card["weights"] = "../elsewhere.safetensors"
 
 
+def _no_gsd_but_without_crs(card, folder):
+    card["gsd"], card["gsd_without_crs"] = None, 0.5
+
+
 def _absolute(card, folder):
     card["weights"] = str((folder / card["weights"]).resolve())
 
@@ -104,6 +108,11 @@ BAD_CARDS = {  # edit of the toy card -> what the one error line must say
     "gsd inf": (_set("gsd", math.inf), "'gsd' must be a positive number"),
     "gsd nan": (_set("gsd", math.nan), "'gsd' must be a positive number"),
     "gsd text": (_set("gsd", "0.3"), "'gsd' must be a positive number"),
+    "gsd_without_crs 0": (_set("gsd_without_crs", 0), "'gsd_without_crs' must be a positive"),
+    "gsd_without_crs nan": (_set("gsd_without_crs", math.nan),
+                            "'gsd_without_crs' must be a positive"),
+    "gsd_without_crs, no gsd": (_no_gsd_but_without_crs,
+                                "'gsd_without_crs' needs the model's 'gsd'"),
     "no classes": (_set("classes", []), "'classes' must be a non-empty list"),
     "classes text": (_set("classes", "background,building"), "'classes' must be"),
     "same classes": (_set("classes", ["a", "a"]), "class names must be unique"),

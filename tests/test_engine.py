@@ -288,6 +288,39 @@ def test_no_crs_warns_and_continues(tmp_path, toy_model):
     assert "assuming" not in str(caught[0].message)
 
 
+def test_no_crs_assumes_the_cards_gsd_without_crs(tmp_path, toy_model):
+    """A card's ``gsd_without_crs`` is the GSD of an un-georeferenced input: the run equals
+    one told that GSD, the output keeps the input's grid, the warning names it."""
+    card_path = toy_model
+    card = json.loads(card_path.read_text())
+    card["gsd_without_crs"] = 0.6
+    card_path.write_text(json.dumps(card))
+    src = write_raster(tmp_path / "nocrs.tif", synthetic_scene(70, 90), crs=None)
+    with pytest.warns(UserWarning, match="no CRS") as caught:
+        s = refine_raster(src, tmp_path / "o.tif", model=toy_model, quiet=True,
+                          options=RunOptions(device="cpu"))
+    msg = str(caught[0].message)
+    assert "assuming the model's default for images without a CRS, 0.6 m per pixel" in msg
+    assert msg in s.warnings
+    with pytest.warns(UserWarning, match="no CRS") as caught:
+        refine_raster(src, tmp_path / "g.tif", model=toy_model, quiet=True,
+                      options=RunOptions(device="cpu", gsd=0.6))
+    assert "assuming" not in str(caught[0].message)
+    with pytest.warns(UserWarning, match="no CRS"):
+        refine_raster(src, tmp_path / "m.tif", model=toy_model, quiet=True,
+                      options=RunOptions(device="cpu", gsd=0.3))
+    a, b, c = _classes(tmp_path / "o.tif"), _classes(tmp_path / "g.tif"), _classes(
+        tmp_path / "m.tif")
+    assert a.shape == (70, 90)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()  # resampled 2x: not the model-GSD run
+    # a file with a CRS keeps its own pixel size
+    geo = write_raster(tmp_path / "geo.tif", synthetic_scene(70, 90))
+    refine_raster(geo, tmp_path / "geo_o.tif", model=toy_model, quiet=True,
+                  options=RunOptions(device="cpu"))
+    np.testing.assert_array_equal(_classes(tmp_path / "geo_o.tif"), c)
+
+
 def _classes(path) -> np.ndarray:
     with rasterio.open(path) as ds:
         return ds.read(1)
