@@ -158,8 +158,13 @@ def _common_problem(data: dict[str, Any]) -> str | None:
         gsd = data.get(key)
         if gsd is not None and not (_is_number(gsd) and math.isfinite(gsd) and gsd > 0):
             return f"{key!r} must be a positive number of metres (or null), not {gsd!r}"
-    if data.get("gsd_without_crs") is not None and data.get("gsd") is None:
-        return "'gsd_without_crs' needs the model's 'gsd'"
+    assumed = data.get("gsd_without_crs")
+    if assumed is not None:
+        if data.get("gsd") is None:
+            return "'gsd_without_crs' needs the model's 'gsd'"
+        if not 1 / 8 <= assumed / data["gsd"] <= 8:
+            return (f"'gsd_without_crs' {assumed:g} m must be within 8x of the model's 'gsd' "
+                    f"{data['gsd']:g} m")
     for key, low in (("tile_size", 1), ("overlap", 0), ("stride_multiple", 1)):
         v = data.get(key, 0 if low == 0 else 1)
         if not _is_int(v) or v < low:

@@ -111,6 +111,7 @@ BAD_CARDS = {  # edit of the toy card -> what the one error line must say
     "gsd_without_crs 0": (_set("gsd_without_crs", 0), "'gsd_without_crs' must be a positive"),
     "gsd_without_crs nan": (_set("gsd_without_crs", math.nan),
                             "'gsd_without_crs' must be a positive"),
+    "gsd_without_crs far off": (_set("gsd_without_crs", 30.0), "must be within 8x of the"),
     "gsd_without_crs, no gsd": (_no_gsd_but_without_crs,
                                 "'gsd_without_crs' needs the model's 'gsd'"),
     "no classes": (_set("classes", []), "'classes' must be a non-empty list"),
