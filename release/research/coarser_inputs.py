@@ -41,7 +41,7 @@ def downsample(image: np.ndarray, label: np.ndarray, factor: float
     img = F.interpolate(torch.from_numpy(image).float()[None], size=size, mode="area")[0]
     lab = torch.from_numpy(label.astype(np.float32))
     ign = F.interpolate((lab == 255).float()[None, None], size=size, mode="area")[0, 0] > 0
-    fg = F.interpolate(((lab == 1) & (lab != 255)).float()[None, None], size=size,
+    fg = F.interpolate((lab == 1).float()[None, None], size=size,
                        mode="area")[0, 0] >= 0.5
     out = fg.numpy().astype(np.uint8)
     out[ign.numpy()] = 255
