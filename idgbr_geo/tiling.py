@@ -103,8 +103,20 @@ class Source:
         warnings.warn(msg, ValueRangeWarning, stacklevel=3)
 
 
-def select_bands(ds: rasterio.DatasetReader, wanted: int, bands: Sequence[int] | None) -> list[int]:
-    """The 1-based band indexes to feed a model that reads ``wanted`` bands."""
+class BandSelectionWarning(IdgbrWarning):
+    """The model's bands were picked from a file with more bands (or in another order) by
+    the file's colour interpretation: say which ones, so a wrong guess is seen."""
+
+
+def select_bands(ds: rasterio.DatasetReader, wanted: int, bands: Sequence[int] | None,
+                 names: Sequence[str] | None = None) -> list[int]:
+    """The 1-based band indexes to feed a model that reads ``wanted`` bands.
+
+    ``bands`` (the user's choice) wins. Otherwise, when the model's ``names`` (the card's
+    ``band_names``, e.g. red, green, blue) are each declared by exactly one band of the
+    file (its colour interpretation), those bands in the model's order: a 4-band RGB +
+    undeclared-mask drone export or a blue, green, red, NIR satellite product then runs
+    without a bands option. Else all non-alpha bands, if there are exactly ``wanted``."""
     if bands:
         bad = [b for b in bands if b < 1 or b > ds.count]
         if bad:
@@ -114,7 +126,10 @@ def select_bands(ds: rasterio.DatasetReader, wanted: int, bands: Sequence[int] |
             raise InputError(f"the model reads {wanted} band(s) but $bands selects {len(bands)}",
                              options=["bands"])
         return list(bands)
-    usable = [i + 1 for i, ci in enumerate(ds.colorinterp) if ci != ColorInterp.alpha]
+    usable = non_alpha_bands(ds)
+    by_colour = bands_by_colour(ds, names) if names and len(names) == wanted else None
+    if by_colour is not None:
+        return by_colour
     if len(usable) == wanted:
         return usable
     raise InputError(f"the input has {ds.count} band(s) ({len(usable)} not alpha) but the model "
@@ -122,20 +137,41 @@ def select_bands(ds: rasterio.DatasetReader, wanted: int, bands: Sequence[int] |
                      f"{','.join(str(i) for i in range(1, wanted + 1))})", options=["bands"])
 
 
+def non_alpha_bands(ds: rasterio.DatasetReader) -> list[int]:
+    """The 1-based indexes of the bands that are not alpha."""
+    return [i + 1 for i, ci in enumerate(ds.colorinterp) if ci != ColorInterp.alpha]
+
+
+def bands_by_colour(ds: rasterio.DatasetReader, names: Sequence[str]) -> list[int] | None:
+    """The bands whose colour interpretation is each of ``names`` in turn, or None unless
+    every name is declared by exactly one band (a name that is no colour interpretation,
+    e.g. ``nir``, gives None)."""
+    found = []
+    for name in names:
+        ci = getattr(ColorInterp, name.lower(), None)
+        hits = [i + 1 for i, c in enumerate(ds.colorinterp) if ci is not None and c == ci]
+        if len(hits) != 1:
+            return None
+        found.append(hits[0])
+    return found
+
+
 def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequence[int] | None,
                 model_gsd: float | None, gsd: float | None = None,
                 gsd_without_crs: float | None = None,
-                normalization: Normalization | None = None) -> Source:
+                normalization: Normalization | None = None,
+                band_names: Sequence[str] | None = None) -> Source:
     """Open and validate an input raster for a model reading ``model_bands`` bands.
 
     ``gsd`` overrides the file's pixel size; a file without a CRS and no ``gsd`` is taken to
     have ``gsd_without_crs`` (the card's; None: ``model_gsd``, i.e. no resampling);
-    ``normalization`` (the card's) enables the :class:`ValueRangeWarning` checks."""
+    ``normalization`` (the card's) enables the :class:`ValueRangeWarning` checks;
+    ``band_names`` (the card's) let :func:`select_bands` pick bands by colour."""
     if gsd is not None and not (math.isfinite(gsd) and gsd > 0):
         raise InputError(f"GSD {gsd} m: give a finite pixel size greater than 0")
     ds = open_raster(path)
     try:
-        chosen = select_bands(ds, model_bands, bands)
+        chosen = select_bands(ds, model_bands, bands, band_names)
         dtypes = {ds.dtypes[b - 1] for b in chosen}
         if len(dtypes) > 1:
             raise InputError(f"the selected bands have mixed data types {sorted(dtypes)}")
@@ -144,6 +180,12 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
             raise InputError(f"unsupported data type {dt.name}")
         src = Source(ds=ds, path=os.fspath(path), bands=chosen,
                      gsd=gsd if gsd is not None else ground_gsd(ds))
+        if not bands and chosen != non_alpha_bands(ds):
+            msg = (f"{src.path} has {ds.count} band(s): reading bands "
+                   f"{','.join(map(str, chosen))} as {', '.join(band_names or [])} (by their "
+                   f"colour interpretation; choose others with the bands option)")
+            src.warnings.append(msg)
+            warnings.warn(msg, BandSelectionWarning, stacklevel=2)
         if src.gsd is not None and not (math.isfinite(src.gsd) and src.gsd > 0):
             raise InputError(f"{src.path}: its geotransform gives no usable pixel size "
                              f"({src.gsd:g} m; corrupt?): give the true one with $gsd",

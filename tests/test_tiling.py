@@ -131,3 +131,48 @@ def test_nodata_values_do_not_bleed_into_resampled_neighbours(tmp_path):
     src.ds.close()
     assert mask[:, :60].all() and not mask[:, 80:].any()
     assert pixels[:, mask].min() >= 0.0  # no -9999 blended into the edge's valid pixels
+
+
+def _with_colours(path, colours):
+    with rasterio.open(path, "r+") as ds:
+        ds.colorinterp = colours
+    return path
+
+
+def test_bands_picked_by_colour_interpretation(tmp_path):
+    from rasterio.enums import ColorInterp as CI
+
+    from idgbr_geo.errors import InputError
+    from idgbr_geo.tiling import BandSelectionWarning
+
+    data = np.arange(4 * 16 * 16, dtype=np.uint8).reshape(4, 16, 16)
+    rgb = ["red", "green", "blue"]
+    # RGB + an undeclared mask band (a common drone export): bands 1-3, with a warning
+    path = _with_colours(write_raster(tmp_path / "rgbx.tif", data),
+                         [CI.red, CI.green, CI.blue, CI.undefined])
+    with pytest.warns(BandSelectionWarning, match="bands 1,2,3 as red, green, blue"):
+        src = open_source(path, model_bands=3, bands=None, model_gsd=0.3, band_names=rgb)
+    assert src.bands == [1, 2, 3] and src.warnings
+    src.ds.close()
+    # blue, green, red, NIR (a satellite product): reordered to the model's red, green, blue
+    path = _with_colours(write_raster(tmp_path / "bgrn.tif", data),
+                         [CI.blue, CI.green, CI.red, CI.undefined])
+    with pytest.warns(BandSelectionWarning, match="bands 3,2,1"):
+        src = open_source(path, model_bands=3, bands=None, model_gsd=0.3, band_names=rgb)
+    assert src.bands == [3, 2, 1]
+    src.ds.close()
+    # the user's choice wins, silently
+    src = open_source(path, model_bands=3, bands=[1, 2, 3], model_gsd=0.3, band_names=rgb)
+    assert src.bands == [1, 2, 3] and not src.warnings
+    src.ds.close()
+    # a plain RGB file: as before, no warning
+    plain = write_raster(tmp_path / "rgb.tif", data[:3])
+    src = open_source(plain, model_bands=3, bands=None, model_gsd=0.3, band_names=rgb)
+    assert src.bands == [1, 2, 3] and not src.warnings
+    src.ds.close()
+    # nothing declared (or a colour twice): still the one-line error that asks for bands
+    for name, colours in (("none", [CI.undefined] * 4),
+                          ("twice", [CI.red, CI.red, CI.blue, CI.green])):
+        path = _with_colours(write_raster(tmp_path / f"{name}.tif", data), colours)
+        with pytest.raises(InputError, match="choose them with"):
+            open_source(path, model_bands=3, bands=None, model_gsd=0.3, band_names=rgb)
