@@ -455,7 +455,8 @@ def refine_raster(
         src = open_source(input, model_bands=card.bands, bands=options.bands,
                           model_gsd=card.gsd, gsd=options.gsd,
                           gsd_without_crs=card.gsd_without_crs,
-                          normalization=card.normalization, band_names=card.band_names)
+                          normalization=card.normalization, band_names=card.band_names,
+                          value_range=options.value_range)
         stack.callback(src.ds.close)
         coarse_ds = None
         if coarse is not None:

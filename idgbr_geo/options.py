@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import UserError
+from .stretch import check_value_range
 
 #: Most diffusion steps: the sampler's schedule is continuous, so past a few dozen steps
 #: more only cost time (the bundled cards use 1); 1000 still lets anyone experiment while
@@ -113,7 +114,10 @@ class RunOptions:
     ``batch_size``: windows per forward pass. ``model_workers``: networks running side by
     side. ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. ``seed``: diffusion noise
     seed (same seed and options, same output). ``gsd``: the input's ground sample distance
-    in metres, overriding what the file says.
+    in metres, overriding what the file says. ``value_range``: raw (low, high) mapped onto
+    the model's value range, every band alike (default: the values as they are, or, for a
+    non-8-bit input that does not use the model's range, a per-band percentile stretch,
+    :mod:`idgbr_geo.stretch`).
     """
 
     coarse_only: bool = False
@@ -126,14 +130,21 @@ class RunOptions:
     device: str = "auto"
     seed: int = 0
     gsd: float | None = None
+    value_range: tuple[float, float] | None = None
 
     #: fields that never change an output's bytes (so a batch's finished scenes stay done)
     NEUTRAL: ClassVar[frozenset[str]] = frozenset({"device", "model_workers"})
 
     def __post_init__(self) -> None:
-        if isinstance(self.bands, Sequence) and not isinstance(self.bands, str):
-            object.__setattr__(self, "bands", tuple(self.bands))
+        for name in ("bands", "value_range"):
+            value = getattr(self, name)
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
         found = _flag_problems(self, ("coarse_only",))
+        if self.value_range is not None:
+            bad = check_value_range(self.value_range)
+            if bad:
+                found.append((("value_range",), f"$value_range {bad}"))
         if self.bands is not None and not (
                 isinstance(self.bands, tuple) and self.bands
                 and all(_integer(b) and b >= 1 for b in self.bands)):

@@ -23,6 +23,7 @@ from rasterio.windows import Window
 from .cards import Normalization
 from .errors import IdgbrWarning, InputError, UserError, first_line
 from .rasters import grid_difference, ground_gsd, open_raster, same_gsd
+from .stretch import Stretch, plan_stretch
 
 #: Largest resampling factor, either way, between the input's GSD and the model's.
 #: Shrinking by f reads (f x window)^2 input pixels per window and keeps f x window input
@@ -62,6 +63,8 @@ class Source:
     warnings: list[str] = field(default_factory=list)
     #: (low, high) raw values that fit the model card's normalisation; None: no check
     value_limits: tuple[float, float] | None = None
+    #: raw values -> the card's range, for inputs that do not use it (:mod:`.stretch`)
+    stretch: Stretch | None = None
 
     @property
     def width(self) -> int:
@@ -160,13 +163,16 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
                 model_gsd: float | None, gsd: float | None = None,
                 gsd_without_crs: float | None = None,
                 normalization: Normalization | None = None,
-                band_names: Sequence[str] | None = None) -> Source:
+                band_names: Sequence[str] | None = None,
+                value_range: Sequence[float] | None = None) -> Source:
     """Open and validate an input raster for a model reading ``model_bands`` bands.
 
     ``gsd`` overrides the file's pixel size; a file without a CRS and no ``gsd`` is taken to
     have ``gsd_without_crs`` (the card's; None: ``model_gsd``, i.e. no resampling);
     ``normalization`` (the card's) enables the :class:`ValueRangeWarning` checks;
-    ``band_names`` (the card's) let :func:`select_bands` pick bands by colour."""
+    ``band_names`` (the card's) let :func:`select_bands` pick bands by colour. With
+    ``normalization``, an input that does not use the card's value range gets a
+    :class:`~idgbr_geo.stretch.Stretch` (``value_range``: the user's (low, high) instead)."""
     if gsd is not None and not (math.isfinite(gsd) and gsd > 0):
         raise InputError(f"GSD {gsd} m: give a finite pixel size greater than 0")
     ds = open_raster(path)
@@ -204,7 +210,11 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
             if not same_gsd(src.gsd, model_gsd):
                 src.factor = ratio
         if normalization is not None:
-            _value_limits(src, dt, normalization)
+            src.stretch, why = plan_stretch(ds, chosen, normalization.divisor(dt), value_range)
+            if why is not None:
+                src._warn(f"{src.path}: {why}")
+            if src.stretch is None:
+                _value_limits(src, dt, normalization)
         return src
     except BaseException:
         ds.close()
@@ -376,6 +386,8 @@ def read_window(src: Source, tile: Tile, *, native: bool = False,
         finite = np.isfinite(data).all(0)
         if not finite.all():
             valid = finite if valid is None else valid & finite
+    if src.stretch is not None:
+        data = src.stretch.apply(data)
     raw = raw_valid = None
     if (native or native_mask) and data.shape[1:] != out:
         raw = data if native else None  # (the resampling below makes new arrays)

@@ -17,7 +17,7 @@ from .vectorize import pop_vector_options, vector_options
 
 #: flags that fill :class:`~idgbr_geo.options.RunOptions` and ``OutputOptions``
 RUN_KEYS = ("coarse_only", "bands", "tile_size", "overlap", "steps", "batch_size",
-            "model_workers", "device", "seed", "gsd")
+            "model_workers", "device", "seed", "gsd", "value_range")
 OUTPUT_KEYS = ("confidence", "cog")
 
 
@@ -29,6 +29,17 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     except ValueError:
         raise click.BadParameter("give 1-based band numbers separated by commas, e.g. 1,2,3"
                                  ) from None
+
+
+def _value_range(ctx: click.Context, param: click.Parameter, value: str | None
+                 ) -> tuple[float, float] | None:
+    if not value:
+        return None
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("give two numbers LOW,HIGH, e.g. 0,2047") from None
+    return low, high
 
 
 def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,6 +64,10 @@ def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "bit)."),
         click.option("--gsd", type=float,
                      help="Input ground sample distance in metres (overrides the file)."),
+        click.option("--value-range", callback=_value_range, metavar="LOW,HIGH",
+                     help="Raw input values mapped onto the model's range, e.g. 0,2047 for "
+                          "11-bit data [the values as they are; a non-8-bit input that does "
+                          "not use the model's range: each band stretched by percentiles]."),
         click.option("--confidence", is_flag=True, help="Add a confidence band (max probability)."),
         click.option("--cog", is_flag=True, help="Write Cloud-Optimized GeoTIFFs."),
         click.option("--overwrite", is_flag=True, help="Replace existing outputs."),
