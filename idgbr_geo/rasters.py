@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 import rasterio
+import rasterio.transform
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from .errors import InputError, first_line
@@ -26,6 +27,9 @@ GSD_TOLERANCE = 0.05
 #: Largest difference between two geotransforms on "one grid", in pixels: rounding in
 #: another tool's GeoTIFF writer, never a real shift.
 GRID_TOLERANCE_PX = 1e-3
+#: Fewest ground control points from which a raster's pixel size is taken (an affine
+#: transform has six unknowns: three points fix it).
+MIN_GCPS = 3
 
 
 def open_raster(path: str | os.PathLike[str], what: str = "input") -> rasterio.DatasetReader:
@@ -104,13 +108,37 @@ def mean_gsd(size: tuple[float, float]) -> float:
     return (size[0] + size[1]) / 2
 
 
-def ground_gsd(ds: Any) -> float | None:
-    """A dataset's GSD in metres (:func:`mean_gsd` of :func:`pixel_ground_size`), None
-    without a CRS, NaN when its geotransform gives no ground size (corrupt)."""
-    if ds.crs is None:
+def gcp_grid(ds: Any) -> tuple[Any, Any] | None:
+    """For a raster georeferenced by ground control points only (no CRS on its grid, e.g.
+    a satellite scene before orthorectification): the GCPs' CRS and the affine transform
+    that fits them best, or None (a CRS on the grid, fewer than :data:`MIN_GCPS` points, or
+    points that fit no transform)."""
+    if ds.crs is not None:
+        return None
+    points, crs = ds.gcps
+    if crs is None or len(points) < MIN_GCPS:
         return None
     try:
-        return mean_gsd(pixel_ground_size(ds.crs, ds.transform, ds.width, ds.height))
+        transform = rasterio.transform.from_gcps(points)
+    except (ArithmeticError, ValueError, RasterioError):
+        return None
+    if not all(math.isfinite(v) for v in transform[:6]) or transform.determinant == 0:
+        return None
+    return crs, transform
+
+
+def ground_gsd(ds: Any) -> float | None:
+    """A dataset's GSD in metres (:func:`mean_gsd` of :func:`pixel_ground_size`; for a
+    raster with ground control points only, of the transform they fit), None without a
+    CRS, NaN when its geotransform gives no ground size (corrupt)."""
+    crs, transform = ds.crs, ds.transform
+    if crs is None:
+        grid = gcp_grid(ds)
+        if grid is None:
+            return None
+        crs, transform = grid
+    try:
+        return mean_gsd(pixel_ground_size(crs, transform, ds.width, ds.height))
     except (ArithmeticError, ValueError, RuntimeError):  # pyproj errors are RuntimeErrors
         return math.nan
 

@@ -22,7 +22,7 @@ from rasterio.windows import Window
 
 from .cards import Normalization
 from .errors import IdgbrWarning, InputError, UserError, first_line
-from .rasters import grid_difference, ground_gsd, open_raster, same_gsd
+from .rasters import gcp_grid, grid_difference, ground_gsd, open_raster, same_gsd
 from .stretch import Stretch, plan_stretch
 
 #: Largest resampling factor, either way, between the input's GSD and the model's.
@@ -196,7 +196,14 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
             raise InputError(f"{src.path}: its geotransform gives no usable pixel size "
                              f"({src.gsd:g} m; corrupt?): give the true one with $gsd",
                              options=["gsd"])
-        if ds.crs is None:
+        if ds.crs is None and gcp_grid(ds) is not None:
+            msg = (f"{src.path} is georeferenced by ground control points only: running at "
+                   f"{'the given' if gsd is not None else 'their'} pixel size, "
+                   f"{src.gsd:.3g} m; the outputs keep the points (warp them onto a map "
+                   f"grid with e.g. gdalwarp)")
+            src.warnings.append(msg)
+            warnings.warn(msg, NoCRSWarning, stacklevel=2)
+        elif ds.crs is None:
             if gsd is None and gsd_without_crs is not None and model_gsd:
                 src.gsd = gsd_without_crs
             msg = no_crs_message(src.path, model_gsd, gsd, gsd_without_crs)

@@ -33,6 +33,21 @@ def write_raster(path: Path, data: np.ndarray, *, crs: str | None = "EPSG:32633"
     return path
 
 
+def write_gcp_raster(path, data: np.ndarray, gsd: float = 0.25, n_points: int = 4):
+    """A raster georeferenced by ground control points only (no geotransform, no CRS on
+    its grid), as satellite scenes before orthorectification arrive."""
+    from rasterio.control import GroundControlPoint
+
+    h, w = data.shape[1:]
+    corners = [(0, 0), (0, w), (h, 0), (h, w)][:n_points]
+    points = [GroundControlPoint(r, c, 500000 + c * gsd, 100000 - r * gsd)
+              for r, c in corners]
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=data.shape[0],
+                       dtype=data.dtype, gcps=points, crs="EPSG:32636") as ds:
+        ds.write(data)
+    return path
+
+
 def synthetic_scene(h: int, w: int, bands: int = 3, seed: int = 0, dtype=np.uint8) -> np.ndarray:
     """Blocky 'buildings' on a textured background: real edges for the models to find."""
     rng = np.random.default_rng(seed)

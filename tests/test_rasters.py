@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
-from synth import write_raster
+from synth import write_gcp_raster, write_raster
 
 from idgbr_geo.errors import InputError
 from idgbr_geo.rasters import (
@@ -99,3 +99,18 @@ def test_same_grid_tolerates_rounding_not_shifts(tmp_path):
                 with pytest.raises(InputError, match=f"^INPUT and COARSE are on different "
                                                      f"grids: .*{why}"):
                     check_same_grid(ref, ds, "COARSE", ref_what="INPUT")
+
+
+def test_ground_gsd_from_ground_control_points(tmp_path):
+    from idgbr_geo.rasters import gcp_grid, ground_gsd
+
+    data = np.zeros((1, 40, 60), np.uint8)
+    with rasterio.open(write_gcp_raster(tmp_path / "g.tif", data, gsd=0.4)) as ds:
+        assert ds.crs is None and gcp_grid(ds) is not None
+        assert ground_gsd(ds) == pytest.approx(0.4, rel=0.01)
+    # two points fix no affine transform: no GSD, as without any georeferencing
+    with rasterio.open(write_gcp_raster(tmp_path / "two.tif", data, n_points=2)) as ds:
+        assert gcp_grid(ds) is None and ground_gsd(ds) is None
+    # a CRS on the grid wins over any points
+    with rasterio.open(write_raster(tmp_path / "grid.tif", data, res=0.3)) as ds:
+        assert gcp_grid(ds) is None and ground_gsd(ds) == pytest.approx(0.3, rel=0.01)

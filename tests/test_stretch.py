@@ -17,7 +17,7 @@ from idgbr_geo.tiling import ValueRangeWarning
 
 
 def full_range_scene(h: int = 96, w: int = 96) -> np.ndarray:
-    """An 8-bit scene whose 0.5th and 99.5th percentiles are exactly 0 and 255 per band,
+    """An 8-bit scene whose 0.1 and 99.9 percentiles are exactly 0 and 255 per band,
     so the stretch of its linear 11-bit copy gives back the 8-bit values exactly."""
     img = synthetic_scene(h, w)
     img[:, :4, :] = 0
@@ -39,7 +39,7 @@ def test_plan_only_for_inputs_that_do_not_use_the_range(tmp_path):
     full = write_raster(tmp_path / "full.tif", img.astype(np.uint16) * 257)
     assert plan(full) == (None, None)
     st, why = plan(write_raster(tmp_path / "u11.tif", img.astype(np.uint16) * 8))
-    assert st is not None and "99.5% of its values lie below 2040" in why
+    assert st is not None and "99.9% of its values lie below 2040" in why
     assert st.low == (0.0,) * 3 and st.high == (2040.0,) * 3
     # reflectance scaled to 0..10000 in float32 on a card for 0..1 floats
     st, why = plan(write_raster(tmp_path / "f.tif", img.astype(np.float32) * 10000 / 255))
