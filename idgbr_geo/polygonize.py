@@ -40,7 +40,7 @@ from tqdm import tqdm
 from .centerlines import skeleton_lines
 from .errors import InputError
 from .files import output_name, read_errors
-from .rasters import gcp_grid
+from .rasters import sensor_georeferencing
 
 #: halo (pixels) read around each window for the road skeleton (> half the widest road)
 CENTERLINE_HALO = 96
@@ -83,10 +83,11 @@ def inspect_class_raster(src: rasterio.DatasetReader) -> ClassRasterInfo:
                          "(expected integer class ids)")
     if np.dtype(src.dtypes[0]).itemsize > 4:
         raise InputError(f"{name} has {src.dtypes[0]} values: class ids must fit in 32 bits")
-    if src.crs is None and gcp_grid(src) is not None:
-        raise InputError(f"{name} is georeferenced by ground control points only: cannot "
-                         "place vector features; warp it onto a map grid first (e.g. "
-                         "gdalwarp -r near)")
+    how = sensor_georeferencing(src)
+    if how is not None:
+        raise InputError(f"{name} is georeferenced by {how} only: cannot place vector "
+                         "features; warp it onto a map grid first (e.g. gdalwarp -r near"
+                         f"{' -rpc' if how == 'RPCs' else ''})")
     if src.crs is None:
         raise InputError(f"{name} has no CRS: cannot georeference vector features "
                          "(assign one, e.g. gdal_edit.py -a_srs EPSG:XXXX)")

@@ -127,20 +127,48 @@ def gcp_grid(ds: Any) -> tuple[Any, Any] | None:
     return crs, transform
 
 
+def sensor_georeferencing(ds: Any) -> str | None:
+    """How a raster without a CRS on its grid is still georeferenced (a satellite scene
+    before orthorectification): ``"ground control points"`` (see :func:`gcp_grid`),
+    ``"RPCs"`` (rational polynomial coefficients), or None."""
+    if ds.crs is not None:
+        return None
+    if gcp_grid(ds) is not None:
+        return "ground control points"
+    return "RPCs" if ds.rpcs is not None else None
+
+
+def _rpc_gsd(ds: Any) -> float:
+    """Ground size in metres of the centre pixel by the raster's RPCs (at their mean
+    height): the mean of its width and height on the WGS 84 ellipsoid."""
+    from pyproj import Geod
+
+    r, c = ds.height / 2.0, ds.width / 2.0
+    with rasterio.transform.RPCTransformer(ds.rpcs) as rpc:
+        lon, lat = rpc.xy([r, r, r + 1], [c, c + 1, c], offset="ul")
+    geod = Geod(ellps="WGS84")
+    _, _, dx = geod.inv(lon[0], lat[0], lon[1], lat[1])
+    _, _, dy = geod.inv(lon[0], lat[0], lon[2], lat[2])
+    return mean_gsd((float(dx), float(dy)))
+
+
 def ground_gsd(ds: Any) -> float | None:
-    """A dataset's GSD in metres (:func:`mean_gsd` of :func:`pixel_ground_size`; for a
-    raster with ground control points only, of the transform they fit), None without a
-    CRS, NaN when its geotransform gives no ground size (corrupt)."""
+    """A dataset's GSD in metres (:func:`mean_gsd` of :func:`pixel_ground_size`; without a
+    CRS on the grid, by its ground control points or RPCs,
+    :func:`sensor_georeferencing`), None without any georeferencing, NaN when it gives no
+    ground size (corrupt)."""
     crs, transform = ds.crs, ds.transform
-    if crs is None:
-        grid = gcp_grid(ds)
-        if grid is None:
-            return None
-        crs, transform = grid
     try:
+        if crs is None:
+            how = sensor_georeferencing(ds)
+            if how is None:
+                return None
+            if how == "RPCs":
+                return _rpc_gsd(ds)
+            crs, transform = gcp_grid(ds)
         return mean_gsd(pixel_ground_size(crs, transform, ds.width, ds.height))
-    except (ArithmeticError, ValueError, RuntimeError):  # pyproj errors are RuntimeErrors
-        return math.nan
+    except (ArithmeticError, ValueError, RuntimeError, RasterioError):
+        return math.nan  # (pyproj errors are RuntimeErrors)
 
 
 def same_gsd(gsd: float, target: float) -> bool:

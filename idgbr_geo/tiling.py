@@ -22,7 +22,7 @@ from rasterio.windows import Window
 
 from .cards import Normalization
 from .errors import IdgbrWarning, InputError, UserError, first_line
-from .rasters import gcp_grid, grid_difference, ground_gsd, open_raster, same_gsd
+from .rasters import grid_difference, ground_gsd, open_raster, same_gsd, sensor_georeferencing
 from .stretch import Stretch, plan_stretch
 
 #: Largest resampling factor, either way, between the input's GSD and the model's.
@@ -135,9 +135,12 @@ def select_bands(ds: rasterio.DatasetReader, wanted: int, bands: Sequence[int] |
         return by_colour
     if len(usable) == wanted:
         return usable
+    example = (f"{','.join([str(usable[0])] * wanted)} to feed its one band as every "
+               "colour" if len(usable) == 1 and wanted > 1
+               else ','.join(str(i) for i in range(1, wanted + 1)))
     raise InputError(f"the input has {ds.count} band(s) ({len(usable)} not alpha) but the model "
-                     f"reads {wanted}; choose them with $bands (e.g. "
-                     f"{','.join(str(i) for i in range(1, wanted + 1))})", options=["bands"])
+                     f"reads {wanted}; choose them with $bands (e.g. {example})",
+                     options=["bands"])
 
 
 def non_alpha_bands(ds: rasterio.DatasetReader) -> list[int]:
@@ -196,10 +199,11 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
             raise InputError(f"{src.path}: its geotransform gives no usable pixel size "
                              f"({src.gsd:g} m; corrupt?): give the true one with $gsd",
                              options=["gsd"])
-        if ds.crs is None and gcp_grid(ds) is not None:
-            msg = (f"{src.path} is georeferenced by ground control points only: running at "
+        how = sensor_georeferencing(ds)
+        if how is not None:
+            msg = (f"{src.path} is georeferenced by {how} only: running at "
                    f"{'the given' if gsd is not None else 'their'} pixel size, "
-                   f"{src.gsd:.3g} m; the outputs keep the points (warp them onto a map "
+                   f"{src.gsd:.3g} m; the outputs keep the {how} (warp them onto a map "
                    f"grid with e.g. gdalwarp)")
             src.warnings.append(msg)
             warnings.warn(msg, NoCRSWarning, stacklevel=2)

@@ -24,7 +24,7 @@ from rasterio.windows import Window
 from .cards import hex_to_rgb
 from .errors import OutputError
 from .files import output_name, write_errors
-from .rasters import gcp_grid
+from .rasters import sensor_georeferencing
 from .stitching import Strip
 
 NODATA = 255
@@ -52,9 +52,12 @@ def base_profile(like: rasterio.DatasetReader, count: int, *, block: int = BLOCK
         profile.pop("crs")
         if like.transform.is_identity:
             profile.pop("transform")
-        if gcp_grid(like) is not None:  # keep the input's ground control points
+        how = sensor_georeferencing(like)  # keep the input's GCPs or RPCs
+        if how == "ground control points":
             points, crs = like.gcps
             profile.update(gcps=points, crs=crs)
+        elif how == "RPCs":
+            profile["rpcs"] = like.rpcs
     return profile
 
 

@@ -48,6 +48,29 @@ def write_gcp_raster(path, data: np.ndarray, gsd: float = 0.25, n_points: int = 
     return path
 
 
+def write_rpc_raster(path: Path, data: np.ndarray, gsd: float = 0.5, lat: float = 10.0
+                     ) -> Path:
+    """A raster georeferenced by RPCs only (no geotransform, no GCPs), as satellite scenes
+    before orthorectification arrive: a linear sensor model with ``gsd`` m pixels."""
+    import math
+
+    from rasterio.rpc import RPC
+
+    h, w = data.shape[1:]
+    coeff = [0.0] * 20
+    line_num, samp_num, den = list(coeff), list(coeff), list(coeff)
+    line_num[2], samp_num[1], den[0] = -1.0, 1.0, 1.0  # row ~ -latitude, column ~ longitude
+    rpc = RPC(height_off=0.0, height_scale=100.0, lat_off=lat,
+              lat_scale=(h / 2) * gsd / 110574.0, line_den_coeff=den, line_num_coeff=line_num,
+              line_off=h / 2, line_scale=h / 2, long_off=30.0,
+              long_scale=(w / 2) * gsd / (111320.0 * math.cos(math.radians(lat))),
+              samp_den_coeff=den, samp_num_coeff=samp_num, samp_off=w / 2, samp_scale=w / 2)
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=data.shape[0],
+                       dtype=data.dtype, rpcs=rpc) as ds:
+        ds.write(data)
+    return path
+
+
 def synthetic_scene(h: int, w: int, bands: int = 3, seed: int = 0, dtype=np.uint8) -> np.ndarray:
     """Blocky 'buildings' on a textured background: real edges for the models to find."""
     rng = np.random.default_rng(seed)

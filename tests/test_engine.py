@@ -452,26 +452,33 @@ def test_out_of_range_options_are_refused_by_the_library(tmp_path, toy_model, sc
     assert not (tmp_path / "o.tif").exists()
 
 
-def test_gcp_input_runs_at_its_gsd_and_keeps_its_points(tmp_path):
-    from synth import write_gcp_raster
+@pytest.mark.parametrize("kind", ["ground control points", "RPCs"])
+def test_sensor_georeferenced_input_runs_at_its_gsd_and_keeps_it(tmp_path, kind):
+    from synth import write_gcp_raster, write_rpc_raster
 
     from idgbr_geo.errors import InputError
     from idgbr_geo.tiling import NoCRSWarning
     from idgbr_geo.vectorize import vectorize_raster
 
-    # 0.6 m pixels by their GCPs on a 0.3 m model: resampled, not assumed at the model's GSD
+    # 0.6 m pixels by the sensor model on a 0.3 m model: resampled, not run at the GSD
+    # assumed for inputs without any georeferencing
     model = conv_model(tmp_path / "m", gsd=0.3, refiner=False)
-    src = write_gcp_raster(tmp_path / "g.tif", synthetic_scene(64, 80), gsd=0.6)
-    with pytest.warns(NoCRSWarning, match="ground control points only: running at their "
-                                          "pixel size, 0.6 m"):
-        summary = refine_raster(src, tmp_path / "o.tif", model=model, quiet=True,
-                                options=RunOptions(device="cpu"))
-    assert summary.windows >= 1
+    write = write_gcp_raster if kind == "ground control points" else write_rpc_raster
+    src = write(tmp_path / "g.tif", synthetic_scene(64, 80), gsd=0.6)
+    with pytest.warns(NoCRSWarning, match=f"by {kind} only: running at their pixel size, "
+                                          "0.6 m"):
+        refine_raster(src, tmp_path / "o.tif", model=model, quiet=True,
+                      options=RunOptions(device="cpu"),
+                      outputs=OutputOptions(confidence=True, cog=True))
     with rasterio.open(src) as a, rasterio.open(tmp_path / "o.tif") as b:
         assert (b.width, b.height) == (a.width, a.height) and b.crs is None
-        assert b.gcps[1] == a.gcps[1] and [(p.row, p.col, p.x, p.y) for p in b.gcps[0]] == \
-            [(p.row, p.col, p.x, p.y) for p in a.gcps[0]]
+        if kind == "RPCs":
+            assert b.rpcs is not None and b.rpcs.to_dict() == a.rpcs.to_dict()
+        else:
+            assert b.gcps[1] == a.gcps[1]
+            assert [(p.row, p.col, p.x, p.y) for p in b.gcps[0]] == \
+                [(p.row, p.col, p.x, p.y) for p in a.gcps[0]]
     # polygons need a map grid: one clear error that says how to get one
-    with pytest.raises(InputError, match="ground control points only.*gdalwarp"):
+    with pytest.raises(InputError, match=f"by {kind} only.*gdalwarp"):
         vectorize_raster(tmp_path / "o.tif", tmp_path / "o.gpkg")
     assert not (tmp_path / "o.gpkg").exists()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
-from synth import write_gcp_raster, write_raster
+from synth import write_gcp_raster, write_raster, write_rpc_raster
 
 from idgbr_geo.errors import InputError
 from idgbr_geo.rasters import (
@@ -102,7 +102,7 @@ def test_same_grid_tolerates_rounding_not_shifts(tmp_path):
 
 
 def test_ground_gsd_from_ground_control_points(tmp_path):
-    from idgbr_geo.rasters import gcp_grid, ground_gsd
+    from idgbr_geo.rasters import gcp_grid, ground_gsd, sensor_georeferencing
 
     data = np.zeros((1, 40, 60), np.uint8)
     with rasterio.open(write_gcp_raster(tmp_path / "g.tif", data, gsd=0.4)) as ds:
@@ -114,3 +114,7 @@ def test_ground_gsd_from_ground_control_points(tmp_path):
     # a CRS on the grid wins over any points
     with rasterio.open(write_raster(tmp_path / "grid.tif", data, res=0.3)) as ds:
         assert gcp_grid(ds) is None and ground_gsd(ds) == pytest.approx(0.3, rel=0.01)
+    # RPCs only: the centre pixel's size through them
+    with rasterio.open(write_rpc_raster(tmp_path / "rpc.tif", data, gsd=0.5)) as ds:
+        assert sensor_georeferencing(ds) == "RPCs"
+        assert ground_gsd(ds) == pytest.approx(0.5, rel=0.01)

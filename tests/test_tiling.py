@@ -176,3 +176,14 @@ def test_bands_picked_by_colour_interpretation(tmp_path):
         path = _with_colours(write_raster(tmp_path / f"{name}.tif", data), colours)
         with pytest.raises(InputError, match="choose them with"):
             open_source(path, model_bands=3, bands=None, model_gsd=0.3, band_names=rgb)
+
+
+def test_a_grey_input_is_told_how_to_run(tmp_path):
+    from idgbr_geo.errors import InputError
+
+    grey = write_raster(tmp_path / "grey.tif", np.full((1, 16, 16), 90, np.uint8))
+    with pytest.raises(InputError, match=r"e\.g\. 1,1,1 to feed its one band as every colour"):
+        open_source(grey, model_bands=3, bands=None, model_gsd=0.3)
+    src = open_source(grey, model_bands=3, bands=[1, 1, 1], model_gsd=0.3)
+    assert src.bands == [1, 1, 1]
+    src.ds.close()
