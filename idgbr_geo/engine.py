@@ -458,6 +458,10 @@ def refine_raster(
                           normalization=card.normalization, band_names=card.band_names,
                           value_range=options.value_range)
         stack.callback(src.ds.close)
+        if vector is not None:  # fail before the run, not after it
+            from .polygonize import check_map_grid
+
+            check_map_grid(src.ds, Path(input).name)
         coarse_ds = None
         if coarse is not None:
             coarse_ds = open_coarse(coarse, src.ds)

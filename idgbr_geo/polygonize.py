@@ -71,6 +71,19 @@ class ClassRasterInfo:
         return self.classes[class_id].strip().lower() in {"background", "bg", "nodata"}
 
 
+def check_map_grid(src: rasterio.DatasetReader, name: str) -> None:
+    """Polygons need a CRS on the raster's grid: one :class:`InputError` saying how to get
+    one otherwise (``refine --vector`` checks its input with this before any work)."""
+    how = sensor_georeferencing(src)
+    if how is not None:
+        raise InputError(f"{name} is georeferenced by {how} only: cannot place vector "
+                         "features; warp it onto a map grid first (e.g. gdalwarp -r near"
+                         f"{' -rpc' if how == 'RPCs' else ''})")
+    if src.crs is None:
+        raise InputError(f"{name} has no CRS: cannot georeference vector features "
+                         "(assign one, e.g. gdal_edit.py -a_srs EPSG:XXXX)")
+
+
 def inspect_class_raster(src: rasterio.DatasetReader) -> ClassRasterInfo:
     """Validate a class raster (integer band 1, optional confidence band 2, a CRS)."""
     path = output_name(src.name)  # refine --vector reads its output's temporary file
@@ -83,14 +96,7 @@ def inspect_class_raster(src: rasterio.DatasetReader) -> ClassRasterInfo:
                          "(expected integer class ids)")
     if np.dtype(src.dtypes[0]).itemsize > 4:
         raise InputError(f"{name} has {src.dtypes[0]} values: class ids must fit in 32 bits")
-    how = sensor_georeferencing(src)
-    if how is not None:
-        raise InputError(f"{name} is georeferenced by {how} only: cannot place vector "
-                         "features; warp it onto a map grid first (e.g. gdalwarp -r near"
-                         f"{' -rpc' if how == 'RPCs' else ''})")
-    if src.crs is None:
-        raise InputError(f"{name} has no CRS: cannot georeference vector features "
-                         "(assign one, e.g. gdal_edit.py -a_srs EPSG:XXXX)")
+    check_map_grid(src, name)
     classes = None
     tag = src.tags().get("IDGBR_CLASSES")
     if tag:

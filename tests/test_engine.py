@@ -482,3 +482,21 @@ def test_sensor_georeferenced_input_runs_at_its_gsd_and_keeps_it(tmp_path, kind)
     with pytest.raises(InputError, match=f"by {kind} only.*gdalwarp"):
         vectorize_raster(tmp_path / "o.tif", tmp_path / "o.gpkg")
     assert not (tmp_path / "o.gpkg").exists()
+
+
+def test_vector_output_of_an_input_without_crs_fails_before_the_run(tmp_path, monkeypatch):
+    from idgbr_geo import engine
+    from idgbr_geo.errors import InputError
+    from idgbr_geo.tiling import NoCRSWarning
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the scene was run although its polygons cannot be placed")
+
+    monkeypatch.setattr(engine, "_run", no_run)
+    model = conv_model(tmp_path / "m", refiner=False)
+    src = write_raster(tmp_path / "nocrs.tif", synthetic_scene(40, 40), crs=None)
+    with pytest.raises(InputError, match="nocrs.tif has no CRS: cannot georeference vector"), \
+            pytest.warns(NoCRSWarning):
+        refine_raster(src, tmp_path / "o.tif", model=model, vector=tmp_path / "o.gpkg",
+                      quiet=True, options=RunOptions(device="cpu"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "nocrs.tif"]
