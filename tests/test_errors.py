@@ -141,14 +141,15 @@ def test_absurd_georeferencing_is_one_error_line(tmp_path):
     assert_one_error(res, "georeferencing", out)
 
 
-def test_vector_errors_of_refine_name_the_output_not_its_temporary(tmp_path, toy_model):
-    """refine --vector vectorizes its own temporary raster: messages name the output."""
+def test_vector_errors_of_refine_name_the_input_not_a_temporary(tmp_path, toy_model):
+    """refine --vector checks before the run that its polygons can be placed: the message
+    names the input that lacks a CRS, never the hidden temporary raster."""
     img = write_raster(tmp_path / "nocrs.tif", synthetic_scene(40, 48), crs=None)
     out = tmp_path / "out"
     out.mkdir()
     res = CliRunner().invoke(main, ["refine", str(img), str(out / "o.tif"), "-m",
                                     str(toy_model), "-q", "--vector", str(out / "o.gpkg")])
-    assert_one_error(res, "o.tif has no CRS", out)
+    assert_one_error(res, "nocrs.tif has no CRS", out)
     assert ".partial" not in res.stderr
 
 
