@@ -160,12 +160,10 @@ def ground_gsd(ds: Any) -> float | None:
     crs, transform = ds.crs, ds.transform
     try:
         if crs is None:
-            how = sensor_georeferencing(ds)
-            if how is None:
-                return None
-            if how == "RPCs":
-                return _rpc_gsd(ds)
-            crs, transform = gcp_grid(ds)
+            grid = gcp_grid(ds)
+            if grid is None:
+                return None if ds.rpcs is None else _rpc_gsd(ds)
+            crs, transform = grid
         return mean_gsd(pixel_ground_size(crs, transform, ds.width, ds.height))
     except (ArithmeticError, ValueError, RuntimeError, RasterioError):
         return math.nan  # (pyproj errors are RuntimeErrors)
