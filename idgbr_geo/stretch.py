@@ -74,14 +74,13 @@ def check_value_range(value_range: Sequence[float]) -> str | None:
     return None
 
 
-def sample_values(ds: rasterio.DatasetReader, bands: Sequence[int]) -> np.ndarray:
+def sample_values(ds: rasterio.DatasetReader, bands: Sequence[int], all_valid: bool
+                  ) -> np.ndarray:
     """(bands, N) valid values from windows spread over the scene (nodata, masked and
-    non-finite pixels left out)."""
+    non-finite pixels left out; ``all_valid``: the bands have no mask to read)."""
     size = min(SAMPLE_SIZE, ds.width, ds.height)
     nx = min(SAMPLE_GRID, max(1, ds.width // size))
     ny = min(SAMPLE_GRID, max(1, ds.height // size))
-    all_valid = all(ds.mask_flag_enums[b - 1] == [rasterio.enums.MaskFlags.all_valid]
-                    for b in bands)
     parts = []
     for y in np.linspace(0, ds.height - size, ny).round().astype(int):
         for x in np.linspace(0, ds.width - size, nx).round().astype(int):
@@ -97,17 +96,19 @@ def sample_values(ds: rasterio.DatasetReader, bands: Sequence[int]) -> np.ndarra
 
 
 def plan_stretch(ds: rasterio.DatasetReader, bands: Sequence[int], target: float,
-                 value_range: Sequence[float] | None = None) -> tuple[Stretch | None, str | None]:
+                 value_range: Sequence[float] | None = None, *, all_valid: bool = False
+                 ) -> tuple[Stretch | None, str | None]:
     """The stretch for an input (None: use the values as they are) and, when it was chosen
     from the data, a sentence saying what it does. ``target``: the card's range for the
-    input's type; ``value_range``: the user's (low, high), applied to every band."""
+    input's type; ``value_range``: the user's (low, high), applied to every band;
+    ``all_valid``: the bands have no nodata or mask (the engine's ``Source.all_valid``)."""
     n = len(bands)
     if value_range is not None:
         return Stretch((float(value_range[0]),) * n, (float(value_range[1]),) * n,
                        target), None
     if np.dtype(ds.dtypes[bands[0] - 1]) == np.uint8:
         return None, None
-    values = sample_values(ds, bands)
+    values = sample_values(ds, bands, all_valid)
     if values.shape[1] == 0:
         return None, None
     high = np.percentile(values, HIGH_PERCENTILE, axis=1)

@@ -221,7 +221,8 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
             if not same_gsd(src.gsd, model_gsd):
                 src.factor = ratio
         if normalization is not None:
-            src.stretch, why = plan_stretch(ds, chosen, normalization.divisor(dt), value_range)
+            src.stretch, why = plan_stretch(ds, chosen, normalization.divisor(dt), value_range,
+                                            all_valid=src.all_valid)
             if why is not None:
                 src._warn(f"{src.path}: {why}")
             if src.stretch is None:
