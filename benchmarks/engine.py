@@ -123,7 +123,7 @@ def _child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     opts = RunOptions(coarse_only=args.coarse_only, batch_size=args.batch_size,
-                      model_workers=args.model_workers)
+                      model_workers=args.model_workers, precision=args.precision)
     model = load_model(args.model, args.device)  # loading the weights is not part of the run
     # one-off set-up (GDAL drivers, the allocator's first growth, torch kernels) outside the
     # clock, as for the bare model: a first refine of a small scene at the same GSD
@@ -146,11 +146,13 @@ def _bare_child(args: argparse.Namespace) -> None:
     """Time the bare model in this (fresh) process and print its whole-scene seconds, with
     the engine's model workers and with one worker on all threads."""
     print(json.dumps(bare_model(Path(args.input), args.model, args.coarse_only, args.threads,
-                                args.device, args.batch_size, args.model_workers)))
+                                args.device, args.batch_size, args.model_workers,
+                                precision=args.precision)))
 
 
 def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, device: str,
-               batch_size: int, workers: int, sample: int = 96) -> dict[str, float]:
+               batch_size: int, workers: int, sample: int = 96, precision: str = "auto"
+               ) -> dict[str, float]:
     """Seconds the model alone would need for all windows of the scene (sampled): with
     ``workers`` threads each running windows on ``threads // workers`` torch threads, as the
     engine does ("seconds"), and with one worker on all ``threads`` ("seconds_1worker")."""
@@ -193,10 +195,10 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
             torch.set_num_threads(max(1, threads // n))
             _warm_up(m, coarse_only, batch_size)  # per thread, outside the clock
             with torch.inference_mode():
-                _model_pass(m, part[:1], coarse_only)
+                _model_pass(m, part[:1], coarse_only, precision)
             ready.wait()
             with torch.inference_mode():
-                _model_pass(m, part, coarse_only)
+                _model_pass(m, part, coarse_only, precision)
 
         parts = [batches[i::n] for i in range(n)]
         helpers = [threading.Thread(target=run, args=(p,)) for p in parts[1:]]
@@ -210,16 +212,17 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
     return out
 
 
-def _model_pass(m, batches, coarse_only: bool) -> None:
+def _model_pass(m, batches, coarse_only: bool, precision: str) -> None:
     """The model alone over pre-read batches: the engine's own window inference
     (:func:`idgbr_geo.predict.predict_windows`: refine where the coarse map has a boundary,
     the card's steps and gate), without the reading, stitching and writing around it."""
     import torch
 
-    from idgbr_geo.predict import predict_windows
+    from idgbr_geo.predict import predict_windows, resolve_precision
 
     for x, origins in batches:
-        predict_windows(m, x, origins=origins, refine=not coarse_only)
+        predict_windows(m, x, origins=origins, refine=not coarse_only,
+                        precision=resolve_precision(precision, m.device))
         if m.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -228,8 +231,8 @@ def _run_child(args: argparse.Namespace, flag: str, scene: Path, out: Path,
                coarse_only: bool, batch_size: int, workers: int) -> dict:
     cmd = [sys.executable, __file__, flag, "--input", str(scene), "--output", str(out),
            "--model", args.model, "--threads", str(args.threads), "--device", args.device,
-           "--batch-size", str(batch_size), "--model-workers", str(workers)
-           ] + (["--coarse-only"] if coarse_only else [])
+           "--batch-size", str(batch_size), "--model-workers", str(workers),
+           "--precision", args.precision] + (["--coarse-only"] if coarse_only else [])
     res = subprocess.run(cmd, check=True, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -248,6 +251,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=None, help="[the engine's default]")
     ap.add_argument("--model-workers", type=int, default=None, help="[the engine's default]")
+    ap.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="the networks' arithmetic [the engine's default]")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="coarse-only,refine")
     ap.add_argument("--workdir", default=None)
@@ -272,6 +277,7 @@ def main() -> None:
 
     from idgbr_geo.cards import ModelCard
     from idgbr_geo.engine import default_batch_size, default_workers
+    from idgbr_geo.predict import resolve_precision
     from idgbr_geo.registry import resolve_card, resolve_device
 
     card = ModelCard.load(resolve_card(args.model))
@@ -320,7 +326,8 @@ def main() -> None:
                          "peak RSS MB": statistics.median(r["rss_mb"] for r in runs)})
     print(f"\nmodel {args.model} (GSD {card.gsd} m), scenes at {gsd:g} m, {args.threads} "
           f"threads (torch {torch.__version__}), device {args.device}, batch {batch_size}, "
-          f"{workers} model worker(s), median of {args.rounds} rounds\n")
+          f"{workers} model worker(s), precision {resolve_precision(args.precision, dev)}, "
+          f"median of {args.rounds} rounds\n")
     print(f"| scene MP | mode | windows | refined | s | MP/s | bare model MP/s, {workers} "
           f"worker(s) | bare model MP/s, 1 worker on {args.threads} threads | end-to-end / "
           "faster bare (per-round range) | peak RSS (MB) |")

@@ -28,13 +28,15 @@ one) at 1 step on the same window, next to each model's coarse network.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
 
 from idgbr_geo.encoders import FeatureMemo
-from idgbr_geo.registry import bundled_models, load_model
+from idgbr_geo.predict import resolve_precision
+from idgbr_geo.registry import bundled_models, load_model, resolve_device
 from idgbr_geo.tuning import tune_allocator
 
 
@@ -51,7 +53,18 @@ def seconds(fn, repeat: int, sync) -> float:
 
 
 def bench(name: str, device: str, repeat: int, size: int = 512,
-          extra: str | None = None) -> dict[str, float]:
+          extra: str | None = None, precision: str = "float32") -> dict[str, float]:
+    """Milliseconds per window of each network, in ``precision`` as
+    :func:`idgbr_geo.predict.predict_windows` runs them."""
+    dev = resolve_device(device)
+    cast = (torch.autocast(dev.type, dtype=torch.bfloat16)
+            if resolve_precision(precision, dev) == "bfloat16" else contextlib.nullcontext())
+    with cast:
+        return _bench(name, device, repeat, size, extra)
+
+
+def _bench(name: str, device: str, repeat: int, size: int, extra: str | None
+           ) -> dict[str, float]:
     m = load_model(name, device)
     dev = m.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -92,6 +105,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="the networks' arithmetic [the engine's default]")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--default-allocator", action="store_true",
                     help="keep glibc's allocator defaults (the engine tunes them)")
@@ -107,11 +122,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models or bundled_models():
         for dev in devices:
-            r = bench(name, dev, args.repeat, extra=args.refiner_checkpoint)
+            r = bench(name, dev, args.repeat, extra=args.refiner_checkpoint,
+                      precision=args.precision)
             s = int(r["steps"])
             d = r[f"refine_{s}"]
             label = (f"cpu ({args.threads} threads)" if dev == "cpu"
                      else torch.cuda.get_device_name())
+            label += f", {resolve_precision(args.precision, dev)}"
             mp = 512 * 512 / 1e6 / (r["coarse"] + d)
             ms = {k: 1000 * v for k, v in r.items() if k != "steps"}
             print(f"| {name} | {label} | {ms['coarse']:.1f} | {ms['refine_1']:.1f} | "

@@ -194,7 +194,7 @@ def sample(net, image: torch.Tensor, coarse: torch.Tensor, *, steps: int, seed: 
     for i in range(steps):
         t = torch.full((b,), ts[i], device=dev)
         logits4, hid = denoise(net, x, t, g4, coarse)
-        x0_hat = 2.0 * torch.softmax(logits4, 1) - 1.0
+        x0_hat = 2.0 * torch.softmax(logits4.float(), 1) - 1.0
         ab_t = alpha_bar(t)[:, None, None, None]
         eps = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
         if i + 1 < steps:

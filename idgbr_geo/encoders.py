@@ -99,7 +99,8 @@ class FeatureMemo(nn.Module):
     batch (only windows with a boundary, copied out of the batch), so a call whose rows
     equal rows of the remembered batch (exact equality, checked: ~1 ms against ~90 ms of
     encoder per 512 px window) takes their features; anything else is encoded afresh.
-    Only for inference: the memo is bypassed while the module is in training mode.
+    Only for inference: the memo is bypassed while the module is in training mode. Features
+    made under autocast (bfloat16) serve only calls under the same autocast, and vice versa.
     """
 
     def __init__(self, encoder: nn.Module) -> None:
@@ -107,6 +108,7 @@ class FeatureMemo(nn.Module):
         self.encoder = encoder
         self._seen: torch.Tensor | None = None
         self._features: list[torch.Tensor] = []
+        self._mode: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.training:
@@ -118,13 +120,15 @@ class FeatureMemo(nn.Module):
                     else f.index_select(0, idx) for f in self._features]
         feats = list(self.encoder(x))
         self._seen, self._features = x.detach(), [f.detach() for f in feats]
+        self._mode = _autocast_dtype(x.device)
         return feats
 
     def _match(self, x: torch.Tensor) -> list[int] | None:
         """Indices of the remembered rows equal to x's rows, in order, or None."""
         seen = self._seen
         if (seen is None or x.shape[1:] != seen.shape[1:] or len(x) > len(seen)
-                or x.dtype != seen.dtype or x.device != seen.device):
+                or x.dtype != seen.dtype or x.device != seen.device
+                or _autocast_dtype(x.device) != self._mode):
             return None
         rows, j = [], 0
         for i in range(len(x)):
@@ -137,4 +141,10 @@ class FeatureMemo(nn.Module):
         return rows
 
     def forget(self) -> None:
-        self._seen, self._features = None, []
+        self._seen, self._features, self._mode = None, [], None
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs ``device``'s operations in here, or None when it is off."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None

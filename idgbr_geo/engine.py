@@ -30,7 +30,7 @@ from .cards import ModelCard
 from .files import atomic_output, check_distinct, check_output, temporary_path
 from .interfaces import Model
 from .options import OutputOptions, RunOptions, raise_problems
-from .predict import predict_windows
+from .predict import predict_windows, resolve_precision
 from .registry import load_model
 from .stitching import RowStitcher, window_weights
 from .tiling import (
@@ -446,6 +446,7 @@ def refine_raster(
     workers = (default_workers(m.device) if options.model_workers is None
                else options.model_workers)
     use_refiner = not options.coarse_only and m.refiner is not None and steps > 0
+    precision = resolve_precision(options.precision, m.device)
     with contextlib.ExitStack() as stack:
         # each block is read and written once: GDAL's default cache (5% of RAM) would only
         # keep the decompressed scene around and make memory grow with the scene; in an
@@ -479,9 +480,9 @@ def refine_raster(
             _run(src, m, tiles, coarse_ds, summary, write_main, write_prob,
                  use_refiner=use_refiner, steps=steps, seed=seed, batch_size=batch_size,
                  workers=workers, overlap=plan.overlap, confidence=outputs.confidence,
-                 quiet=quiet, prob_dtype=outputs.probabilities_dtype,
+                 quiet=quiet, prob_dtype=outputs.probabilities_dtype, precision=precision,
                  tags={"IDGBR_MODEL": card.name, "IDGBR_STEPS": steps if use_refiner else 0,
-                       "IDGBR_SEED": seed})
+                       "IDGBR_SEED": seed, "IDGBR_PRECISION": precision})
             if cog:
                 to_cog(write_main, main_tmp, categorical=True)
                 if write_prob is not None:
@@ -504,7 +505,7 @@ def refine_raster(
 def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: RefineSummary,
          out_path: Path, prob_path: Path | None, *, use_refiner: bool, steps: int, seed: int,
          batch_size: int, workers: int, overlap: int, confidence: bool, quiet: bool,
-         prob_dtype: str, tags: dict[str, Any]) -> None:
+         prob_dtype: str, precision: str, tags: dict[str, Any]) -> None:
     card = m.card
     k = card.num_classes
     writer_out = ResultWriter(out_path, src.ds, card.classes, card.colors,
@@ -553,7 +554,8 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
                         return
                     seq, batch = got
                     results, skipped, refined = _process(batch, m, src, use_refiner=use_refiner,
-                                                         steps=steps, seed=seed, radius=radius)
+                                                         steps=steps, seed=seed, radius=radius,
+                                                         precision=precision)
                     writer.put((seq, results))
                     with lock:
                         summary.skipped += skipped
@@ -608,7 +610,7 @@ def _helper_pool(n: int) -> ThreadPoolExecutor:
 
 
 def _process(batch: list[_Item], m: Model, src: Source, *, use_refiner: bool, steps: int,
-             seed: int, radius: int | None = None
+             seed: int, radius: int | None = None, precision: str = "float32"
              ) -> tuple[list[tuple[Tile, np.ndarray | None, np.ndarray | None]], int, int]:
     """Run one batch of same-shape windows through the models (:func:`predict_windows`).
     Returns per window (tile, probabilities on the input grid or None when skipped,
@@ -646,7 +648,7 @@ def _process(batch: list[_Item], m: Model, src: Source, *, use_refiner: bool, st
         probs, refined_n = predict_windows(
             m, torch.from_numpy(img), coarse=coarse, valid=valid, inside=inside,
             origins=[it.tile.origin for it in live], steps=steps, seed=seed,
-            refine=use_refiner)
+            refine=use_refiner, precision=precision)
         for i, it in enumerate(live):  # the part inside the raster, on the input grid
             mh, mw = it.mask.shape
             win = clip(it.tile.window, src.width, src.height)

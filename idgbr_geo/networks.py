@@ -276,7 +276,7 @@ class CoarseSegmentor:
     @torch.no_grad()
     def predict(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.net(_nhwc(image.to(self.device).float()))
-        return torch.softmax(logits, dim=1).contiguous()
+        return torch.softmax(logits.float(), dim=1).contiguous()
 
 
 class DiffusionRefiner:
@@ -306,7 +306,7 @@ class DiffusionRefiner:
         logits = sample(self.net, image.to(self.device).float(), coarse.to(self.device).float(),
                         steps=steps, seed=seed, origins=origins,
                         oneshot=self.config.mode == "oneshot")
-        return torch.softmax(logits, dim=1).contiguous()
+        return torch.softmax(logits.float(), dim=1).contiguous()
 
 
 def build_coarse_net(config: CoarseConfig, *, in_channels: int = 3,

@@ -72,6 +72,7 @@ from idgbr_geo.engine import refine_raster
 from idgbr_geo.interfaces import Model
 from idgbr_geo.metrics import MetricAccumulator
 from idgbr_geo.options import RunOptions
+from idgbr_geo.predict import resolve_precision
 from idgbr_geo.registry import load_checkpoint, load_model
 from idgbr_geo.tiling import NoCRSWarning
 
@@ -147,12 +148,16 @@ def write_raster(path: Path, data: np.ndarray, gsd: float | None) -> Path:
     return path
 
 
+#: the networks' arithmetic in every run (``--precision``; the engine's default: auto)
+PRECISION = {"precision": "auto"}
+
+
 def engine(scene: Path, out: Path, model: Model, coarse: Path | None = None,
            **options: Any) -> tuple[np.ndarray, float]:
     """The class raster :func:`refine_raster` writes for ``scene``, and the seconds it took."""
     t = time.perf_counter()
     refine_raster(scene, out, model=model, coarse=coarse,
-                  options=RunOptions(seed=0, device="cpu", **options),
+                  options=RunOptions(seed=0, device="cpu", **{**PRECISION, **options}),
                   overwrite=True, quiet=True)
     with rasterio.open(out) as ds:
         return ds.read(1), time.perf_counter() - t
@@ -391,12 +396,17 @@ def main() -> None:
     ap.add_argument("--assume-gsd", type=float, default=None,
                     help="run scenes without a GSD with this --gsd (default: none, the engine "
                          "assumes the card's)")
+    ap.add_argument("--model-gsd", type=float, default=None,
+                    help="research: run the model at this GSD instead of its card's (the "
+                         "engine resamples every input to it)")
     ap.add_argument("--limit", type=int, default=None, help="at most N scenes per source")
     ap.add_argument("--groups", default=None,
                     help="comma-separated scene sources to run (default: all), e.g. dubai")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="the networks' arithmetic (the engine's --precision)")
     args = ap.parse_args()
     if (args.model is None) == (args.coarse_tag is None or args.refiner_tag is None):
         ap.error("give --model, or --coarse-tag and --refiner-tag")
@@ -410,6 +420,7 @@ def main() -> None:
             ap.error("second-arch needs --second-model")
         sources = [s for s in sources if s != "second-arch"]
     torch.set_num_threads(args.threads)
+    PRECISION["precision"] = args.precision
     warnings.filterwarnings("ignore", category=NoCRSWarning)
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
@@ -437,6 +448,8 @@ def main() -> None:
                 oneshot = (args.oneshot_tag, exported(
                     f"{args.set}-{args.coarse_tag}-{args.oneshot_tag}", ckpt(args.coarse_tag),
                     ckpt(args.oneshot_tag), sampling, work / "oneshot"))
+        if args.model_gsd:
+            model.card.gsd = args.model_gsd
         if args.soften > 0:
             from research.soften import SoftenedRefiner
 
@@ -465,7 +478,9 @@ def main() -> None:
     report(args, v, {"model": describe(model), "sources": sources, "limit": args.limit,
                      "second_model": describe(second) if second else None,
                      "ablations": args.ablations, "passthrough": args.passthrough,
-                     "soften": args.soften, "tta": args.tta, "assume_gsd": args.assume_gsd})
+                     "soften": args.soften, "tta": args.tta, "assume_gsd": args.assume_gsd,
+                     "model_gsd": args.model_gsd,
+                     "precision": resolve_precision(args.precision, "cpu")})
 
 
 if __name__ == "__main__":

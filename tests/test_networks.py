@@ -126,7 +126,7 @@ def _gated(net: RefinerNet, image: torch.Tensor, coarse: torch.Tensor, card_gate
                      sampling=SamplingConfig(steps=1, gate=card_gate))
     model = Model(card=card, segmentor=None, refiner=DiffusionRefiner(net))
     probs, refined = predict_windows(model, image, coarse=coarse, origins=[(0, 0)], seed=0,
-                                     gate=gate)
+                                     gate=gate, precision="float32")
     assert refined == 1
     return probs
 

@@ -84,10 +84,12 @@ def test_cli_refuses_out_of_range_values_in_one_line(tmp_path, command, name, va
 # ------------------------------------------------------------------------- option objects
 def test_run_options_check_every_field_in_one_line():
     with pytest.raises(UserError) as info:
-        RunOptions(tile_size=0, seed=-1, device="gpu", bands=[0, 2], coarse_only="yes")
+        RunOptions(tile_size=0, seed=-1, device="gpu", bands=[0, 2], coarse_only="yes",
+                   precision="fp16")
     text = str(info.value)
     assert "\n" not in text and "--" not in text
     for part in ("coarse_only must be True or False", "bands must be band numbers",
+                 "precision must be auto, float32, bfloat16",
                  "device must be auto, cpu, cuda or cuda:N", "tile_size must be at least 1",
                  "seed must be at least 0"):
         assert part in text, text

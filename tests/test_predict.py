@@ -12,7 +12,7 @@ from synth import conv_model, synthetic_scene, write_raster
 from idgbr_geo.engine import refine_raster
 from idgbr_geo.interfaces import Model
 from idgbr_geo.options import OutputOptions, RunOptions
-from idgbr_geo.predict import has_boundary, predict_windows
+from idgbr_geo.predict import fast_bfloat16, has_boundary, predict_windows, resolve_precision
 from idgbr_geo.registry import load_model
 
 
@@ -68,11 +68,12 @@ def test_refine_false_steps_0_or_no_refiner_give_the_coarse_map(tmp_path):
     m = load_model(conv_model(tmp_path / "m"), "cpu")
     image = torch.randn(2, 3, 32, 40)
     coarse = m.segmentor.predict(image)
-    for kw in ({"refine": False}, {"steps": 0}):
-        probs, n = predict_windows(m, image, origins=[(0, 0), (0, 40)], **kw)
+    for kw in ({"refine": False}, {"steps": 0}):  # (float32: as the direct call runs)
+        probs, n = predict_windows(m, image, origins=[(0, 0), (0, 40)], precision="float32",
+                                   **kw)
         assert n == 0 and torch.equal(probs, coarse)
     bare = Model(card=m.card, segmentor=m.segmentor, refiner=None)
-    probs, n = predict_windows(bare, image, origins=[(0, 0), (0, 40)])
+    probs, n = predict_windows(bare, image, origins=[(0, 0), (0, 40)], precision="float32")
     assert n == 0 and torch.equal(probs, coarse)
     refined, n = predict_windows(m, image, origins=[(0, 0), (0, 40)])
     assert n == 2 and not torch.equal(refined, coarse)
@@ -121,3 +122,55 @@ def test_bad_calls(tmp_path):
     with pytest.raises(UserError, match="has no segmentor"):
         predict_windows(Model(card=m.card, segmentor=None, refiner=m.refiner),
                         torch.zeros(1, 3, 16, 16), origins=[(0, 0)])
+
+
+# -- precision ---------------------------------------------------------------------------------
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert fast_bfloat16("cpu") and resolve_precision("auto", "cpu") == "bfloat16"
+    assert resolve_precision("auto", "cuda") == "float32"  # (not measured on a GPU)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_precision("auto", "cpu") == "float32"
+    assert resolve_precision("bfloat16", "cpu") == "bfloat16"  # forced, whatever the CPU
+    assert resolve_precision("float32", "cpu") == "float32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("float16", "cpu")
+
+
+def test_bfloat16_runs_both_networks_and_stays_close_to_float32():
+    """The bundled model on a real-looking window: bfloat16 changes the probabilities a
+    little (so it did run), leaves them in float32 and keeps nearly every pixel's class."""
+    m = load_model("buildings", "cpu")
+    data = synthetic_scene(128, 160, seed=2)
+    image = torch.from_numpy(m.card.normalization.apply(data, data.dtype))[None]
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        for refine in (False, True):
+            runs[precision, refine], n = predict_windows(
+                m, image, origins=[(0, 0)], seed=3, refine=refine, precision=precision)
+            assert n == int(refine) and runs[precision, refine].dtype == torch.float32
+    for refine in (False, True):
+        a, b = runs["float32", refine], runs["bfloat16", refine]
+        assert not torch.equal(a, b)
+        assert float((a - b).abs().max()) < 0.25
+        agree = float((a.argmax(1) == b.argmax(1)).float().mean())
+        assert agree > 0.99, (refine, agree)
+    # the refiner ran in bfloat16 too: its output differs from float32 refinement of the
+    # same (float32) coarse map
+    coarse = runs["float32", False]
+    a, _ = predict_windows(m, image, coarse=coarse, origins=[(0, 0)], seed=3,
+                           precision="float32")
+    b, _ = predict_windows(m, image, coarse=coarse, origins=[(0, 0)], seed=3,
+                           precision="bfloat16")
+    assert not torch.equal(a, b)
+
+
+def test_the_engine_tags_the_precision_it_ran(tmp_path):
+    path = conv_model(tmp_path / "m", tile_size=96, overlap=16, gsd=0.25)
+    src = write_raster(tmp_path / "in.tif", synthetic_scene(64, 80, seed=1), res=0.25)
+    for precision in ("auto", "float32", "bfloat16"):
+        out = tmp_path / f"{precision}.tif"
+        refine_raster(src, out, model=path, quiet=True,
+                      options=RunOptions(device="cpu", precision=precision))
+        with rasterio.open(out) as ds:
+            assert ds.tags()["IDGBR_PRECISION"] == resolve_precision(precision, "cpu")

@@ -86,7 +86,7 @@ def test_a_research_refiner_runs_through_the_engines_inference():
                                t_start=0.5)
     img, coarse = torch.randn(1, 3, 32, 32), torch.softmax(torch.randn(1, 2, 32, 32), 1)
     probs, n = predict_windows(Model(card=card, segmentor=None, refiner=research), img,
-                               coarse=coarse, origins=[(0, 0)], steps=2)
+                               coarse=coarse, origins=[(0, 0)], steps=2, precision="float32")
     want = torch.softmax(sample(net, img, coarse, steps=2, seed=0, origins=[(0, 0)],
                                 start="coarse", t_start=0.5), 1)
     assert n == 1 and torch.equal(probs, want)

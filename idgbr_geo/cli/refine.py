@@ -17,7 +17,7 @@ from .vectorize import pop_vector_options, vector_options
 
 #: flags that fill :class:`~idgbr_geo.options.RunOptions` and ``OutputOptions``
 RUN_KEYS = ("coarse_only", "bands", "tile_size", "overlap", "steps", "batch_size",
-            "model_workers", "device", "seed", "gsd", "value_range")
+            "model_workers", "device", "seed", "gsd", "value_range", "precision")
 OUTPUT_KEYS = ("confidence", "cog")
 
 
@@ -59,6 +59,10 @@ def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "multi-core CPU, 1 on a GPU]."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True),
+        click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]),
+                     default="auto", show_default=True,
+                     help="The networks' arithmetic [auto: bfloat16 on a CPU with AMX tiles, "
+                          "~1.7x faster; else float32]."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Diffusion noise seed, 0..2^64-1 (same seed, same output, bit for "
                           "bit)."),
