@@ -123,7 +123,8 @@ def _child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     opts = RunOptions(coarse_only=args.coarse_only, batch_size=args.batch_size,
-                      model_workers=args.model_workers, precision=args.precision)
+                      model_workers=args.model_workers, precision=args.precision,
+                      gsd_search=not args.no_gsd_search)
     model = load_model(args.model, args.device)  # loading the weights is not part of the run
     # one-off set-up (GDAL drivers, the allocator's first growth, torch kernels) outside the
     # clock, as for the bare model: a first refine of a small scene at the same GSD
@@ -139,7 +140,8 @@ def _child(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - t0
     rss = _peak_rss_mb()
     print(json.dumps({"seconds": wall, "rss_mb": rss, "windows": s.windows, "refined": s.refined,
-                      "skipped": s.skipped, "mp": s.megapixels}))
+                      "skipped": s.skipped, "mp": s.megapixels,
+                      "working_gsd": s.scale.gsd if s.scale else None}))
 
 
 def _bare_child(args: argparse.Namespace) -> None:
@@ -232,7 +234,9 @@ def _run_child(args: argparse.Namespace, flag: str, scene: Path, out: Path,
     cmd = [sys.executable, __file__, flag, "--input", str(scene), "--output", str(out),
            "--model", args.model, "--threads", str(args.threads), "--device", args.device,
            "--batch-size", str(batch_size), "--model-workers", str(workers),
-           "--precision", args.precision] + (["--coarse-only"] if coarse_only else [])
+           "--precision", args.precision]
+    cmd += ["--no-gsd-search"] if args.no_gsd_search else []
+    cmd += ["--coarse-only"] if coarse_only else []
     res = subprocess.run(cmd, check=True, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -253,6 +257,8 @@ def main() -> None:
     ap.add_argument("--model-workers", type=int, default=None, help="[the engine's default]")
     ap.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="the networks' arithmetic [the engine's default]")
+    ap.add_argument("--no-gsd-search", action="store_true",
+                    help="always the card's GSD (default: the engine's per-scene choice)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="coarse-only,refine")
     ap.add_argument("--workdir", default=None)

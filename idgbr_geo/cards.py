@@ -165,6 +165,15 @@ def _common_problem(data: dict[str, Any]) -> str | None:
         if not 1 / 8 <= assumed / data["gsd"] <= 8:
             return (f"'gsd_without_crs' {assumed:g} m must be within 8x of the model's 'gsd' "
                     f"{data['gsd']:g} m")
+    choices = data.get("gsd_choices")
+    if choices is not None:
+        if data.get("gsd") is None:
+            return "'gsd_choices' needs the model's 'gsd'"
+        if not (isinstance(choices, list) and len(choices) >= 2 and all(
+                _is_number(g) and math.isfinite(g) and 1 / 4 <= g / data["gsd"] <= 4
+                for g in choices)):
+            return ("'gsd_choices' must be a list of two or more working GSDs in metres, "
+                    f"within 4x of the model's 'gsd' (or null), not {choices!r}")
     for key, low in (("tile_size", 1), ("overlap", 0), ("stride_multiple", 1)):
         v = data.get(key, 0 if low == 0 else 1)
         if not _is_int(v) or v < low:
@@ -384,6 +393,9 @@ class ModelCard:
     #: the pixel size assumed for an input without a CRS (its GSD unknown; most such files
     #: are satellite exports) when none is given; None: the model's ``gsd``
     gsd_without_crs: float | None = None
+    #: working GSDs the engine may run the model at instead of ``gsd``, chosen per scene by
+    #: the coarse map's confidence on sample windows (:mod:`idgbr_geo.scale`); None: ``gsd``
+    gsd_choices: list[float] | None = None
     tile_size: int = 512
     overlap: int = 64
     #: multiple that window origins must respect (e.g. a refiner working at 1/4 resolution)

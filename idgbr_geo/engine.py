@@ -32,6 +32,7 @@ from .interfaces import Model
 from .options import OutputOptions, RunOptions, raise_problems
 from .predict import predict_windows, resolve_precision
 from .registry import load_model
+from .scale import ScaleChoice, choose_working_gsd
 from .stitching import RowStitcher, window_weights
 from .tiling import (
     Source,
@@ -82,6 +83,8 @@ class RefineSummary:
     seconds: float = 0.0
     megapixels: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    #: the working GSD chosen for the scene (card ``gsd_choices``), or None
+    scale: ScaleChoice | None = None
 
     @property
     def mp_per_s(self) -> float:
@@ -90,7 +93,8 @@ class RefineSummary:
     def line(self) -> str:
         return (f"{self.output}: {self.windows} windows, {self.skipped} skipped (nodata), "
                 f"{self.refined} refined, {self.megapixels:.2f} MP in {self.seconds:.1f} s "
-                f"({self.mp_per_s:.2f} MP/s)")
+                f"({self.mp_per_s:.2f} MP/s)" + (f"; {self.scale.describe()}" if self.scale
+                                                  else ""))
 
 
 @dataclass
@@ -467,11 +471,18 @@ def refine_raster(
         if coarse is not None:
             coarse_ds = open_coarse(coarse, src.ds)
             stack.callback(coarse_ds.close)
+        scale = None
+        if options.gsd_search and coarse is None and card.gsd_choices:
+            scale = choose_working_gsd(src, m, card.gsd_choices, tile_size=plan.tile_size,
+                                       overlap=plan.overlap, precision=precision)
+            if scale is not None:
+                src.factor = scale.factor
         tiles = plan_tiles(src.width, src.height, tile_size=plan.tile_size, overlap=plan.overlap,
                            factor=src.factor, multiple=card.stride_multiple)
         summary = RefineSummary(output=str(out_path), windows=len(tiles),
                                 megapixels=src.width * src.height / 1e6,
-                                warnings=src.warnings)  # (one list: reading adds more)
+                                warnings=src.warnings,  # (one list: reading adds more)
+                                scale=scale)
         main_tmp = stack.enter_context(atomic_output(out_path, overwrite))
         prob_tmp = stack.enter_context(atomic_output(prob_path, overwrite)) if prob_path else None
         write_main = temporary_path(out_path) if cog else main_tmp
@@ -482,7 +493,8 @@ def refine_raster(
                  workers=workers, overlap=plan.overlap, confidence=outputs.confidence,
                  quiet=quiet, prob_dtype=outputs.probabilities_dtype, precision=precision,
                  tags={"IDGBR_MODEL": card.name, "IDGBR_STEPS": steps if use_refiner else 0,
-                       "IDGBR_SEED": seed, "IDGBR_PRECISION": precision})
+                       "IDGBR_SEED": seed, "IDGBR_PRECISION": precision,
+                       "IDGBR_WORKING_GSD": f"{scale.gsd:g}" if scale else card.gsd or ""})
             if cog:
                 to_cog(write_main, main_tmp, categorical=True)
                 if write_prob is not None:

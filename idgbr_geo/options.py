@@ -122,7 +122,9 @@ class RunOptions:
     non-8-bit input that does not use the model's range, a per-band percentile stretch,
     :mod:`idgbr_geo.stretch`). ``precision``: the networks' arithmetic, ``float32``,
     ``bfloat16`` or ``auto`` (bfloat16 on a CPU with AMX tiles, where it is ~1.7x faster,
-    else float32; :mod:`idgbr_geo.predict`).
+    else float32; :mod:`idgbr_geo.predict`). ``gsd_search``: let the model work at the
+    card's ``gsd_choices`` GSD its coarse map is most confident at for this scene
+    (:mod:`idgbr_geo.scale`; False: always the card's ``gsd``).
     """
 
     coarse_only: bool = False
@@ -137,6 +139,7 @@ class RunOptions:
     gsd: float | None = None
     value_range: tuple[float, float] | None = None
     precision: str = "auto"
+    gsd_search: bool = True
 
     #: fields that never change an output's bytes (so a batch's finished scenes stay done)
     NEUTRAL: ClassVar[frozenset[str]] = frozenset({"device", "model_workers"})
@@ -146,7 +149,7 @@ class RunOptions:
             value = getattr(self, name)
             if isinstance(value, Sequence) and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
-        found = _flag_problems(self, ("coarse_only",))
+        found = _flag_problems(self, ("coarse_only", "gsd_search"))
         if self.value_range is not None:
             bad = check_value_range(self.value_range)
             if bad:

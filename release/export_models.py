@@ -92,8 +92,11 @@ DATA = {
 
 
 def commands(name: str, log: dict, coarse_tag: str, refiner_tag: str, steps: int,
-             gate: object, gsd_without_crs: float | None = None) -> list[str]:
+             gate: object, gsd_without_crs: float | None = None,
+             gsd_choices: list[float] | None = None) -> list[str]:
     extra = f" --gsd-without-crs {gsd_without_crs:g}" if gsd_without_crs else ""
+    if gsd_choices:
+        extra += f" --gsd-choices {','.join(f'{g:g}' for g in gsd_choices)}"
     return [*log.get(name, []),
             f".venv/bin/python release/export_models.py {name} --coarse-tag {coarse_tag} "
             f"--refiner-tag {refiner_tag} --steps {steps} --gate '{json.dumps(gate)}'{extra}"]
@@ -143,6 +146,10 @@ def main() -> None:
     ap.add_argument("--gate", type=json.loads, default=SamplingConfig().gate)
     ap.add_argument("--gsd-without-crs", type=float, default=None,
                     help="the GSD assumed for inputs without a CRS (default: the model's)")
+    ap.add_argument("--gsd-choices", default=None,
+                    type=lambda v: [float(g) for g in v.split(",")],
+                    help="working GSDs the engine chooses from per scene, e.g. 0.25,0.3,0.375 "
+                         "(default: none, always the model's GSD)")
     args = ap.parse_args()
     log = json.loads((REPO / "release" / "training_commands.json").read_text())
     from idgbr_geo.chips import load_npz  # classes/gsd of the arrays
@@ -160,13 +167,15 @@ def main() -> None:
         card = ModelCard(
             name=name, classes=meta["classes"], colors=COLORS[name], bands=3,
             gsd=float(meta["gsd"]), gsd_without_crs=args.gsd_without_crs,
+            gsd_choices=args.gsd_choices,
             tile_size=512, overlap=64, stride_multiple=32,
             sampling=SamplingConfig(steps=args.steps, gate=args.gate),
             training=TrainingRecord(data={**data, "source": str(meta["source"])},
                                     licences=licences,
                                     commands=commands(name, log, args.coarse_tag,
                                                       args.refiner_tag, args.steps,
-                                                      args.gate, args.gsd_without_crs)),
+                                                      args.gate, args.gsd_without_crs,
+                                                      args.gsd_choices)),
         )
         md = TRAIN / f"val-{name}.md"
         table = md.read_text() if md.is_file() else None

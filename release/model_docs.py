@@ -37,9 +37,9 @@ V1_TRAINING = ("t_max", "p_uncond", "p_model", "p_coarse_x0", "coarse_perturb",
                "boundary_weight", "boundary_radius", "ema", "lr", "iterations", "batch_size")
 #: card fields this generator knows (anything else is listed under "other fields")
 KNOWN = {"version", "name", "classes", "colors", "bands", "band_names", "normalization", "gsd",
-         "gsd_without_crs", "tile_size", "overlap", "stride_multiple", "weights", "segmentor",
-         "refiner", "architecture", "sampling", "training", "steps", "extra", "training_data",
-         "training_commands", "validation", "licences", "description"}
+         "gsd_without_crs", "gsd_choices", "tile_size", "overlap", "stride_multiple", "weights",
+         "segmentor", "refiner", "architecture", "sampling", "training", "steps", "extra",
+         "training_data", "training_commands", "validation", "licences", "description"}
 #: words in a licence text that make a model unfit for commercial use
 RESTRICTED = ("research use", "research only", "non-commercial", "noncommercial",
               "research and education")
@@ -101,6 +101,7 @@ def normalise(card: dict[str, Any]) -> dict[str, Any]:
         "normalization": _dict(card.get("normalization")),
         "gsd": card.get("gsd"),
         "gsd_without_crs": card.get("gsd_without_crs"),
+        "gsd_choices": card.get("gsd_choices"),
         "tile_size": card.get("tile_size"),
         "overlap": card.get("overlap"),
         "stride_multiple": card.get("stride_multiple"),
@@ -223,6 +224,10 @@ def render_card(card: dict[str, Any], card_path: Path) -> str:
         ("normalisation", norm_text),
         ("ground sample distance", f"{_fmt(c['gsd'])} m" if c["gsd"] is not None
          else "not declared (no resampling)"),
+        ("working GSD", "per scene, of " + ", ".join(_fmt(g) for g in c["gsd_choices"])
+         + " m, the one its coarse map is most confident at on sample windows "
+           "(`--no-gsd-search`: always the GSD above)"
+         if isinstance(c["gsd_choices"], list) and c["gsd_choices"] else "the GSD above"),
         ("input without a CRS", f"assumed {_fmt(c['gsd_without_crs'] or c['gsd'])} m per pixel "
                                 "unless `--gsd` is given" if c["gsd"] is not None
          else "run as it is"),

@@ -30,13 +30,14 @@ class Spy:
 
 
 def _one_window_scene(tmp_path, model, h, w, seed=0):
-    """Refine a scene that is one window; return (engine probabilities, image, summary)."""
+    """Refine a scene that is one window at the card's GSD (no working-GSD choice, which
+    would resample it); return (engine probabilities, image, summary)."""
     data = synthetic_scene(h, w, seed=seed)
     m = model if isinstance(model, Model) else load_model(model, "cpu")
     src = write_raster(tmp_path / "in.tif", data, res=m.card.gsd or 0.25)  # no resampling
     summary = refine_raster(src, tmp_path / "out.tif", model=model, quiet=True,
                             probabilities=tmp_path / "p.tif",
-                            options=RunOptions(device="cpu", seed=3),
+                            options=RunOptions(device="cpu", seed=3, gsd_search=False),
                             outputs=OutputOptions(probabilities_dtype="float32"))
     with rasterio.open(tmp_path / "p.tif") as ds:
         engine = ds.read()

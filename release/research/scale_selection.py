@@ -11,6 +11,8 @@ through ``refine_raster`` (``--confidence`` band):
 
     OMP_NUM_THREADS=1 .venv/bin/python release/research/scale_selection.py buildings \
         --gsds 0.25,0.3,0.375
+    OMP_NUM_THREADS=1 .venv/bin/python release/research/scale_selection.py roads \
+        --gsds 0.42,0.5,0.625
 """
 
 from __future__ import annotations
@@ -56,10 +58,10 @@ def scene_iou(pred: np.ndarray, label: np.ndarray) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("set", choices=["buildings"])
+    ap.add_argument("set", choices=["buildings", "roads"])
     ap.add_argument("--model", default=None)
     ap.add_argument("--gsds", default="0.25,0.3,0.375")
-    ap.add_argument("--groups", default="banepa,xdomain,dubai")
+    ap.add_argument("--groups", default=None, help="[all of the set's]")
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -67,8 +69,8 @@ def main() -> None:
     model = load_model(args.model or args.set, "cpu")
     classes, cls = list(model.card.classes), model.card.classes[1]
     gsds = [float(g) for g in args.gsds.split(",")]
-    groups = args.groups.split(",")
     scenes = load_scenes(args.set, args.limit)
+    groups = args.groups.split(",") if args.groups else list(scenes)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for group in groups:

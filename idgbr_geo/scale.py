@@ -1,0 +1,97 @@
+"""The model's working GSD per scene, chosen by the coarse map's own confidence.
+
+A model trained over a range of zooms still has a scale it reads a given scene best at:
+buildings of Nepalese drone mosaics come out better with the model working at 0.25 m,
+satellite chips of large-roofed cities at 0.375 m, whatever their true pixel size (the
+validation of `buildings`, docs/experiments.md). A card may list such working GSDs
+(``gsd_choices``); the engine then runs the coarse model on a few windows spread over the
+scene at each of them and works at the one whose map is most confident (mean max class
+probability over valid pixels), a rule fixed before it was scored. It costs a few window
+passes per candidate, once per scene.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .interfaces import Model
+from .predict import predict_windows
+from .rasters import same_gsd
+from .tiling import MAX_RESAMPLING, Source, plan_tiles, read_tile
+
+#: sample windows per candidate GSD
+SAMPLES = 6
+
+
+@dataclass(frozen=True)
+class ScaleChoice:
+    """The working GSD chosen for a scene, its input pixels per model pixel, and the mean
+    confidence each candidate reached."""
+
+    gsd: float
+    factor: float
+    confidence: dict[float, float]
+
+    def describe(self) -> str:
+        tried = ", ".join(f"{g:g}" for g in self.confidence)
+        return f"model at {self.gsd:g} m (the most confident of {tried} m)"
+
+
+def factor_for(src: Source, gsd: float) -> float | None:
+    """Input pixels per model pixel when the model works at ``gsd`` (1.0 within the GSD
+    tolerance), or None beyond the engine's resampling limit."""
+    assert src.gsd is not None
+    ratio = gsd / src.gsd
+    if not 1 / MAX_RESAMPLING <= ratio <= MAX_RESAMPLING:
+        return None
+    return 1.0 if same_gsd(src.gsd, gsd) else ratio
+
+
+def choose_working_gsd(src: Source, model: Model, choices: Sequence[float], *,
+                       tile_size: int, overlap: int, precision: str = "auto",
+                       samples: int = SAMPLES) -> ScaleChoice | None:
+    """The candidate working GSD whose coarse map of up to ``samples`` windows spread over
+    the scene (in window order, evenly) is most confident; ties go to the earlier
+    candidate. None when there is nothing to choose: an input without a GSD, no segmentor,
+    fewer than two candidates within the resampling limit, or no valid pixel sampled."""
+    if src.gsd is None or model.segmentor is None:
+        return None
+    card = model.card
+    confidence: dict[float, float] = {}
+    factors: dict[float, float] = {}
+    for gsd in choices:
+        factor = factor_for(src, gsd)
+        if factor is None:
+            continue
+        # (value checks and their warnings are the real run's)
+        probe = dataclasses.replace(src, factor=factor, warnings=[], value_limits=None)
+        tiles = plan_tiles(src.width, src.height, tile_size=tile_size, overlap=overlap,
+                           factor=factor, multiple=card.stride_multiple)
+        pick = sorted({int(i) for i in np.linspace(0, len(tiles) - 1, min(samples, len(tiles)))})
+        total, count = 0.0, 0
+        for i in pick:
+            data, mask = read_tile(probe, tiles[i])
+            if not mask.any():
+                continue
+            x = card.normalization.apply(data, src.dtype)
+            x[:, ~mask] = 0.0
+            h, w = mask.shape
+            th, tw = tiles[i].model_size
+            img = np.zeros((1, card.bands, th, tw), np.float32)
+            img[0, :, :h, :w] = x
+            probs, _ = predict_windows(model, torch.from_numpy(img), origins=[(0, 0)],
+                                       refine=False, precision=precision)
+            conf = probs[0, :, :h, :w].amax(0).numpy()
+            total += float(conf[mask].sum())
+            count += int(mask.sum())
+        if count:
+            confidence[gsd], factors[gsd] = total / count, factor
+    if len(confidence) < 2:
+        return None
+    best = max(confidence, key=lambda g: confidence[g])
+    return ScaleChoice(gsd=best, factor=factors[best], confidence=confidence)
