@@ -21,8 +21,7 @@ import torch
 
 from .interfaces import Model
 from .predict import predict_windows
-from .rasters import same_gsd
-from .tiling import MAX_RESAMPLING, Source, plan_tiles, read_tile
+from .tiling import Source, plan_tiles, read_tile, resampling_factor
 
 #: sample windows per candidate GSD
 SAMPLES = 6
@@ -42,16 +41,6 @@ class ScaleChoice:
         return f"model at {self.gsd:g} m (the most confident of {tried} m)"
 
 
-def factor_for(src: Source, gsd: float) -> float | None:
-    """Input pixels per model pixel when the model works at ``gsd`` (1.0 within the GSD
-    tolerance), or None beyond the engine's resampling limit."""
-    assert src.gsd is not None
-    ratio = gsd / src.gsd
-    if not 1 / MAX_RESAMPLING <= ratio <= MAX_RESAMPLING:
-        return None
-    return 1.0 if same_gsd(src.gsd, gsd) else ratio
-
-
 def choose_working_gsd(src: Source, model: Model, choices: Sequence[float], *,
                        tile_size: int, overlap: int, precision: str = "auto",
                        samples: int = SAMPLES) -> ScaleChoice | None:
@@ -65,7 +54,7 @@ def choose_working_gsd(src: Source, model: Model, choices: Sequence[float], *,
     confidence: dict[float, float] = {}
     factors: dict[float, float] = {}
     for gsd in choices:
-        factor = factor_for(src, gsd)
+        factor = resampling_factor(src.gsd, gsd)
         if factor is None:
             continue
         # (value checks and their warnings are the real run's)

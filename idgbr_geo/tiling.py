@@ -214,12 +214,11 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
             src.warnings.append(msg)
             warnings.warn(msg, NoCRSWarning, stacklevel=2)
         if model_gsd and src.gsd:
-            ratio = model_gsd / src.gsd
-            if not 1 / MAX_RESAMPLING <= ratio <= MAX_RESAMPLING:
+            factor = resampling_factor(src.gsd, model_gsd)
+            if factor is None:
                 raise InputError(_resampling_error(src.path, src.gsd, model_gsd, gsd is None),
                                  options=["gsd"])
-            if not same_gsd(src.gsd, model_gsd):
-                src.factor = ratio
+            src.factor = factor
         if normalization is not None:
             src.stretch, why = plan_stretch(ds, chosen, normalization.divisor(dt), value_range,
                                             all_valid=src.all_valid)
@@ -231,6 +230,15 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
     except BaseException:
         ds.close()
         raise
+
+
+def resampling_factor(gsd: float, model_gsd: float) -> float | None:
+    """Input pixels per model pixel for an input at ``gsd`` and a model at ``model_gsd``
+    (1.0 within the GSD tolerance), or None beyond :data:`MAX_RESAMPLING` either way."""
+    ratio = model_gsd / gsd
+    if not 1 / MAX_RESAMPLING <= ratio <= MAX_RESAMPLING:
+        return None
+    return 1.0 if same_gsd(gsd, model_gsd) else ratio
 
 
 def no_crs_message(path: str, model_gsd: float | None, gsd: float | None,

@@ -20,8 +20,8 @@ from idgbr_geo.errors import UserError
 from idgbr_geo.interfaces import Model
 from idgbr_geo.options import RunOptions
 from idgbr_geo.registry import load_model
-from idgbr_geo.scale import choose_working_gsd, factor_for
-from idgbr_geo.tiling import open_source
+from idgbr_geo.scale import choose_working_gsd
+from idgbr_geo.tiling import open_source, resampling_factor
 
 CHOICES = [0.2, 0.3, 0.45]
 
@@ -86,7 +86,8 @@ def test_nothing_to_choose_without_a_gsd_or_a_segmentor(tmp_path):
     assert choose_working_gsd(src, Model(card, None, None), CHOICES,
                               tile_size=64, overlap=8) is None
     # candidates beyond the engine's resampling limit (16x) are not tried
-    assert factor_for(src, 0.3 * 20) is None and factor_for(src, 0.3) == 1.0
+    assert resampling_factor(src.gsd, 0.3 * 20) is None
+    assert resampling_factor(src.gsd, 0.3) == 1.0
     assert choose_working_gsd(src, Model(card, Sharpness(), None), [0.3, 6.0],
                               tile_size=64, overlap=8) is None
 
