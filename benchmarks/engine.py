@@ -149,15 +149,18 @@ def _bare_child(args: argparse.Namespace) -> None:
     the engine's model workers and with one worker on all threads."""
     print(json.dumps(bare_model(Path(args.input), args.model, args.coarse_only, args.threads,
                                 args.device, args.batch_size, args.model_workers,
-                                precision=args.precision)))
+                                precision=args.precision,
+                                gsd_search=not args.no_gsd_search)))
 
 
 def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, device: str,
-               batch_size: int, workers: int, sample: int = 96, precision: str = "auto"
-               ) -> dict[str, float]:
+               batch_size: int, workers: int, sample: int = 96, precision: str = "auto",
+               gsd_search: bool = True) -> dict[str, float]:
     """Seconds the model alone would need for all windows of the scene (sampled): with
     ``workers`` threads each running windows on ``threads // workers`` torch threads, as the
-    engine does ("seconds"), and with one worker on all ``threads`` ("seconds_1worker")."""
+    engine does ("seconds"), and with one worker on all ``threads`` ("seconds_1worker").
+    The windows are those of the working GSD the engine chooses (``gsd_search``), the
+    choice itself outside the clock."""
     import threading
 
     import torch
@@ -171,7 +174,15 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
     torch.set_num_threads(threads)
     m = load_model(model_name, device)
     card = m.card
-    src = open_source(path, model_bands=card.bands, bands=None, model_gsd=card.gsd)
+    src = open_source(path, model_bands=card.bands, bands=None, model_gsd=card.gsd,
+                      gsd_without_crs=card.gsd_without_crs)
+    if gsd_search and card.gsd_choices:
+        from idgbr_geo.scale import choose_working_gsd
+
+        choice = choose_working_gsd(src, m, card.gsd_choices, tile_size=card.tile_size,
+                                    overlap=card.overlap, precision=precision)
+        if choice is not None:
+            src.factor = choice.factor
     tiles = plan_tiles(src.width, src.height, tile_size=card.tile_size, overlap=card.overlap,
                        factor=src.factor, multiple=card.stride_multiple)
     rng = np.random.default_rng(0)
