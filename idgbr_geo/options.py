@@ -121,7 +121,7 @@ class RunOptions:
     the model's value range, every band alike (default: the values as they are, or, for a
     non-8-bit input that does not use the model's range, a per-band percentile stretch,
     :mod:`idgbr_geo.stretch`). ``precision``: the networks' arithmetic, ``float32``,
-    ``bfloat16`` or ``auto`` (bfloat16 on a CPU with AMX tiles, where it is ~1.7x faster,
+    ``bfloat16`` or ``auto`` (bfloat16 on a CPU with AMX tiles, where it is ~1.6x faster per window,
     else float32; :mod:`idgbr_geo.predict`). ``gsd_search``: let the model work at the
     card's ``gsd_choices`` GSD its coarse map is most confident at for this scene
     (:mod:`idgbr_geo.scale`; False: always the card's ``gsd``).

@@ -16,7 +16,7 @@ number comes from the code users run. For each batch:
 It imports no network code: any Segmentor / Refiner behind :class:`~idgbr_geo.interfaces.Model`
 runs through it.
 
-The networks can run in bfloat16 (``precision``): on a CPU with AMX tiles that is ~1.7x
+The networks can run in bfloat16 (``precision``): on a CPU with AMX tiles that is ~1.6x
 faster per window for the bundled models and moves their maps by a few hundredths of an IoU
 point (docs/experiments.md); ``auto`` picks it only there. Probabilities leave in float32.
 """
