@@ -622,7 +622,7 @@ def _helper_pool(n: int) -> ThreadPoolExecutor:
 
 
 def _process(batch: list[_Item], m: Model, src: Source, *, use_refiner: bool, steps: int,
-             seed: int, radius: int | None = None, precision: str = "float32"
+             seed: int, precision: str, radius: int | None = None
              ) -> tuple[list[tuple[Tile, np.ndarray | None, np.ndarray | None]], int, int]:
     """Run one batch of same-shape windows through the models (:func:`predict_windows`).
     Returns per window (tile, probabilities on the input grid or None when skipped,

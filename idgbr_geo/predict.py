@@ -17,8 +17,8 @@ It imports no network code: any Segmentor / Refiner behind :class:`~idgbr_geo.in
 runs through it.
 
 The networks can run in bfloat16 (``precision``): on a CPU with AMX tiles that is ~1.6x
-faster per window for the bundled models and moves their maps by a few hundredths of an IoU
-point (docs/experiments.md); ``auto`` picks it only there. Probabilities leave in float32.
+faster per window for the bundled models and moves their validation IoU by at most 0.2
+points (docs/experiments.md); ``auto`` picks it only there. Probabilities leave in float32.
 """
 
 from __future__ import annotations
@@ -57,10 +57,9 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if resolve_precision(precision, device) == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def _autocast(bfloat16: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    return (torch.autocast(device.type, dtype=torch.bfloat16) if bfloat16
+            else contextlib.nullcontext())
 
 
 def has_boundary(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -120,6 +119,7 @@ def predict_windows(model: Model, image: torch.Tensor, *, coarse: torch.Tensor |
         raise ValueError(f"{len(origins)} origins for {len(image)} windows")
     card, dev = model.card, model.device
     steps = card.sampling.steps if steps is None else steps
+    bf16 = resolve_precision(precision, dev) == "bfloat16"
     with torch.inference_mode():
         image = image.to(dev)
         if coarse is not None:
@@ -127,7 +127,7 @@ def predict_windows(model: Model, image: torch.Tensor, *, coarse: torch.Tensor |
         elif model.segmentor is None:
             raise UserError(f"model {card.name!r} has no segmentor: give a coarse map")
         else:
-            with _autocast(precision, dev):
+            with _autocast(bf16, dev):
                 probs = model.segmentor.predict(image).float()
         if not refine or model.refiner is None or steps <= 0 or len(image) == 0:
             return probs, 0
@@ -139,7 +139,7 @@ def predict_windows(model: Model, image: torch.Tensor, *, coarse: torch.Tensor |
         sel = torch.tensor(idx, device=dev)
         # outside the raster the refiner sees zeros, as for the image
         guide = probs[sel] if inside is None else probs[sel] * inside.to(dev)[sel]
-        with _autocast(precision, dev):
+        with _autocast(bf16, dev):
             refined = model.refiner.refine(image[sel], guide, steps=steps, seed=seed,
                                            origins=[origins[i] for i in idx]).float()
         gates = gate_thresholds(card.sampling.gate if gate is None else gate,
