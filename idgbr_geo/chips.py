@@ -169,6 +169,43 @@ class ChipSampler:
         return img.clamp(0, 1)
 
 
+class _SamplerStream(torch.utils.data.IterableDataset):
+    """Endless augmented batches from a :class:`ChipSampler` in a worker process, each
+    worker with its own random stream (``seed``, ``start`` and its id)."""
+
+    def __init__(self, data: dict[str, Any], norm: Normalization, crop: int, batch: int,
+                 seed: int, start: int, scale: tuple[float, float], sensor: bool) -> None:
+        self.args = (data, norm, crop)
+        self.batch, self.seed, self.start = batch, seed, start
+        self.scale, self.sensor = scale, sensor
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        info = torch.utils.data.get_worker_info()
+        torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
+        rng = np.random.default_rng([self.seed, self.start, 0 if info is None else info.id])
+        sampler = ChipSampler(*self.args, rng, scale=self.scale, sensor=self.sensor)
+        while True:
+            yield sampler.sample(self.batch)
+
+
+def sample_batches(data: dict[str, Any], norm: Normalization, crop: int, batch: int,
+                   rng: np.random.Generator, *, scale: tuple[float, float], sensor: bool,
+                   workers: int = 0, seed: int = 0, start: int = 0
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Endless training batches: drawn with ``rng`` in this process (``workers`` 0, the
+    reproducible stream of earlier runs), or made ahead by ``workers`` processes, each
+    seeded from ``seed``, ``start`` (the iteration a resumed run starts at) and its id, so
+    that a GPU is not kept waiting by the augmentation."""
+    if workers <= 0:
+        sampler = ChipSampler(data, norm, crop, rng, scale=scale, sensor=sensor)
+        while True:
+            yield sampler.sample(batch)
+    stream = _SamplerStream(data, norm, crop, batch, seed, start, scale, sensor)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                         prefetch_factor=4, persistent_workers=False)
+    yield from loader
+
+
 def jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
     """(1 or 3, H, W) values in [0, 1] through a JPEG encode/decode at ``quality``."""
     import io

@@ -29,7 +29,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .cards import Normalization
 from .checkpoints import BAD_STATE, build_segmentor_net, checkpoint_settings, write_checkpoint
-from .chips import IMAGENET, ChipSampler, fit_normalization, load_npz, val_batches
+from .chips import IMAGENET, fit_normalization, load_npz, sample_batches, val_batches
 from .config import (
     RUN_KEYS,
     ArchConfig,
@@ -198,6 +198,7 @@ def train_coarse(
     normalization: Normalization | None = None,
     checkpoint_every: int = _T.checkpoint_every,
     init_weights: Mapping[str, torch.Tensor] | None = None,
+    workers: int = 0,
 ) -> Path:
     """Train the coarse segmentor (cross-entropy + soft Dice); return the checkpoint path.
 
@@ -209,7 +210,8 @@ def train_coarse(
     ``train`` extra; a UserError without it), a resumed one from its checkpoint.
     ``init_weights`` (a state dict of the same architecture, e.g. a bundled model's
     ``segmentor.*`` tensors without the prefix) starts a new run from a trained network:
-    fine-tuning, or a longer run whose checkpoint is gone.
+    fine-tuning, or a longer run whose checkpoint is gone. ``workers`` > 0 makes the
+    augmented batches in that many processes, so that a GPU is not kept waiting.
     """
     arch, extra = split_config("coarse", config, "config")
     training = TrainingConfig.from_dict(
@@ -235,7 +237,7 @@ def train_coarse(
         return ce + 0.5 * _soft_dice(logits, lab, k), {}
 
     val = load_npz(val_npz) if val_npz else None
-    return _fit(run, net, step, progress=progress,
+    return _fit(run, net, step, progress=progress, workers=workers,
                 validate=None if val is None else
                 (lambda: _validate_coarse(net, val, run.norm, k, run.device)))
 
@@ -261,15 +263,18 @@ def _fit(run: _Run, net: torch.nn.Module,
          step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
                         tuple[torch.Tensor, dict[str, float]]],
          *, progress: bool,
-         validate: Callable[[], dict[str, float]] | None) -> Path:
+         validate: Callable[[], dict[str, float]] | None, workers: int = 0) -> Path:
     """The loop both stages share: AdamW with the warm-up/cosine schedule, gradient clipping,
     and every ``checkpoint_every`` iterations a CSV row (mean loss, ``step``'s extra parts,
     optional validation) and a resumable checkpoint.
 
     ``ema`` > 0 keeps an exponential moving average of the weights (and batch-norm
     statistics) with that decay, as diffusion models are usually trained: the averaged
-    weights are validated and exported, smoothing out the last noisy optimiser steps."""
+    weights are validated and exported, smoothing out the last noisy optimiser steps.
+    ``workers`` > 0 makes the batches in that many processes (:func:`sample_batches`)."""
     tc = run.training
+    if workers < 0:
+        raise UserError(f"workers must be >= 0, not {workers}")
     iterations, batch_size, lr = tc.iterations, tc.batch_size, tc.lr
     checkpoint_every = tc.checkpoint_every
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -277,32 +282,34 @@ def _fit(run: _Run, net: torch.nn.Module,
     ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
            if decay > 0 else None)
     run.restore(net, opt, ema)
-    sampler = ChipSampler(run.data, run.norm, tc.crop, run.rng, scale=tc.scale,
-                          sensor=tc.sensor_aug)
+    batches = sample_batches(run.data, run.norm, tc.crop, batch_size, run.rng, scale=tc.scale,
+                             sensor=tc.sensor_aug, workers=workers, seed=tc.seed,
+                             start=run.start)
     t0, acc = time.time(), []
-    for it in run.progress(iterations, progress):
-        net.train()
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(it, iterations, lr)
-        img, lab, pre = sampler.sample(batch_size)
-        loss, parts = step(img.to(run.device), lab.to(run.device),
-                           None if pre is None else pre.to(run.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        if ema is not None:
-            ema.update_parameters(net)
-        acc.append(loss.item())
-        if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
-            row = {"iteration": it + 1, "loss": float(np.mean(acc)), **parts,
-                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
-            if validate is not None:
-                with _averaged_weights(net, ema):
-                    row.update(validate())
-            run.write_log(row)
-            run.save(net, opt, it + 1, ema)
-            acc = []
+    with contextlib.closing(batches):  # stops the workers, also on an exception
+        for it in run.progress(iterations, progress):
+            net.train()
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(it, iterations, lr)
+            img, lab, pre = next(batches)
+            loss, parts = step(img.to(run.device), lab.to(run.device),
+                               None if pre is None else pre.to(run.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            if ema is not None:
+                ema.update_parameters(net)
+            acc.append(loss.item())
+            if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
+                row = {"iteration": it + 1, "loss": float(np.mean(acc)), **parts,
+                       "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
+                if validate is not None:
+                    with _averaged_weights(net, ema):
+                        row.update(validate())
+                run.write_log(row)
+                run.save(net, opt, it + 1, ema)
+                acc = []
     return run.ckpt
 
 
@@ -356,6 +363,7 @@ def train_refiner(
     normalization: Normalization | None = None,
     checkpoint_every: int = _T.checkpoint_every,
     init_weights: Mapping[str, torch.Tensor] | None = None,
+    workers: int = 0,
 ) -> Path:
     """Train the guidance network + denoiser; return the checkpoint path.
 
@@ -370,6 +378,8 @@ def train_refiner(
     ``use_coarse=False`` trains the image-only ('no rough') ablation and ``mode="oneshot"``
     the non-iterative one. ``init_weights`` starts a new run from a trained refiner of the
     same architecture (a lite refiner's encoder comes from ``coarse`` all the same).
+    ``workers``: as in :func:`train_coarse` (the coarse maps and degradations are still made
+    in this process, which bounds a GPU run's speed).
     """
     arch, extra = split_config("refiner", config, "config")
     training = RefinerTrainingConfig.from_dict(
@@ -423,7 +433,7 @@ def train_refiner(
                              boundary_radius=tc.boundary_radius)
 
     val = load_npz(val_npz) if val_npz else None
-    return _fit(run, net, step, progress=progress,
+    return _fit(run, net, step, progress=progress, workers=workers,
                 validate=None if val is None else
                 (lambda: _validate_refiner(net, val, run.norm, k, run.device, coarse,
                                            oneshot)))

@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--arrays", default=None, help="training arrays in .train [<set>_train]")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="processes making the training batches ahead (a GPU run) [0]")
     ap.add_argument("--init-model", default=None,
                     help="start a new run from this model's network (a bundled model name or "
                          "a card path): its segmentor for coarse, its refiner for refiner")
@@ -51,7 +53,9 @@ def main() -> None:
     out = ROOT / "runs" / f"{args.set}-{tag}"
     common = dict(iterations=args.iterations, batch_size=args.batch_size, crop=args.crop,
                   lr=args.lr, seed=0, device="auto", resume=args.resume,
-                  config=json.loads(args.config), progress=True)
+                  config=json.loads(args.config), progress=True, workers=args.workers)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # fixed crop size: pick the fastest kernels
     if args.init_model:
         common["init_weights"] = model_stage(args.init_model, args.stage)[1]
     train = ROOT / f"{args.arrays or args.set + '_train'}.npz"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from idgbr_geo.cards import Normalization
-from idgbr_geo.chips import ChipSampler, fit_normalization
+from idgbr_geo.chips import ChipSampler, fit_normalization, sample_batches
 from idgbr_geo.errors import UserError
 
 
@@ -56,3 +56,36 @@ def test_sensor_augmentation_keeps_values_in_range_and_changes_images():
                       sensor=True).sample(16)[0]
     assert aug.min() >= 0 and aug.max() <= 1
     assert not torch.allclose(plain, aug)
+
+
+def test_worker_batches_are_reproducible_and_differ_between_workers():
+    data = _gradient_chips(4)
+    data["labels"][:, 8:40, 8:40] = 1
+    norm = Normalization(mean=[0, 0, 0], std=[1, 1, 1])
+    kw = dict(scale=(0.8, 1.2), sensor=False, workers=2, seed=3)
+
+    def first(n, **extra):
+        it = sample_batches(data, norm, 32, 4, np.random.default_rng(0), **kw, **extra)
+        try:
+            return [next(it) for _ in range(n)]
+        finally:
+            it.close()
+
+    a, b = first(4), first(4)
+    for (ia, la, pa), (ib, lb, _) in zip(a, b, strict=True):
+        assert ia.shape == (4, 3, 32, 32) and la.shape == (4, 32, 32) and pa is None
+        assert torch.equal(ia, ib) and torch.equal(la, lb)
+    assert not torch.equal(a[0][0], a[1][0])  # two workers, two streams
+    resumed = first(1, start=100)  # a resumed run does not repeat its first batches
+    assert not torch.equal(resumed[0][0], a[0][0])
+
+
+def test_without_workers_the_batches_are_the_samplers_own_stream():
+    data = _gradient_chips(4)
+    data["labels"][:] = 1
+    norm = Normalization(mean=[0, 0, 0], std=[1, 1, 1])
+    it = sample_batches(data, norm, 32, 4, np.random.default_rng(5), scale=(1, 1),
+                        sensor=False)
+    img = next(it)[0]
+    ref = ChipSampler(data, norm, 32, np.random.default_rng(5), scale=(1, 1)).sample(4)[0]
+    assert torch.equal(img, ref)

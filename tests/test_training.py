@@ -67,6 +67,19 @@ def test_same_seed_same_weights(npz, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_workers_make_the_batches_and_the_run_resumes(npz, tmp_path):
+    kw = dict(batch_size=2, crop=32, config=TINY, progress=False, device="cpu", workers=2,
+              checkpoint_every=2)
+    a = torch.load(train_coarse(npz, tmp_path / "a", iterations=4, **kw), weights_only=True)
+    b = torch.load(train_coarse(npz, tmp_path / "b", iterations=4, **kw), weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    c = torch.load(train_coarse(npz, tmp_path / "b", iterations=6, resume=True, **kw),
+                   weights_only=True)
+    assert c["iteration"] == 6
+    with pytest.raises(UserError, match="workers must be >= 0"):
+        train_coarse(npz, tmp_path / "d", iterations=1, **{**kw, "workers": -1})
+
+
 def test_train_refiner_and_export_a_loadable_model(npz, tmp_path):
     kw = dict(batch_size=2, crop=32, progress=False, device="cpu")
     cc = train_coarse(npz, tmp_path / "c", iterations=2, config=TINY, **kw)

@@ -111,6 +111,9 @@ def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True),
         click.option("--resume", is_flag=True, help="Continue from --out's checkpoint."),
+        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Processes that make the augmented training batches ahead (keeps "
+                          "a GPU busy); 0: in the training process, the reproducible stream."),
         click.option("--config", "config_text",
                      help="Network and training settings, JSON text or a .json file, e.g. "
                           "'{\"widths\": [16, 32, 64, 96]}' or '{\"arch\": \"lite-fpn\"}' "
@@ -432,7 +435,8 @@ def coarse(ctx: click.Context, **opts: Any) -> None:
                         lr=opts["lr"], seed=opts["seed"], device=opts["device"],
                         resume=opts["resume"], config=config,
                         progress=not opts["quiet"], crop=opts["crop"],
-                        checkpoint_every=opts["checkpoint_every"], init_weights=init)
+                        checkpoint_every=opts["checkpoint_every"], init_weights=init,
+                        workers=opts["workers"])
     card = _card(name, chips, info, _command_line(ctx), "coarse", opts)
     path = export_model(ckpt, None, card, out)
     if not opts["quiet"]:
@@ -499,7 +503,7 @@ def refiner(ctx: click.Context, **opts: Any) -> None:
                          config=config, progress=not opts["quiet"],
                          degradation=opts["degradation"], crop=opts["crop"],
                          normalization=norm, checkpoint_every=opts["checkpoint_every"],
-                         init_weights=init)
+                         init_weights=init, workers=opts["workers"])
     card = _card(name, chips, info, _command_line(ctx), "refiner", opts,
                  base=stage.card if stage else None)
     if stage is not None:

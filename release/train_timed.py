@@ -1,0 +1,138 @@
+"""Train a set's coarse model, then its refiner, within a wall-clock budget (a lent GPU).
+
+A GPU session is short and the machine's speed is not known beforehand. For each stage this
+times a short throwaway run (same data, settings and workers), sets the stage's iterations
+to fill its share of the budget, and trains it with the same library calls as
+release/train_models.py, printing the equivalent train_models.py command with the
+iteration count it chose. The weights-only checkpoints (the averaged weights; optimiser
+state dropped, so a file stays under the 16 MB a GPU session may return) and the logs go to
+``--out``; copy them to ``.train/runs/<set>-<tag>/checkpoint.pt`` to validate and export.
+
+    python release/train_timed.py buildings --seconds 420 --coarse-share 0.7 --workers 6 \\
+        --batch-size 16 --init-card .train/gpu/init/buildings.json --out $OUT \\
+        --coarse-config JSON --refiner-config JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from idgbr_geo.checkpoints import model_stage, segmentor_from_checkpoint
+from idgbr_geo.registry import load_checkpoint
+from idgbr_geo.training import train_coarse, train_refiner
+
+ROOT = Path(__file__).resolve().parent.parent / ".train"
+#: iterations of the throwaway run that times a stage (the rate is read from its second half)
+PROBE = 60
+
+
+def _rate(fn, out: Path, **kw) -> float:
+    """Iterations per second of ``fn`` (train_coarse / train_refiner) on this machine."""
+    fn(out=out, iterations=PROBE, checkpoint_every=PROBE // 2, **kw)
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    shutil.rmtree(out)
+    return (PROBE // 2) / max(float(rows[1]["seconds"]) - float(rows[0]["seconds"]), 1e-3)
+
+
+def _slim(ckpt: Path, dst: Path) -> None:
+    """The checkpoint without what only resuming needs (optimiser, raw weights, RNG)."""
+    state = load_checkpoint(ckpt)
+    for key in ("optimizer", "trained_model", "ema", "torch_rng"):
+        state.pop(key, None)
+    torch.save(state, dst)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("set")
+    ap.add_argument("--seconds", type=float, required=True, help="budget of both stages")
+    ap.add_argument("--coarse-share", type=float, default=0.7)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--crop", type=int, default=256)
+    ap.add_argument("--coarse-lr", type=float, default=1e-3)
+    ap.add_argument("--refiner-lr", type=float, default=1e-3)
+    ap.add_argument("--coarse-config", default="{}")
+    ap.add_argument("--refiner-config", default="{}")
+    ap.add_argument("--init-card", default=None, help="start both stages from this model")
+    ap.add_argument("--workers", type=int, default=6)
+    ap.add_argument("--no-refiner", action="store_true",
+                    help="the coarse model only, in the whole budget")
+    ap.add_argument("--tag", default="gpu")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    t_end = time.time() + args.seconds
+    torch.backends.cudnn.benchmark = True
+    args.out.mkdir(parents=True, exist_ok=True)
+    train = ROOT / f"{args.set}_train.npz"
+    runs = ROOT / "runs"
+    log = open(args.out / f"{args.set}-{args.tag}.txt", "a")
+
+    def say(text: str) -> None:
+        print(f"[{args.set}] {text}", flush=True)
+        log.write(text + "\n")
+        log.flush()
+
+    say(f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    common = dict(batch_size=args.batch_size, crop=args.crop, seed=0, device="auto",
+                  progress=False, workers=args.workers)
+    # ---- coarse
+    cfg = json.loads(args.coarse_config)
+    init = model_stage(args.init_card, "coarse")[1] if args.init_card else None
+    kw = dict(common, lr=args.coarse_lr, config=cfg, init_weights=init)
+    t0 = time.time()
+    rate = _rate(lambda out, **k: train_coarse(train, out, **k), runs / "probe-c" / args.set,
+                 **kw)
+    budget = (t_end - time.time()) * (1.0 if args.no_refiner else args.coarse_share)
+    iters = max(100, int(rate * budget * 0.9) // 50 * 50)
+    say(f"coarse: {rate:.2f} it/s (probe {time.time() - t0:.0f} s) -> {iters} iterations")
+    say(f"command: python release/train_models.py coarse {args.set} --tag {args.tag} "
+        f"--iterations {iters} --crop {args.crop} --batch-size {args.batch_size} "
+        f"--lr {args.coarse_lr} --workers {args.workers} --init-model {args.init_card} "
+        f"--config '{json.dumps(cfg)}'")
+    coarse_dir = runs / f"{args.set}-{args.tag}"
+    t0 = time.time()
+    ckpt = train_coarse(train, coarse_dir, iterations=iters, checkpoint_every=500, **kw)
+    say(f"coarse done in {time.time() - t0:.0f} s")
+    _slim(ckpt, args.out / f"{args.set}-coarse.pt")
+    if args.no_refiner:
+        with open(coarse_dir / "log.csv") as f:
+            log.write("coarse log:\n" + f.read())
+        return
+    # ---- refiner
+    coarse = segmentor_from_checkpoint(ckpt, "auto")
+    cfg = json.loads(args.refiner_config)
+    init = model_stage(args.init_card, "refiner")[1] if args.init_card else None
+    kw = dict(common, lr=args.refiner_lr, config=cfg, init_weights=init, coarse=coarse)
+    t0 = time.time()
+    rate = _rate(lambda out, **k: train_refiner(train, out, **k), runs / "probe-r" / args.set,
+                 **kw)
+    budget = t_end - time.time() - 10
+    iters = max(100, int(rate * budget * 0.9) // 50 * 50)
+    say(f"refiner: {rate:.2f} it/s (probe {time.time() - t0:.0f} s) -> {iters} iterations")
+    say(f"command: python release/train_models.py refiner {args.set} --coarse-run {args.tag} "
+        f"--tag {args.tag}-refiner --iterations {iters} --crop {args.crop} "
+        f"--batch-size {args.batch_size} --lr {args.refiner_lr} --workers {args.workers} "
+        f"--init-model {args.init_card} --config '{json.dumps(cfg)}'")
+    ref_dir = runs / f"{args.set}-{args.tag}-refiner"
+    t0 = time.time()
+    ckpt = train_refiner(train, ref_dir, iterations=iters, checkpoint_every=250, **kw)
+    say(f"refiner done in {time.time() - t0:.0f} s")
+    _slim(ckpt, args.out / f"{args.set}-refiner.pt")
+    with open(ref_dir / "log.csv") as f:
+        log.write("refiner log:\n" + f.read())
+    with open(coarse_dir / "log.csv") as f:
+        log.write("coarse log:\n" + f.read())
+    log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
