@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -51,6 +50,31 @@ def _slim(ckpt: Path, dst: Path) -> None:
     torch.save(state, dst)
 
 
+def _stage(kind: str, fn, args: argparse.Namespace, budget_end: float, say, *, tag: str,
+           extra: str, **kw) -> Path:
+    """Probe ``fn``'s speed, train ``kind`` for the iterations that end near ``budget_end``
+    (90% of the measured rate), write its slim checkpoint to ``--out``; the run folder."""
+    runs = ROOT / "runs"
+    train = ROOT / f"{args.set}_train.npz"
+    t0 = time.time()
+    rate = _rate(lambda out, **k: fn(train, out, **k), runs / f"probe-{kind}" / args.set, **kw)
+    iters = max(100, int(rate * (budget_end - time.time()) * 0.9) // 50 * 50)
+    say(f"{kind}: {rate:.2f} it/s (probe {time.time() - t0:.0f} s) -> {iters} iterations")
+    say(f"command: python release/train_models.py {kind} {args.set} {extra}--tag {tag} "
+        f"--iterations {iters} --crop {args.crop} --batch-size {args.batch_size} "
+        f"--lr {kw['lr']} --workers {args.workers} --init-model {args.init_card} "
+        f"--config '{json.dumps(kw['config'])}'")
+    out = runs / f"{args.set}-{tag}"
+    t0 = time.time()
+    ckpt = fn(train, out, iterations=iters, checkpoint_every=500 if kind == "coarse" else 250,
+              **kw)
+    say(f"{kind} done in {time.time() - t0:.0f} s")
+    _slim(ckpt, args.out / f"{args.set}-{kind}.pt")
+    with open(out / "log.csv") as f:
+        say(f"{kind} log:\n" + f.read())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("set")
@@ -69,70 +93,34 @@ def main() -> None:
     ap.add_argument("--tag", default="gpu")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    t_end = time.time() + args.seconds
+    t_start = time.time()
+    t_end = t_start + args.seconds
     torch.backends.cudnn.benchmark = True
     args.out.mkdir(parents=True, exist_ok=True)
-    train = ROOT / f"{args.set}_train.npz"
-    runs = ROOT / "runs"
-    log = open(args.out / f"{args.set}-{args.tag}.txt", "a")
+    with open(args.out / f"{args.set}-{args.tag}.txt", "a") as log:
 
-    def say(text: str) -> None:
-        print(f"[{args.set}] {text}", flush=True)
-        log.write(text + "\n")
-        log.flush()
+        def say(text: str) -> None:
+            print(f"[{args.set}] {text}", flush=True)
+            log.write(text + "\n")
+            log.flush()
 
-    say(f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
-    common = dict(batch_size=args.batch_size, crop=args.crop, seed=0, device="auto",
-                  progress=False, workers=args.workers)
-    # ---- coarse
-    cfg = json.loads(args.coarse_config)
-    init = model_stage(args.init_card, "coarse")[1] if args.init_card else None
-    kw = dict(common, lr=args.coarse_lr, config=cfg, init_weights=init)
-    t0 = time.time()
-    rate = _rate(lambda out, **k: train_coarse(train, out, **k), runs / "probe-c" / args.set,
-                 **kw)
-    budget = (t_end - time.time()) * (1.0 if args.no_refiner else args.coarse_share)
-    iters = max(100, int(rate * budget * 0.9) // 50 * 50)
-    say(f"coarse: {rate:.2f} it/s (probe {time.time() - t0:.0f} s) -> {iters} iterations")
-    say(f"command: python release/train_models.py coarse {args.set} --tag {args.tag} "
-        f"--iterations {iters} --crop {args.crop} --batch-size {args.batch_size} "
-        f"--lr {args.coarse_lr} --workers {args.workers} --init-model {args.init_card} "
-        f"--config '{json.dumps(cfg)}'")
-    coarse_dir = runs / f"{args.set}-{args.tag}"
-    t0 = time.time()
-    ckpt = train_coarse(train, coarse_dir, iterations=iters, checkpoint_every=500, **kw)
-    say(f"coarse done in {time.time() - t0:.0f} s")
-    _slim(ckpt, args.out / f"{args.set}-coarse.pt")
-    if args.no_refiner:
-        with open(coarse_dir / "log.csv") as f:
-            log.write("coarse log:\n" + f.read())
-        return
-    # ---- refiner
-    coarse = segmentor_from_checkpoint(ckpt, "auto")
-    cfg = json.loads(args.refiner_config)
-    init = model_stage(args.init_card, "refiner")[1] if args.init_card else None
-    kw = dict(common, lr=args.refiner_lr, config=cfg, init_weights=init, coarse=coarse)
-    t0 = time.time()
-    rate = _rate(lambda out, **k: train_refiner(train, out, **k), runs / "probe-r" / args.set,
-                 **kw)
-    budget = t_end - time.time() - 10
-    iters = max(100, int(rate * budget * 0.9) // 50 * 50)
-    say(f"refiner: {rate:.2f} it/s (probe {time.time() - t0:.0f} s) -> {iters} iterations")
-    say(f"command: python release/train_models.py refiner {args.set} --coarse-run {args.tag} "
-        f"--tag {args.tag}-refiner --iterations {iters} --crop {args.crop} "
-        f"--batch-size {args.batch_size} --lr {args.refiner_lr} --workers {args.workers} "
-        f"--init-model {args.init_card} --config '{json.dumps(cfg)}'")
-    ref_dir = runs / f"{args.set}-{args.tag}-refiner"
-    t0 = time.time()
-    ckpt = train_refiner(train, ref_dir, iterations=iters, checkpoint_every=250, **kw)
-    say(f"refiner done in {time.time() - t0:.0f} s")
-    _slim(ckpt, args.out / f"{args.set}-refiner.pt")
-    with open(ref_dir / "log.csv") as f:
-        log.write("refiner log:\n" + f.read())
-    with open(coarse_dir / "log.csv") as f:
-        log.write("coarse log:\n" + f.read())
-    log.close()
+        say(f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+        common = dict(batch_size=args.batch_size, crop=args.crop, seed=0, device="auto",
+                      progress=False, workers=args.workers)
+        init = model_stage(args.init_card, "coarse")[1] if args.init_card else None
+        share = 1.0 if args.no_refiner else args.coarse_share
+        coarse_dir = _stage("coarse", train_coarse, args, t_start + share * args.seconds, say,
+                            tag=args.tag, extra="", lr=args.coarse_lr,
+                            config=json.loads(args.coarse_config), init_weights=init, **common)
+        if args.no_refiner:
+            return
+        coarse = segmentor_from_checkpoint(coarse_dir / "checkpoint.pt", "auto")
+        init = model_stage(args.init_card, "refiner")[1] if args.init_card else None
+        _stage("refiner", train_refiner, args, t_end - 10, say, tag=f"{args.tag}-refiner",
+               extra=f"--coarse-run {args.tag} ", lr=args.refiner_lr,
+               config=json.loads(args.refiner_config), init_weights=init, coarse=coarse,
+               **common)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
