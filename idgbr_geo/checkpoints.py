@@ -80,6 +80,17 @@ def write_checkpoint(path: Path, values: Mapping[str, Any],
     os.replace(tmp, path)
 
 
+#: what only resuming a run needs (the training loop's own weights and moving average,
+#: optimiser state, torch's RNG); ``model`` holds the weights to use
+RESUME_ONLY = ("optimizer", "trained_model", "ema", "torch_rng")
+
+
+def weights_only(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's contents without :data:`RESUME_ONLY`: a few times smaller, still
+    loadable and exportable, no longer resumable."""
+    return {k: v for k, v in state.items() if k not in RESUME_ONLY}
+
+
 def build_segmentor_net(config: CoarseConfig | LiteFpnConfig, *, in_channels: int,
                         num_classes: int, pretrained: bool = False) -> nn.Module:
     """The coarse network ``config`` describes (its type chooses the architecture);

@@ -112,13 +112,12 @@ def unpack(src: Path, out: Path) -> list[Path]:
 
 def init(name: str, out: Path) -> Path:
     """A model's card (a bundled name or a card path) and float16 weights in ``out``."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from idgbr_geo.registry import resolve_card
+    from idgbr_geo.registry import read_model
 
-    card_path = Path(resolve_card(name))
+    _, card_path, tensors = read_model(name)
     name = card_path.stem
-    tensors = load_file(card_path.with_name(json.loads(card_path.read_text())["weights"]))
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()},
               out / f"{name}.safetensors")

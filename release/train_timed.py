@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from idgbr_geo.checkpoints import model_stage, segmentor_from_checkpoint
+from idgbr_geo.checkpoints import model_stage, segmentor_from_checkpoint, weights_only
 from idgbr_geo.registry import load_checkpoint
 from idgbr_geo.training import train_coarse, train_refiner
 
@@ -44,10 +44,7 @@ def _rate(fn, out: Path, **kw) -> float:
 
 def _slim(ckpt: Path, dst: Path) -> None:
     """The checkpoint without what only resuming needs (optimiser, raw weights, RNG)."""
-    state = load_checkpoint(ckpt)
-    for key in ("optimizer", "trained_model", "ema", "torch_rng"):
-        state.pop(key, None)
-    torch.save(state, dst)
+    torch.save(weights_only(load_checkpoint(ckpt)), dst)
 
 
 def _stage(kind: str, fn, args: argparse.Namespace, budget_end: float, say, *, tag: str,

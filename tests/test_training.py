@@ -300,3 +300,17 @@ def test_a_new_run_starts_from_given_weights(npz, tmp_path):
         train_refiner(npz, tmp_path / "r2", iterations=1, config=TINY_REF, batch_size=2,
                       crop=32, progress=False, device="cpu",
                       init_weights={k: v for k, v in list(rc.items())[1:]})
+
+
+def test_a_weights_only_checkpoint_still_loads_but_not_to_resume(npz, tmp_path):
+    from idgbr_geo.checkpoints import RESUME_ONLY, weights_only
+
+    ckpt = train_coarse(npz, tmp_path / "c", iterations=2, batch_size=2, crop=32, config=TINY,
+                        progress=False, device="cpu")
+    state = torch.load(ckpt, weights_only=True)
+    slim = weights_only(state)
+    assert not set(RESUME_ONLY) & set(slim) and "optimizer" in state
+    torch.save(slim, tmp_path / "slim.pt")
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(segmentor_from_checkpoint(tmp_path / "slim.pt", "cpu").predict(x),
+                       segmentor_from_checkpoint(ckpt, "cpu").predict(x))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from idgbr_geo.checkpoints import model_stage
+from idgbr_geo.checkpoints import model_stage, weights_only
 from idgbr_geo.registry import load_checkpoint
 
 
@@ -29,10 +29,8 @@ def soup(model: str, run: Path, out: Path, alpha: float) -> Path:
         raise SystemExit("the run and the model's segmentor have different networks")
     state["model"] = {k: (alpha * v + (1 - alpha) * start[k].to(v.dtype))
                       if v.is_floating_point() else v for k, v in mine.items()}
-    for key in ("optimizer", "trained_model", "ema", "torch_rng"):
-        state.pop(key, None)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
+    torch.save(weights_only(state), out)
     return out
 
 
