@@ -124,7 +124,7 @@ def _child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     opts = RunOptions(coarse_only=args.coarse_only, batch_size=args.batch_size,
                       model_workers=args.model_workers, precision=args.precision,
-                      gsd_search=not args.no_gsd_search)
+                      gsd_search=not args.no_gsd_search, multiscale=not args.no_multiscale)
     model = load_model(args.model, args.device)  # loading the weights is not part of the run
     # one-off set-up (GDAL drivers, the allocator's first growth, torch kernels) outside the
     # clock, as for the bare model: a first refine of a small scene at the same GSD
@@ -150,17 +150,19 @@ def _bare_child(args: argparse.Namespace) -> None:
     print(json.dumps(bare_model(Path(args.input), args.model, args.coarse_only, args.threads,
                                 args.device, args.batch_size, args.model_workers,
                                 precision=args.precision,
-                                gsd_search=not args.no_gsd_search)))
+                                gsd_search=not args.no_gsd_search,
+                                multiscale=not args.no_multiscale)))
 
 
 def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, device: str,
                batch_size: int, workers: int, sample: int = 96, precision: str = "auto",
-               gsd_search: bool = True) -> dict[str, float]:
+               gsd_search: bool = True, multiscale: bool = True) -> dict[str, float]:
     """Seconds the model alone would need for all windows of the scene (sampled): with
     ``workers`` threads each running windows on ``threads // workers`` torch threads, as the
     engine does ("seconds"), and with one worker on all ``threads`` ("seconds_1worker").
     The windows are those of the working GSD the engine chooses (``gsd_search``), the
-    choice itself outside the clock."""
+    choice itself outside the clock; the coarse model sees the card's zoomed views of each
+    window too unless ``multiscale`` is False, as in the engine."""
     import threading
 
     import torch
@@ -174,6 +176,7 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
     torch.set_num_threads(threads)
     m = load_model(model_name, device)
     card = m.card
+    zooms = tuple(card.coarse_zooms or ()) if multiscale else ()
     src = open_source(path, model_bands=card.bands, bands=None, model_gsd=card.gsd,
                       gsd_without_crs=card.gsd_without_crs)
     if gsd_search and card.gsd_choices:
@@ -208,10 +211,10 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
             torch.set_num_threads(max(1, threads // n))
             _warm_up(m, coarse_only, batch_size)  # per thread, outside the clock
             with torch.inference_mode():
-                _model_pass(m, part[:1], coarse_only, precision)
+                _model_pass(m, part[:1], coarse_only, precision, zooms)
             ready.wait()
             with torch.inference_mode():
-                _model_pass(m, part, coarse_only, precision)
+                _model_pass(m, part, coarse_only, precision, zooms)
 
         parts = [batches[i::n] for i in range(n)]
         helpers = [threading.Thread(target=run, args=(p,)) for p in parts[1:]]
@@ -225,7 +228,7 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
     return out
 
 
-def _model_pass(m, batches, coarse_only: bool, precision: str) -> None:
+def _model_pass(m, batches, coarse_only: bool, precision: str, zooms=()) -> None:
     """The model alone over pre-read batches: the engine's own window inference
     (:func:`idgbr_geo.predict.predict_windows`: refine where the coarse map has a boundary,
     the card's steps and gate), without the reading, stitching and writing around it."""
@@ -235,7 +238,7 @@ def _model_pass(m, batches, coarse_only: bool, precision: str) -> None:
 
     for x, origins in batches:
         predict_windows(m, x, origins=origins, refine=not coarse_only,
-                        precision=resolve_precision(precision, m.device))
+                        precision=resolve_precision(precision, m.device), zooms=zooms)
         if m.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -247,6 +250,7 @@ def _run_child(args: argparse.Namespace, flag: str, scene: Path, out: Path,
            "--batch-size", str(batch_size), "--model-workers", str(workers),
            "--precision", args.precision]
     cmd += ["--no-gsd-search"] if args.no_gsd_search else []
+    cmd += ["--no-multiscale"] if args.no_multiscale else []
     cmd += ["--coarse-only"] if coarse_only else []
     res = subprocess.run(cmd, check=True, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
@@ -270,6 +274,8 @@ def main() -> None:
                     help="the networks' arithmetic [the engine's default]")
     ap.add_argument("--no-gsd-search", action="store_true",
                     help="always the card's GSD (default: the engine's per-scene choice)")
+    ap.add_argument("--no-multiscale", action="store_true",
+                    help="one view of each window (default: the card's coarse_zooms too)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="coarse-only,refine")
     ap.add_argument("--workdir", default=None)

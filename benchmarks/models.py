@@ -14,7 +14,9 @@ network runs once per window, the denoiser once per step, the decoder once.
 A refiner that shares the segmentor's encoder (``lite-idgbr``) is timed as the engine runs
 it: after the segmentor on the same window, so the encoder counts once (in the coarse
 column); the "refiner alone" row is ``refine --coarse``, where the encoder runs for the
-refiner.
+refiner. A card with ``coarse_zooms`` gets a row for the coarse model with its zoomed views
+of the window too (:func:`idgbr_geo.predict.multiscale_probabilities`, the engine's default),
+against which the refiner's share is counted there.
 
 The networks run with the allocator settings the engine uses (``tuning.tune_allocator``):
 with glibc's defaults every window's multi-MB feature maps are unmapped and faulted in again,
@@ -35,7 +37,7 @@ import time
 import torch
 
 from idgbr_geo.encoders import FeatureMemo
-from idgbr_geo.predict import resolve_precision
+from idgbr_geo.predict import multiscale_probabilities, resolve_precision
 from idgbr_geo.registry import bundled_models, load_model, resolve_device
 from idgbr_geo.tuning import tune_allocator
 
@@ -78,6 +80,12 @@ def _bench(name: str, device: str, repeat: int, size: int, extra: str | None
         m.segmentor.predict(img)
 
     out = {"coarse": seconds(coarse, repeat, sync)}
+    if m.card.coarse_zooms:  # the card's zoomed views too, as the engine runs it by default
+        def views() -> None:
+            forget()
+            multiscale_probabilities(m.segmentor, img, m.card.coarse_zooms)
+
+        out["views"] = seconds(views, repeat, sync)
     probs = m.segmentor.predict(img)  # (a shared encoder now holds this window's features)
     steps = m.card.sampling.steps
     for s in sorted({1, steps, 2 * steps}):
@@ -134,6 +142,12 @@ def main() -> None:
             print(f"| {name} | {label} | {ms['coarse']:.1f} | {ms['refine_1']:.1f} | "
                   f"{ms[f'refine_{s}']:.1f} ({s}) | {ms[f'refine_{2 * s}']:.1f} | "
                   f"{d / r['coarse']:.2f}x | {mp:.2f} |")
+            if "views" in r:
+                zooms = ", ".join(f"{z:g}x" for z in load_model(name, "cpu").card.coarse_zooms)
+                print(f"| {name}, coarse with its zoomed views ({zooms}; `--no-multiscale`: "
+                      f"the row above) | {label} | {ms['views']:.1f} | {ms['refine_1']:.1f} | "
+                      f"{ms[f'refine_{s}']:.1f} ({s}) | | {d / r['views']:.2f}x | "
+                      f"{512 * 512 / 1e6 / (r['views'] + d):.2f} |")
             if "alone" in r:
                 print(f"| {name}, refiner alone (`--coarse`: encoder not shared) | {label} | "
                       f"| | {ms['alone']:.1f} ({s}) | | {r['alone'] / r['coarse']:.2f}x | |")

@@ -174,6 +174,11 @@ def _common_problem(data: dict[str, Any]) -> str | None:
                 for g in choices)):
             return ("'gsd_choices' must be a list of two or more working GSDs in metres, "
                     f"within 4x of the model's 'gsd' (or null), not {choices!r}")
+    zooms = data.get("coarse_zooms")
+    if zooms is not None and not (isinstance(zooms, list) and zooms and all(
+            _is_number(z) and math.isfinite(z) and 0.5 <= z <= 2 and z != 1 for z in zooms)):
+        return ("'coarse_zooms' must be a list of zooms between 0.5 and 2 other than 1 "
+                f"(or null), not {zooms!r}")
     for key, low in (("tile_size", 1), ("overlap", 0), ("stride_multiple", 1)):
         v = data.get(key, 0 if low == 0 else 1)
         if not _is_int(v) or v < low:
@@ -396,6 +401,10 @@ class ModelCard:
     #: working GSDs the engine may run the model at instead of ``gsd``, chosen per scene by
     #: the coarse map's confidence on sample windows (:mod:`idgbr_geo.scale`); None: ``gsd``
     gsd_choices: list[float] | None = None
+    #: zooms at which the coarse model also sees each window, its probabilities averaged
+    #: with the window's own (0.8: a finer working GSD, 1.25: a coarser one; costs each
+    #: view's pixels; :func:`idgbr_geo.predict.multiscale_probabilities`); None: one view
+    coarse_zooms: list[float] | None = None
     tile_size: int = 512
     overlap: int = 64
     #: multiple that window origins must respect (e.g. a refiner working at 1/4 resolution)

@@ -352,6 +352,8 @@ class RunPlan:
     tile_size: int
     overlap: int
     steps: int
+    #: the coarse model's extra views of each window (card ``coarse_zooms``), or none
+    zooms: tuple[float, ...] = ()
 
 
 def plan_run(card: ModelCard, options: RunOptions, *, coarse: bool, segmentor: bool
@@ -375,7 +377,8 @@ def plan_run(card: ModelCard, options: RunOptions, *, coarse: bool, segmentor: b
         found.append((("coarse",), f"model {card.name!r} has no segmentor: give a coarse "
                                    "map ($coarse)"))
     raise_problems(found)
-    return RunPlan(tile, overlap, steps)
+    zooms = tuple(card.coarse_zooms or ()) if options.multiscale and not coarse else ()
+    return RunPlan(tile, overlap, steps, zooms)
 
 
 def refine_raster(
@@ -492,9 +495,11 @@ def refine_raster(
                  use_refiner=use_refiner, steps=steps, seed=seed, batch_size=batch_size,
                  workers=workers, overlap=plan.overlap, confidence=outputs.confidence,
                  quiet=quiet, prob_dtype=outputs.probabilities_dtype, precision=precision,
+                 zooms=plan.zooms,
                  tags={"IDGBR_MODEL": card.name, "IDGBR_STEPS": steps if use_refiner else 0,
                        "IDGBR_SEED": seed, "IDGBR_PRECISION": precision,
-                       "IDGBR_WORKING_GSD": f"{scale.gsd:g}" if scale else card.gsd or ""})
+                       "IDGBR_WORKING_GSD": f"{scale.gsd:g}" if scale else card.gsd or "",
+                       "IDGBR_COARSE_ZOOMS": ",".join(f"{z:g}" for z in plan.zooms)})
             if cog:
                 to_cog(write_main, main_tmp, categorical=True)
                 if write_prob is not None:
@@ -517,7 +522,8 @@ def refine_raster(
 def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: RefineSummary,
          out_path: Path, prob_path: Path | None, *, use_refiner: bool, steps: int, seed: int,
          batch_size: int, workers: int, overlap: int, confidence: bool, quiet: bool,
-         prob_dtype: str, precision: str, tags: dict[str, Any]) -> None:
+         prob_dtype: str, precision: str, tags: dict[str, Any],
+         zooms: Sequence[float] = ()) -> None:
     card = m.card
     k = card.num_classes
     writer_out = ResultWriter(out_path, src.ds, card.classes, card.colors,
@@ -567,7 +573,7 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
                     seq, batch = got
                     results, skipped, refined = _process(batch, m, src, use_refiner=use_refiner,
                                                          steps=steps, seed=seed, radius=radius,
-                                                         precision=precision)
+                                                         precision=precision, zooms=zooms)
                     writer.put((seq, results))
                     with lock:
                         summary.skipped += skipped
@@ -622,7 +628,8 @@ def _helper_pool(n: int) -> ThreadPoolExecutor:
 
 
 def _process(batch: list[_Item], m: Model, src: Source, *, use_refiner: bool, steps: int,
-             seed: int, precision: str, radius: int | None = None
+             seed: int, precision: str, radius: int | None = None,
+             zooms: Sequence[float] = ()
              ) -> tuple[list[tuple[Tile, np.ndarray | None, np.ndarray | None]], int, int]:
     """Run one batch of same-shape windows through the models (:func:`predict_windows`).
     Returns per window (tile, probabilities on the input grid or None when skipped,
@@ -660,7 +667,7 @@ def _process(batch: list[_Item], m: Model, src: Source, *, use_refiner: bool, st
         probs, refined_n = predict_windows(
             m, torch.from_numpy(img), coarse=coarse, valid=valid, inside=inside,
             origins=[it.tile.origin for it in live], steps=steps, seed=seed,
-            refine=use_refiner, precision=precision)
+            refine=use_refiner, precision=precision, zooms=zooms)
         for i, it in enumerate(live):  # the part inside the raster, on the input grid
             mh, mw = it.mask.shape
             win = clip(it.tile.window, src.width, src.height)

@@ -34,8 +34,8 @@ MAX_MODEL_WORKERS = 64
 #: Largest seed: the diffusion noise hashes ``seed mod 2**64``, so a larger (or negative)
 #: seed would silently give another seed's output.
 MAX_SEED = 2**64 - 1
-#: the networks' arithmetic: ``auto`` is bfloat16 on a CPU with AMX tiles, else float32
-#: (:func:`idgbr_geo.predict.resolve_precision`)
+#: the networks' arithmetic: ``auto`` is bfloat16 on a CPU with AMX tiles or AVX-512 BF16,
+#: else float32 (:func:`idgbr_geo.predict.resolve_precision`)
 PRECISIONS = ("auto", "float32", "bfloat16")
 #: data types of a probabilities raster: 0..255 (the CLI's), or unquantised
 PROBABILITY_DTYPES = ("uint8", "float32")
@@ -121,10 +121,13 @@ class RunOptions:
     the model's value range, every band alike (default: the values as they are, or, for a
     non-8-bit input that does not use the model's range, a per-band percentile stretch,
     :mod:`idgbr_geo.stretch`). ``precision``: the networks' arithmetic, ``float32``,
-    ``bfloat16`` or ``auto`` (bfloat16 on a CPU with AMX tiles, where it is ~1.6x faster per window,
-    else float32; :mod:`idgbr_geo.predict`). ``gsd_search``: let the model work at the
-    card's ``gsd_choices`` GSD its coarse map is most confident at for this scene
-    (:mod:`idgbr_geo.scale`; False: always the card's ``gsd``).
+    ``bfloat16`` or ``auto`` (bfloat16 on a CPU with AMX tiles or AVX-512 BF16, where it is
+    1.6-2x faster per window, else float32; :mod:`idgbr_geo.predict`). ``gsd_search``: let
+    the model work at the card's ``gsd_choices`` GSD its coarse map is most confident at
+    for this scene
+    (:mod:`idgbr_geo.scale`; False: always the card's ``gsd``). ``multiscale``: average the
+    coarse model over the card's ``coarse_zooms`` views of each window (False: one view,
+    faster).
     """
 
     coarse_only: bool = False
@@ -140,6 +143,7 @@ class RunOptions:
     value_range: tuple[float, float] | None = None
     precision: str = "auto"
     gsd_search: bool = True
+    multiscale: bool = True
 
     #: fields that never change an output's bytes (so a batch's finished scenes stay done)
     NEUTRAL: ClassVar[frozenset[str]] = frozenset({"device", "model_workers"})
@@ -149,7 +153,7 @@ class RunOptions:
             value = getattr(self, name)
             if isinstance(value, Sequence) and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
-        found = _flag_problems(self, ("coarse_only", "gsd_search"))
+        found = _flag_problems(self, ("coarse_only", "gsd_search", "multiscale"))
         if self.value_range is not None:
             bad = check_value_range(self.value_range)
             if bad:

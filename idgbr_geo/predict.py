@@ -5,7 +5,8 @@ The one place that turns windows into probabilities. The raster engine
 validation, option selection and the benchmarks call it (or the engine), so every published
 number comes from the code users run. For each batch:
 
-1. coarse probabilities: the model's segmentor, or a coarse map the caller gives;
+1. coarse probabilities: the model's segmentor (averaged over zoomed views of the window
+   where the card lists ``coarse_zooms``), or a coarse map the caller gives;
 2. the refiner, only for windows whose coarse map holds a boundary (more than one class
    over valid pixels): a window of one class has nothing to sharpen, and skipping it saves
    most of the time on scenes with large uniform areas;
@@ -16,9 +17,10 @@ number comes from the code users run. For each batch:
 It imports no network code: any Segmentor / Refiner behind :class:`~idgbr_geo.interfaces.Model`
 runs through it.
 
-The networks can run in bfloat16 (``precision``): on a CPU with AMX tiles that is ~1.6x
-faster per window for the bundled models and moves their validation IoU by at most 0.2
-points (docs/experiments.md); ``auto`` picks it only there. Probabilities leave in float32.
+The networks can run in bfloat16 (``precision``): on a CPU with AMX tiles or AVX-512 BF16
+that is 1.6-2x faster per window for the bundled models and moves their validation IoU by
+at most 0.2 points (docs/experiments.md); ``auto`` picks it only there. Probabilities leave
+in float32.
 """
 
 from __future__ import annotations
@@ -27,24 +29,29 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from .config import gate_thresholds
 from .errors import UserError
-from .interfaces import Model
+from .interfaces import Model, Segmentor
 from .options import PRECISIONS
 
 
 def fast_bfloat16(device: torch.device | str) -> bool:
-    """Does ``device`` run bfloat16 convolutions natively and faster than float32? Only a
-    CPU with AMX tiles is measured so (elsewhere bfloat16 may be emulated, or unmeasured:
-    ``precision="bfloat16"`` still forces it)."""
+    """Does ``device`` run bfloat16 convolutions natively and faster than float32? A CPU
+    with AMX tiles or AVX-512 BF16 instructions is measured so (1.5-2x per window);
+    elsewhere bfloat16 may be emulated, or is unmeasured (GPUs): ``precision="bfloat16"``
+    still forces it."""
     if torch.device(device).type != "cpu":
         return False
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:
-        return False
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            continue
+    return False
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
@@ -91,12 +98,38 @@ def apply_gate(refined: torch.Tensor, coarse: torch.Tensor, gates: Sequence[floa
     return torch.where(keep, coarse, refined)
 
 
+#: side of the blocks a zoomed view's size is rounded to (the coarse encoders' stride)
+ZOOM_MULTIPLE = 32
+
+
+def multiscale_probabilities(segmentor: Segmentor, image: torch.Tensor,
+                             zooms: Sequence[float]) -> torch.Tensor:
+    """The segmentor's probabilities of ``image`` averaged over views of it at each zoom
+    (a view at zoom z has 1/z the pixels per side: 0.8 is a finer working GSD, 1.25 a
+    coarser one; predicted, then resized back) and the image as it is. Objects that one
+    scale reads poorly, another often reads well. The image's own view runs last, so that
+    a refiner sharing the encoder (:class:`~idgbr_geo.encoders.FeatureMemo`) finds its
+    features."""
+    h, w = image.shape[-2:]
+    views = []
+    for z in zooms:
+        size = (max(ZOOM_MULTIPLE, round(h / z / ZOOM_MULTIPLE) * ZOOM_MULTIPLE),
+                max(ZOOM_MULTIPLE, round(w / z / ZOOM_MULTIPLE) * ZOOM_MULTIPLE))
+        view = F.interpolate(image, size=size, mode="bilinear", align_corners=False,
+                             antialias=size[0] < h)
+        views.append(F.interpolate(segmentor.predict(view).float(), size=(h, w),
+                                   mode="bilinear", align_corners=False))
+    views.append(segmentor.predict(image).float())
+    return views[0] if len(views) == 1 else torch.stack(views).mean(0)
+
+
 def predict_windows(model: Model, image: torch.Tensor, *, coarse: torch.Tensor | None = None,
                     valid: torch.Tensor | None = None, inside: torch.Tensor | None = None,
                     origins: Sequence[tuple[int, int]], steps: int | None = None,
                     seed: int = 0, refine: bool = True,
                     gate: float | Sequence[float] | None = None,
-                    precision: str = "auto") -> tuple[torch.Tensor, int]:
+                    precision: str = "auto", zooms: Sequence[float] = ()
+                    ) -> tuple[torch.Tensor, int]:
     """Class probabilities of a batch of windows, and how many of them were refined.
 
     ``image``: (B, bands, H, W) float32, normalised with the card's normalisation, H and W
@@ -110,7 +143,9 @@ def predict_windows(model: Model, image: torch.Tensor, *, coarse: torch.Tensor |
     noise (the result does not depend on the tiling and is reproducible for a ``seed``).
     ``steps`` and ``gate`` default to the card's ``sampling``; ``refine=False``, 0 steps or
     a model without a refiner give the coarse map. ``precision``: the networks' arithmetic,
-    one of :data:`PRECISIONS` (the gate and everything after run in float32).
+    one of :data:`PRECISIONS` (the gate and everything after run in float32). ``zooms``:
+    the segmentor also sees each window at these zooms, its probabilities averaged
+    (:func:`multiscale_probabilities`; the card's ``coarse_zooms``, ``RunOptions.multiscale``).
 
     Returns (B, K, H, W) float32 probabilities on ``model.device`` and the number of
     windows refined.
@@ -128,7 +163,7 @@ def predict_windows(model: Model, image: torch.Tensor, *, coarse: torch.Tensor |
             raise UserError(f"model {card.name!r} has no segmentor: give a coarse map")
         else:
             with _autocast(bf16, dev):
-                probs = model.segmentor.predict(image).float()
+                probs = multiscale_probabilities(model.segmentor, image, zooms)
         if not refine or model.refiner is None or steps <= 0 or len(image) == 0:
             return probs, 0
         ok = (torch.ones((len(image), *image.shape[-2:]), dtype=torch.bool, device=dev)

@@ -378,8 +378,8 @@ def train_refiner(
     ``use_coarse=False`` trains the image-only ('no rough') ablation and ``mode="oneshot"``
     the non-iterative one. ``init_weights`` starts a new run from a trained refiner of the
     same architecture (a lite refiner's encoder comes from ``coarse`` all the same).
-    ``workers``: as in :func:`train_coarse` (the coarse maps and degradations are still made
-    in this process, which bounds a GPU run's speed).
+    ``workers``: as in :func:`train_coarse` (the coarse maps and degradations are made in
+    this process, on the training device).
     """
     arch, extra = split_config("refiner", config, "config")
     training = RefinerTrainingConfig.from_dict(
@@ -495,5 +495,6 @@ def _coarse_maps(img: torch.Tensor, lab: torch.Tensor, k: int, coarse: Any, p_mo
             out[sel] = coarse.predict(x).to(img.device).float()
     if (~use_model).any():
         sel = torch.from_numpy(np.flatnonzero(~use_model)).to(img.device)
-        out[sel] = degrade(lab[sel].cpu(), k, generator=gen, p_onehot=p_onehot).to(img.device)
+        # (on the training device: torch only, and on a GPU the CPU would bound the run)
+        out[sel] = degrade(lab[sel].to(img.device), k, generator=gen, p_onehot=p_onehot)
     return out

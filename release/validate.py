@@ -392,7 +392,7 @@ def main() -> None:
                          "refiner (research/soften.py)")
     ap.add_argument("--tta", default=None,
                     help="research: average the segmentor over views (research/tta.py: "
-                         "flip, scale2, flip+scale2, scale1.5)")
+                         "flip, scale2, flip+scale2, scale1.5, multiscale, ms-finer, ms-coarser)")
     ap.add_argument("--assume-gsd", type=float, default=None,
                     help="run scenes without a GSD with this --gsd (default: none, the engine "
                          "assumes the card's)")

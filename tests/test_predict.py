@@ -9,10 +9,18 @@ import rasterio
 import torch
 from synth import conv_model, synthetic_scene, write_raster
 
+from idgbr_geo.cards import ModelCard
 from idgbr_geo.engine import refine_raster
+from idgbr_geo.errors import UserError
 from idgbr_geo.interfaces import Model
 from idgbr_geo.options import OutputOptions, RunOptions
-from idgbr_geo.predict import fast_bfloat16, has_boundary, predict_windows, resolve_precision
+from idgbr_geo.predict import (
+    fast_bfloat16,
+    has_boundary,
+    multiscale_probabilities,
+    predict_windows,
+    resolve_precision,
+)
 from idgbr_geo.registry import load_model
 
 
@@ -59,8 +67,9 @@ def test_equals_refine_raster_with_the_bundled_model(tmp_path):
     m = load_model("buildings", "cpu")
     engine, image, summary, _ = _one_window_scene(tmp_path, m, 128, 160, seed=2)
     assert summary.windows == 1 and summary.refined == 1
-    probs, n = predict_windows(m, image, origins=[(0, 0)], seed=3)
-    coarse, _ = predict_windows(m, image, origins=[(0, 0)], refine=False)
+    zooms = m.card.coarse_zooms or ()  # (the engine's default: the card's views)
+    probs, n = predict_windows(m, image, origins=[(0, 0)], seed=3, zooms=zooms)
+    coarse, _ = predict_windows(m, image, origins=[(0, 0)], refine=False, zooms=zooms)
     assert n == 1 and not torch.equal(probs, coarse)
     np.testing.assert_allclose(engine, probs[0].numpy(), rtol=0, atol=1e-6)
 
@@ -126,11 +135,15 @@ def test_bad_calls(tmp_path):
 
 
 # -- precision ---------------------------------------------------------------------------------
-def test_auto_precision_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert fast_bfloat16("cpu") and resolve_precision("auto", "cpu") == "bfloat16"
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_bfloat16_instructions(monkeypatch):
+    for amx, avx512_bf16 in ((True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v,
+                            raising=False)
+        assert fast_bfloat16("cpu") and resolve_precision("auto", "cpu") == "bfloat16"
     assert resolve_precision("auto", "cuda") == "float32"  # (not measured on a GPU)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     assert resolve_precision("auto", "cpu") == "float32"
     assert resolve_precision("bfloat16", "cpu") == "bfloat16"  # forced, whatever the CPU
     assert resolve_precision("float32", "cpu") == "float32"
@@ -175,3 +188,96 @@ def test_the_engine_tags_the_precision_it_ran(tmp_path):
                       options=RunOptions(device="cpu", precision=precision))
         with rasterio.open(out) as ds:
             assert ds.tags()["IDGBR_PRECISION"] == resolve_precision(precision, "cpu")
+
+
+# -- zoomed views of each window (card coarse_zooms) ------------------------------------------
+class SizeSpy:
+    """A segmentor that records the sizes it is given; class 1's probability is the mean of
+    the first band, so a view's answer shows its zoom's blur."""
+
+    num_classes = 2
+
+    def __init__(self) -> None:
+        self.sizes: list[tuple[int, int]] = []
+
+    def predict(self, image: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(tuple(image.shape[-2:]))
+        p = torch.sigmoid(image[:, :1])
+        return torch.cat([1 - p, p], 1)
+
+
+def test_zoomed_views_are_averaged_and_the_window_itself_runs_last():
+    import torch.nn.functional as F  # noqa: N812
+
+    seg = SizeSpy()
+    image = torch.randn(2, 3, 96, 160)
+    assert torch.equal(multiscale_probabilities(seg, image, ()), seg.predict(image))
+    seg.sizes.clear()
+    got = multiscale_probabilities(seg, image, (0.8, 1.25))
+    # 0.8: 1.25x the pixels per side, 1.25: 0.8x, each rounded to blocks of 32
+    assert seg.sizes == [(128, 192), (64, 128), (96, 160)]
+    views = [F.interpolate(seg.predict(F.interpolate(image, size=s, mode="bilinear",
+                                                     align_corners=False,
+                                                     antialias=s[0] < 96)),
+                           size=(96, 160), mode="bilinear", align_corners=False)
+             for s in ((128, 192), (64, 128))]
+    want = torch.stack([*views, seg.predict(image)]).mean(0)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, seg.predict(image))  # the views do change the map
+    torch.testing.assert_close(got.sum(1), torch.ones(2, 96, 160))
+
+
+def test_predict_windows_uses_the_views_for_its_coarse_map_only(tmp_path):
+    m = load_model(conv_model(tmp_path / "m"), "cpu")
+    image = torch.randn(1, 3, 64, 96)
+    kw = dict(origins=[(0, 0)], precision="float32")
+    coarse, _ = predict_windows(m, image, refine=False, zooms=(0.8, 1.25), **kw)
+    assert torch.equal(coarse, multiscale_probabilities(m.segmentor, image, (0.8, 1.25)))
+    refined, n = predict_windows(m, image, zooms=(0.8, 1.25), seed=1, **kw)
+    again, _ = predict_windows(m, image, coarse=coarse, seed=1, **kw)
+    assert n == 1 and torch.equal(refined, again)  # the refiner refines that averaged map
+    # a user's map is never replaced by the segmentor's views
+    user = torch.zeros(1, 2, 64, 96)
+    user[:, 1] = 1
+    given, _ = predict_windows(m, image, coarse=user, refine=False, zooms=(0.8,), **kw)
+    assert torch.equal(given, user)
+
+
+def test_the_engine_runs_the_cards_views_unless_switched_off(tmp_path):
+    data = synthetic_scene(80, 96, seed=6)
+    src = write_raster(tmp_path / "in.tif", data, res=0.3)
+    views = conv_model(tmp_path / "v", coarse_zooms=[0.8, 1.25])
+    plain = conv_model(tmp_path / "p")
+    kw = dict(quiet=True, outputs=OutputOptions(probabilities_dtype="float32"))
+    for name, model, multiscale in (("on", views, True), ("off", views, False),
+                                    ("plain", plain, True)):
+        refine_raster(src, tmp_path / f"{name}.tif", model=model,
+                      probabilities=tmp_path / f"{name}_p.tif", **kw,
+                      options=RunOptions(device="cpu", precision="float32",
+                                         coarse_only=True, multiscale=multiscale))
+    read = {n: rasterio.open(tmp_path / f"{n}_p.tif").read() for n in ("on", "off", "plain")}
+    np.testing.assert_array_equal(read["off"], read["plain"])
+    assert not np.array_equal(read["on"], read["plain"])
+    with rasterio.open(tmp_path / "on.tif") as on, rasterio.open(tmp_path / "off.tif") as off:
+        assert on.tags()["IDGBR_COARSE_ZOOMS"] == "0.8,1.25"
+        assert off.tags().get("IDGBR_COARSE_ZOOMS", "") == ""  # (GDAL drops empty tags)
+    # one window, at the card's GSD: the engine's map is predict_windows' with the views
+    m = load_model(views, "cpu")
+    image = torch.from_numpy(m.card.normalization.apply(data, data.dtype))[None]
+    want, _ = predict_windows(m, image, origins=[(0, 0)], refine=False, precision="float32",
+                              zooms=m.card.coarse_zooms)
+    np.testing.assert_allclose(read["on"], want[0].numpy(), rtol=0, atol=1e-6)
+    with pytest.raises(UserError, match="multiscale must be True or False"):
+        RunOptions(multiscale="yes")
+
+
+@pytest.mark.parametrize("zooms", [[], [1.0], [0.8, 3], [0.4], ["x"], 0.8, [float("nan")]])
+def test_cards_check_their_coarse_zooms(tmp_path, zooms):
+    import json
+
+    data = json.loads(conv_model(tmp_path / "m").read_text())
+    data["coarse_zooms"] = zooms
+    with pytest.raises(UserError, match="'coarse_zooms' must be a list of zooms"):
+        ModelCard.from_dict(data)
+    data["coarse_zooms"] = [0.8, 1.25]
+    assert ModelCard.from_dict(data).coarse_zooms == [0.8, 1.25]

@@ -2,7 +2,10 @@
 
 Averages the segmentor's probabilities over views of each window: a horizontal flip
 (``flip``), the window seen at twice the model's GSD (``scale2``: downsampled 2x, predicted,
-upsampled back; a quarter of the pixels, so ~1/4 of the cost) or both. The original view is
+upsampled back; a quarter of the pixels, so ~1/4 of the cost) or both; ``multiscale`` sees
+the window at 0.8x and 1.25x the working GSD as well (2.2x the pixels of the window besides
+it, around the scale the engine chose); ``ms-finer`` / ``ms-coarser`` add only the 0.8x /
+1.25x view (1.56x / 0.64x). The original view is
 predicted last, so a shared-encoder refiner (``encoders.FeatureMemo``) still finds its
 features. Measured by ``release/validate.py --tta MODE``.
 """
@@ -14,7 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-MODES = ("flip", "scale2", "flip+scale2", "scale1.5")
+MODES = ("flip", "scale2", "flip+scale2", "scale1.5", "multiscale", "ms-finer",
+         "ms-coarser")
 
 
 class TTASegmentor:
@@ -45,5 +49,9 @@ class TTASegmentor:
             views.append(self._zoomed(image, 2.0))
         if "scale1.5" in self.mode:
             views.append(self._zoomed(image, 1.5))
+        if self.mode in ("multiscale", "ms-finer"):
+            views.append(self._zoomed(image, 0.8))
+        if self.mode in ("multiscale", "ms-coarser"):
+            views.append(self._zoomed(image, 1.25))
         views.append(self.base.predict(image))  # last: the memo keeps the original's features
         return torch.stack(views).mean(0)

@@ -1,0 +1,72 @@
+"""release/research/weight_soup.py: averaging a run's coarse weights with a model's, and
+the coarse-only card it writes for release/validate.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+RELEASE = Path(__file__).resolve().parent.parent / "release"
+if str(RELEASE) not in sys.path:
+    sys.path.append(str(RELEASE))
+
+from research.weight_soup import coarse_card, soup  # noqa: E402
+
+from idgbr_geo.cards import ModelCard  # noqa: E402
+from idgbr_geo.checkpoints import export_model  # noqa: E402
+from idgbr_geo.registry import load_model  # noqa: E402
+from idgbr_geo.training import train_coarse  # noqa: E402
+
+TINY = {"widths": [4, 8, 8, 8]}
+
+
+def test_soup_interpolates_the_weights_and_its_card_runs_coarse_only(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(4, 3, 64, 64)).astype(np.uint8)
+    labels = (images[:, 0] > 127).astype(np.uint8)
+    npz = tmp_path / "chips.npz"
+    np.savez(npz, images=images, labels=labels, classes=np.array(["bg", "fg"]),
+             gsd=np.float64(0.5), source=np.array("generated"))
+    kw = dict(batch_size=2, crop=32, progress=False, device="cpu", config=TINY)
+    start = train_coarse(npz, tmp_path / "start", iterations=2, **kw)
+    card = ModelCard(name="tiny", classes=["bg", "fg"], gsd=0.5, gsd_choices=[0.4, 0.5, 0.6],
+                     gsd_without_crs=0.8)
+    model = export_model(start, None, card, tmp_path / "model")
+    a = torch.load(start, weights_only=True)["model"]
+    run = train_coarse(npz, tmp_path / "run", iterations=3, lr=0.05, init_weights=a, **kw)
+    b = torch.load(run, weights_only=True)["model"]
+
+    out = soup(str(model), run, tmp_path / "soup" / "checkpoint.pt", alpha=0.25)
+    mixed = torch.load(out, weights_only=True)
+    assert "optimizer" not in mixed  # weights only
+    floats = [k for k in b if b[k].is_floating_point()]
+    moved = [k for k in floats if not torch.allclose(a[k], b[k], atol=1e-4)]
+    assert moved  # the run did move away from the start
+    for k in floats:  # (the model's weights are stored in float16)
+        torch.testing.assert_close(mixed["model"][k], 0.25 * b[k] + 0.75 * a[k],
+                                   atol=2e-3, rtol=1e-3)
+
+    path = coarse_card(str(model), out, tmp_path / "card")
+    m = load_model(path, device="cpu")
+    assert m.refiner is None and m.card.sampling.steps == 0
+    assert m.card.gsd_choices == [0.4, 0.5, 0.6] and m.card.gsd_without_crs == 0.8
+    assert m.segmentor.predict(torch.zeros(1, 3, 32, 32)).shape == (1, 2, 32, 32)
+
+
+def test_soup_refuses_another_network(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    npz = tmp_path / "chips.npz"
+    np.savez(npz, images=rng.integers(0, 255, size=(2, 3, 64, 64)).astype(np.uint8),
+             labels=np.zeros((2, 64, 64), np.uint8), classes=np.array(["bg", "fg"]),
+             gsd=np.float64(0.5), source=np.array("generated"))
+    kw = dict(batch_size=2, crop=32, progress=False, device="cpu", iterations=1)
+    start = train_coarse(npz, tmp_path / "start", config=TINY, **kw)
+    model = export_model(start, None, ModelCard(name="tiny", classes=["bg", "fg"]),
+                         tmp_path / "model")
+    other = train_coarse(npz, tmp_path / "other", config={"widths": [4, 8, 8, 16]}, **kw)
+    with pytest.raises(SystemExit, match="different networks"):
+        soup(str(model), other, tmp_path / "soup.pt", alpha=0.5)
