@@ -13,6 +13,7 @@ passes per candidate, once per scene.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,8 +24,17 @@ from .interfaces import Model
 from .predict import predict_windows
 from .tiling import Source, plan_tiles, read_tile, resampling_factor
 
-#: sample windows per candidate GSD
+#: sample windows per candidate GSD: a quarter of the scene's windows at that GSD, at least
+#: SAMPLES (all of a small scene) and at most MAX_SAMPLES (a large scene's choice stays cheap
+#: beside its run, and close to what the whole scene would choose)
 SAMPLES = 6
+MAX_SAMPLES = 24
+SAMPLE_SHARE = 0.25
+
+
+def sample_count(windows: int) -> int:
+    """How many of a scene's ``windows`` (at one candidate GSD) the choice samples."""
+    return min(windows, max(SAMPLES, min(MAX_SAMPLES, math.ceil(SAMPLE_SHARE * windows))))
 
 
 @dataclass(frozen=True)
@@ -43,11 +53,12 @@ class ScaleChoice:
 
 def choose_working_gsd(src: Source, model: Model, choices: Sequence[float], *,
                        tile_size: int, overlap: int, precision: str = "auto",
-                       samples: int = SAMPLES) -> ScaleChoice | None:
-    """The candidate working GSD whose coarse map of up to ``samples`` windows spread over
-    the scene (in window order, evenly) is most confident; ties go to the earlier
-    candidate. None when there is nothing to choose: an input without a GSD, no segmentor,
-    fewer than two candidates within the resampling limit, or no valid pixel sampled."""
+                       samples: int | None = None) -> ScaleChoice | None:
+    """The candidate working GSD whose coarse map of ``samples`` windows spread over the
+    scene (in window order, evenly; default :func:`sample_count`) is most confident; ties go
+    to the earlier candidate. None when there is nothing to choose: an input without a GSD,
+    no segmentor, fewer than two candidates within the resampling limit, or no valid pixel
+    sampled."""
     if src.gsd is None or model.segmentor is None:
         return None
     card = model.card
@@ -61,7 +72,8 @@ def choose_working_gsd(src: Source, model: Model, choices: Sequence[float], *,
         probe = dataclasses.replace(src, factor=factor, warnings=[], value_limits=None)
         tiles = plan_tiles(src.width, src.height, tile_size=tile_size, overlap=overlap,
                            factor=factor, multiple=card.stride_multiple)
-        pick = sorted({int(i) for i in np.linspace(0, len(tiles) - 1, min(samples, len(tiles)))})
+        n = sample_count(len(tiles)) if samples is None else min(samples, len(tiles))
+        pick = sorted({int(i) for i in np.linspace(0, len(tiles) - 1, n)})
         total, count = 0.0, 0
         for i in pick:
             data, mask = read_tile(probe, tiles[i])

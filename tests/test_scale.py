@@ -73,6 +73,41 @@ def test_the_most_confident_candidate_wins(tmp_path):
         src.ds.close()
 
 
+class Counting(Sharpness):
+    """Sharpness that counts the windows it is shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows = 0
+
+    def predict(self, image: torch.Tensor) -> torch.Tensor:
+        self.windows += len(image)
+        return super().predict(image)
+
+
+def test_a_larger_scene_samples_more_windows_up_to_a_cap(tmp_path):
+    from idgbr_geo.scale import MAX_SAMPLES, SAMPLES, sample_count
+    from idgbr_geo.tiling import plan_tiles
+
+    assert [sample_count(n) for n in (1, 6, 9, 24, 40, 96, 500)] == [1, 6, 6, 6, 10, 24, 24]
+    assert sample_count(10**6) == MAX_SAMPLES and sample_count(SAMPLES) == SAMPLES
+    card = ModelCard(name="s", classes=["a", "b"], gsd=0.3, gsd_choices=CHOICES,
+                     tile_size=64, overlap=8)
+    src = _source(write_raster(tmp_path / "in.tif", _smooth_scene(400, 360, seed=7), res=0.3),
+                  card)
+    seg = Counting()
+    choose_working_gsd(src, Model(card, seg, None), CHOICES, tile_size=64, overlap=8)
+    tiles = [len(plan_tiles(src.width, src.height, tile_size=64, overlap=8, factor=g / 0.3,
+                            multiple=card.stride_multiple)) for g in CHOICES]
+    assert max(tiles) > 4 * SAMPLES  # (a scene large enough to sample more than 6)
+    assert seg.windows == sum(sample_count(n) for n in tiles) > len(CHOICES) * SAMPLES
+    seg.windows = 0
+    choose_working_gsd(src, Model(card, seg, None), CHOICES, tile_size=64, overlap=8,
+                       samples=2)
+    assert seg.windows == 2 * len(CHOICES)
+    src.ds.close()
+
+
 def test_nothing_to_choose_without_a_gsd_or_a_segmentor(tmp_path):
     card = ModelCard(name="s", classes=["a", "b"], gsd=0.3, gsd_choices=CHOICES)
     data = synthetic_scene(64, 64, seed=2)
