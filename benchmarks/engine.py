@@ -167,6 +167,8 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
 
     import torch
 
+    from idgbr_geo.engine import plan_run
+    from idgbr_geo.options import RunOptions
     from idgbr_geo.registry import load_model
     from idgbr_geo.tuning import tune_allocator
 
@@ -176,7 +178,8 @@ def bare_model(path: Path, model_name: str, coarse_only: bool, threads: int, dev
     torch.set_num_threads(threads)
     m = load_model(model_name, device)
     card = m.card
-    zooms = tuple(card.coarse_zooms or ()) if multiscale else ()
+    zooms = plan_run(card, RunOptions(multiscale=multiscale), coarse=False,
+                     segmentor=True).zooms  # (the engine's views of each window)
     src = open_source(path, model_bands=card.bands, bands=None, model_gsd=card.gsd,
                       gsd_without_crs=card.gsd_without_crs)
     if gsd_search and card.gsd_choices:

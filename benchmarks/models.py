@@ -36,9 +36,10 @@ import time
 
 import torch
 
+from idgbr_geo.cards import ModelCard
 from idgbr_geo.encoders import FeatureMemo
 from idgbr_geo.predict import multiscale_probabilities, resolve_precision
-from idgbr_geo.registry import bundled_models, load_model, resolve_device
+from idgbr_geo.registry import bundled_models, load_model, resolve_card, resolve_device
 from idgbr_geo.tuning import tune_allocator
 
 
@@ -143,7 +144,8 @@ def main() -> None:
                   f"{ms[f'refine_{s}']:.1f} ({s}) | {ms[f'refine_{2 * s}']:.1f} | "
                   f"{d / r['coarse']:.2f}x | {mp:.2f} |")
             if "views" in r:
-                zooms = ", ".join(f"{z:g}x" for z in load_model(name, "cpu").card.coarse_zooms)
+                card = ModelCard.load(resolve_card(name))
+                zooms = ", ".join(f"{z:g}x" for z in card.coarse_zooms or ())
                 print(f"| {name}, coarse with its zoomed views ({zooms}; `--no-multiscale`: "
                       f"the row above) | {label} | {ms['views']:.1f} | {ms['refine_1']:.1f} | "
                       f"{ms[f'refine_{s}']:.1f} ({s}) | | {d / r['views']:.2f}x | "

@@ -90,3 +90,40 @@ def test_a_research_refiner_runs_through_the_engines_inference():
     want = torch.softmax(sample(net, img, coarse, steps=2, seed=0, origins=[(0, 0)],
                                 start="coarse", t_start=0.5), 1)
     assert n == 1 and torch.equal(probs, want)
+
+
+class _Recorder:
+    """A segmentor that records its inputs; class 1 is the sigmoid of the first band plus a
+    left-to-right ramp (so that a flipped view differs)."""
+
+    num_classes = 2
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def predict(self, image: torch.Tensor) -> torch.Tensor:
+        self.seen.append(image)
+        p = torch.sigmoid(image[:, :1] + torch.linspace(-2, 2, image.shape[-1]))
+        return torch.cat([1 - p, p], 1)
+
+
+@pytest.mark.parametrize("mode", ["flip", "flip+scale2", "multiscale", "scale1.5"])
+def test_tta_averages_its_views_and_predicts_the_window_itself_last(mode):
+    from research.tta import MODES, TTASegmentor
+
+    from idgbr_geo.predict import multiscale_probabilities
+
+    image = torch.randn(1, 3, 64, 96)
+    base = _Recorder()
+    got = TTASegmentor(base, mode).predict(image)
+    assert torch.equal(base.seen[-1], image)  # a shared encoder keeps the window's features
+    flip, zooms = MODES[mode]
+    scaled = multiscale_probabilities(_Recorder(), image, zooms)
+    views = 1 + len(zooms) + int(flip)
+    assert len(base.seen) == views
+    want = scaled
+    if flip:
+        flipped = _Recorder().predict(image.flip(-1)).flip(-1)
+        want = (flipped + (views - 1) * scaled) / views
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, _Recorder().predict(image))

@@ -62,8 +62,8 @@ def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True),
         click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]),
                      default="auto", show_default=True,
-                     help="The networks' arithmetic [auto: bfloat16 on a CPU with AMX tiles, "
-                          "~1.6x faster per window; else float32]."),
+                     help="The networks' arithmetic [auto: bfloat16 on a CPU with AMX tiles "
+                          "or AVX-512 BF16, 1.6-2x faster per window; else float32]."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Diffusion noise seed, 0..2^64-1 (same seed, same output, bit for "
                           "bit)."),

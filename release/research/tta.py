@@ -15,10 +15,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 
-MODES = ("flip", "scale2", "flip+scale2", "scale1.5", "multiscale", "ms-finer",
-         "ms-coarser")
+from idgbr_geo.predict import multiscale_probabilities
+
+#: each mode: (a flipped view too?, the zooms of its other views;
+#: :func:`idgbr_geo.predict.multiscale_probabilities`, the engine's own views)
+MODES: dict[str, tuple[bool, tuple[float, ...]]] = {
+    "flip": (True, ()),
+    "scale2": (False, (2.0,)),
+    "flip+scale2": (True, (2.0,)),
+    "scale1.5": (False, (1.5,)),
+    "multiscale": (False, (0.8, 1.25)),
+    "ms-finer": (False, (0.8,)),
+    "ms-coarser": (False, (1.25,)),
+}
 
 
 class TTASegmentor:
@@ -32,26 +42,13 @@ class TTASegmentor:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.base, name)
 
-    def _zoomed(self, image: torch.Tensor, factor: float) -> torch.Tensor:
-        h, w = image.shape[-2:]
-        size = (max(32, round(h / factor / 32) * 32), max(32, round(w / factor / 32) * 32))
-        small = F.interpolate(image, size=size, mode="bilinear", align_corners=False,
-                              antialias=True)
-        p = self.base.predict(small)
-        return F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
-
     @torch.no_grad()
     def predict(self, image: torch.Tensor) -> torch.Tensor:
-        views = []
-        if "flip" in self.mode:
-            views.append(self.base.predict(image.flip(-1)).flip(-1))
-        if "scale2" in self.mode:
-            views.append(self._zoomed(image, 2.0))
-        if "scale1.5" in self.mode:
-            views.append(self._zoomed(image, 1.5))
-        if self.mode in ("multiscale", "ms-finer"):
-            views.append(self._zoomed(image, 0.8))
-        if self.mode in ("multiscale", "ms-coarser"):
-            views.append(self._zoomed(image, 1.25))
-        views.append(self.base.predict(image))  # last: the memo keeps the original's features
-        return torch.stack(views).mean(0)
+        flip, zooms = MODES[self.mode]
+        flipped = self.base.predict(image.flip(-1)).flip(-1).float() if flip else None
+        # the zoomed views and the original, last: the memo keeps the original's features
+        scaled = multiscale_probabilities(self.base, image, zooms)
+        if flipped is None:
+            return scaled
+        n = len(zooms) + 1  # (the mean over all views, the flipped one included)
+        return (flipped + n * scaled) / (n + 1)
