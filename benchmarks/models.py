@@ -15,8 +15,9 @@ A refiner that shares the segmentor's encoder (``lite-idgbr``) is timed as the e
 it: after the segmentor on the same window, so the encoder counts once (in the coarse
 column); the "refiner alone" row is ``refine --coarse``, where the encoder runs for the
 refiner. A card with ``coarse_zooms`` gets a row for the coarse model with its zoomed views
-of the window too (:func:`idgbr_geo.predict.multiscale_probabilities`, the engine's default),
-against which the refiner's share is counted there.
+of the window too (:func:`idgbr_geo.views.multiscale_probabilities`, the engine's default;
+timed with every view, as for a window the coarse model is unsure of), against which the
+refiner's share is counted there.
 
 The networks run with the allocator settings the engine uses (``tuning.tune_allocator``):
 with glibc's defaults every window's multi-MB feature maps are unmapped and faulted in again,
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import time
 
@@ -38,9 +40,10 @@ import torch
 
 from idgbr_geo.cards import ModelCard
 from idgbr_geo.encoders import FeatureMemo
-from idgbr_geo.predict import multiscale_probabilities, resolve_precision
+from idgbr_geo.predict import resolve_precision
 from idgbr_geo.registry import bundled_models, load_model, resolve_card, resolve_device
 from idgbr_geo.tuning import tune_allocator
+from idgbr_geo.views import multiscale_probabilities
 
 
 def seconds(fn, repeat: int, sync) -> float:
@@ -84,7 +87,8 @@ def _bench(name: str, device: str, repeat: int, size: int, extra: str | None
     if m.card.coarse_zooms:  # the card's zoomed views too, as the engine runs it by default
         def views() -> None:
             forget()
-            multiscale_probabilities(m.segmentor, img, m.card.coarse_zooms)
+            # every view (a window the own view is sure of skips them: its coarse cost)
+            multiscale_probabilities(m.segmentor, img, m.card.coarse_zooms, confident=math.inf)
 
         out["views"] = seconds(views, repeat, sync)
     probs = m.segmentor.predict(img)  # (a shared encoder now holds this window's features)

@@ -403,7 +403,7 @@ class ModelCard:
     gsd_choices: list[float] | None = None
     #: zooms at which the coarse model also sees each window, its probabilities averaged
     #: with the window's own (0.8: a finer working GSD, 1.25: a coarser one; costs each
-    #: view's pixels; :func:`idgbr_geo.predict.multiscale_probabilities`); None: one view
+    #: view's pixels; :func:`idgbr_geo.views.multiscale_probabilities`); None: one view
     coarse_zooms: list[float] | None = None
     tile_size: int = 512
     overlap: int = 64

@@ -297,9 +297,18 @@ class RefinerTrainingConfig(TrainingConfig):
     boundary_radius: int = 2
     #: also learn from random degradations of the ground truth
     degradation: bool = True
+    #: the coarse model's maps averaged over these zoomed views too, as a card's
+    #: ``coarse_zooms`` makes them at inference (empty: one view)
+    coarse_zooms: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        zooms = self.coarse_zooms
+        if not isinstance(zooms, (list, tuple)) or not all(
+                _is_number(z) and math.isfinite(z) and 0.5 <= z <= 2 and z != 1 for z in zooms):
+            raise ValueError("'coarse_zooms' must be a list of zooms between 0.5 and 2 other "
+                             f"than 1, not {zooms!r}")
+        object.__setattr__(self, "coarse_zooms", tuple(float(z) for z in zooms))
         for name in ("t_max", "p_uncond", "p_model", "p_coarse_x0", "p_onehot"):
             self._float(name, 0.0, 1.0)
         self._float("coarse_perturb", 0.0)

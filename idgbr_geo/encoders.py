@@ -15,6 +15,7 @@ activations decay into denormal floats. Trained weights do not; the library does
 from __future__ import annotations
 
 import importlib
+import threading
 
 import torch
 from torch import nn
@@ -92,56 +93,65 @@ def imagenet_state_dict(variant: str) -> dict[str, torch.Tensor]:
 
 
 class FeatureMemo(nn.Module):
-    """An encoder that remembers the features of the last batch it saw.
+    """An encoder that remembers the features of the last few batches it saw.
 
     Both stages of a model read the same encoder's features; wrapped in one memo that both
     hold, the encoder runs once per window. The engine hands the refiner a *subset* of the
     batch (only windows with a boundary, copied out of the batch), so a call whose rows
-    equal rows of the remembered batch (exact equality, checked: ~1 ms against ~90 ms of
+    equal rows of a remembered batch (exact equality, checked: ~1 ms against ~90 ms of
     encoder per 512 px window) takes their features; anything else is encoded afresh.
-    Only for inference: the memo is bypassed while the module is in training mode. Features
-    made under autocast (bfloat16) serve only calls under the same autocast, and vice versa.
+    The ``slots`` batches used last are kept: the segmentor's zoomed views of a window
+    (:func:`idgbr_geo.views.multiscale_probabilities`) come between its own view and the
+    refiner's call. Each thread has its own memory: the engine's model workers share one
+    model, and one worker's windows must not push out another's. Only for inference: the
+    memo is bypassed while the module is in training mode. Features made under autocast
+    (bfloat16) serve only calls under the same autocast, and vice versa.
     """
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, slots: int = 3) -> None:
         super().__init__()
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1 (got {slots})")
         self.encoder = encoder
-        self._seen: torch.Tensor | None = None
-        self._features: list[torch.Tensor] = []
-        self._mode: torch.dtype | None = None
+        self.slots = slots
+        #: per thread: (batch seen, its features, autocast dtype), most recently used first
+        self._memory: dict[int, list[tuple[torch.Tensor, list[torch.Tensor],
+                                           torch.dtype | None]]] = {}
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.training:
             return list(self.encoder(x))
-        rows = self._match(x)
-        if rows is not None:
-            idx = torch.tensor(rows, device=x.device)
-            return [f if len(rows) == len(f) and rows == list(range(len(f)))
-                    else f.index_select(0, idx) for f in self._features]
+        memory = self._memory.setdefault(threading.get_ident(), [])
+        for i, (seen, features, mode) in enumerate(memory):
+            rows = _match(x, seen, mode)
+            if rows is not None:
+                memory.insert(0, memory.pop(i))  # the least recently used goes first
+                idx = torch.tensor(rows, device=x.device)
+                return [f if len(rows) == len(f) and rows == list(range(len(f)))
+                        else f.index_select(0, idx) for f in features]
         feats = list(self.encoder(x))
-        self._seen, self._features = x.detach(), [f.detach() for f in feats]
-        self._mode = _autocast_dtype(x.device)
+        memory.insert(0, (x.detach(), [f.detach() for f in feats], _autocast_dtype(x.device)))
+        del memory[self.slots:]
         return feats
 
-    def _match(self, x: torch.Tensor) -> list[int] | None:
-        """Indices of the remembered rows equal to x's rows, in order, or None."""
-        seen = self._seen
-        if (seen is None or x.shape[1:] != seen.shape[1:] or len(x) > len(seen)
-                or x.dtype != seen.dtype or x.device != seen.device
-                or _autocast_dtype(x.device) != self._mode):
-            return None
-        rows, j = [], 0
-        for i in range(len(x)):
-            while j < len(seen) and not torch.equal(x[i], seen[j]):
-                j += 1
-            if j == len(seen):
-                return None
-            rows.append(j)
-            j += 1
-        return rows
-
     def forget(self) -> None:
-        self._seen, self._features, self._mode = None, [], None
+        self._memory.clear()
+
+
+def _match(x: torch.Tensor, seen: torch.Tensor, mode: torch.dtype | None) -> list[int] | None:
+    """Indices of the rows of ``seen`` equal to x's rows, in order, or None."""
+    if (x.shape[1:] != seen.shape[1:] or len(x) > len(seen) or x.dtype != seen.dtype
+            or x.device != seen.device or _autocast_dtype(x.device) != mode):
+        return None
+    rows, j = [], 0
+    for i in range(len(x)):
+        while j < len(seen) and not torch.equal(x[i], seen[j]):
+            j += 1
+        if j == len(seen):
+            return None
+        rows.append(j)
+        j += 1
+    return rows
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:

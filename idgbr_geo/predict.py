@@ -29,12 +29,12 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 
 from .config import gate_thresholds
 from .errors import UserError
-from .interfaces import Model, Segmentor
+from .interfaces import Model
 from .options import PRECISIONS
+from .views import multiscale_probabilities
 
 
 def fast_bfloat16(device: torch.device | str) -> bool:
@@ -98,31 +98,6 @@ def apply_gate(refined: torch.Tensor, coarse: torch.Tensor, gates: Sequence[floa
     return torch.where(keep, coarse, refined)
 
 
-#: side of the blocks a zoomed view's size is rounded to (the coarse encoders' stride)
-ZOOM_MULTIPLE = 32
-
-
-def multiscale_probabilities(segmentor: Segmentor, image: torch.Tensor,
-                             zooms: Sequence[float]) -> torch.Tensor:
-    """The segmentor's probabilities of ``image`` averaged over views of it at each zoom
-    (a view at zoom z has 1/z the pixels per side: 0.8 is a finer working GSD, 1.25 a
-    coarser one; predicted, then resized back) and the image as it is. Objects that one
-    scale reads poorly, another often reads well. The image's own view runs last, so that
-    a refiner sharing the encoder (:class:`~idgbr_geo.encoders.FeatureMemo`) finds its
-    features."""
-    h, w = image.shape[-2:]
-    views = []
-    for z in zooms:
-        size = (max(ZOOM_MULTIPLE, round(h / z / ZOOM_MULTIPLE) * ZOOM_MULTIPLE),
-                max(ZOOM_MULTIPLE, round(w / z / ZOOM_MULTIPLE) * ZOOM_MULTIPLE))
-        view = F.interpolate(image, size=size, mode="bilinear", align_corners=False,
-                             antialias=size[0] < h)
-        views.append(F.interpolate(segmentor.predict(view).float(), size=(h, w),
-                                   mode="bilinear", align_corners=False))
-    views.append(segmentor.predict(image).float())
-    return views[0] if len(views) == 1 else torch.stack(views).mean(0)
-
-
 def predict_windows(model: Model, image: torch.Tensor, *, coarse: torch.Tensor | None = None,
                     valid: torch.Tensor | None = None, inside: torch.Tensor | None = None,
                     origins: Sequence[tuple[int, int]], steps: int | None = None,
@@ -163,7 +138,7 @@ def predict_windows(model: Model, image: torch.Tensor, *, coarse: torch.Tensor |
             raise UserError(f"model {card.name!r} has no segmentor: give a coarse map")
         else:
             with _autocast(bf16, dev):
-                probs = multiscale_probabilities(model.segmentor, image, zooms)
+                probs = multiscale_probabilities(model.segmentor, image, zooms, valid)
         if not refine or model.refiner is None or steps <= 0 or len(image) == 0:
             return probs, 0
         ok = (torch.ones((len(image), *image.shape[-2:]), dtype=torch.bool, device=dev)

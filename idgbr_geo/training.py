@@ -49,6 +49,7 @@ from .errors import UserError, first_line
 from .lite_refiner import build_lite_refiner, encoder_state
 from .networks import build_refiner_net
 from .registry import load_checkpoint, resolve_device
+from .views import multiscale_probabilities
 
 #: the defaults of the training functions' keyword arguments
 _T = TrainingConfig
@@ -426,7 +427,8 @@ def train_refiner(
     def step(img: torch.Tensor, lab: torch.Tensor, pre: torch.Tensor | None
              ) -> tuple[torch.Tensor, dict[str, float]]:
         probs = _coarse_maps(img, lab, k, coarse, p_model, gen, run.rng,
-                             perturb=tc.coarse_perturb, stored=pre, p_onehot=tc.p_onehot)
+                             perturb=tc.coarse_perturb, stored=pre, p_onehot=tc.p_onehot,
+                             zooms=tc.coarse_zooms)
         return training_loss(net, img, probs, lab, t_max=tc.t_max, p_uncond=tc.p_uncond,
                              p_coarse_x0=tc.p_coarse_x0, oneshot=oneshot,
                              boundary_weight=tc.boundary_weight,
@@ -436,13 +438,15 @@ def train_refiner(
     return _fit(run, net, step, progress=progress, workers=workers,
                 validate=None if val is None else
                 (lambda: _validate_refiner(net, val, run.norm, k, run.device, coarse,
-                                           oneshot)))
+                                           oneshot, tc.coarse_zooms)))
 
 
 @torch.no_grad()
-def _validate_refiner(net, val, norm, k, device, coarse, oneshot: bool) -> dict[str, float]:
-    """mIoU of the coarse maps (coarse model, else fixed degradations) and of their
-    refinement (the default sampling steps, :class:`SamplingConfig`)."""
+def _validate_refiner(net, val, norm, k, device, coarse, oneshot: bool,
+                      zooms: tuple[float, ...] = ()) -> dict[str, float]:
+    """mIoU of the coarse maps (coarse model over ``zooms`` views, else fixed
+    degradations) and of their refinement (the default sampling steps,
+    :class:`SamplingConfig`)."""
     from .diffusion import sample
 
     net.eval()
@@ -450,7 +454,8 @@ def _validate_refiner(net, val, norm, k, device, coarse, oneshot: bool) -> dict[
     cs, rs, labs = [], [], []
     for img, lab in val_batches(val, norm, limit=24):
         img = img.to(device)
-        probs = (coarse.predict(img).float() if coarse is not None
+        probs = (multiscale_probabilities(coarse, img, zooms, confident=math.inf)
+                 if coarse is not None
                  else degrade(lab, k, generator=gen).to(device))
         logits = sample(net, img, probs, steps=SamplingConfig().steps, seed=0,
                         origins=[(0, 0)] * len(img), oneshot=oneshot)
@@ -466,7 +471,8 @@ def _validate_refiner(net, val, norm, k, device, coarse, oneshot: bool) -> dict[
 def _coarse_maps(img: torch.Tensor, lab: torch.Tensor, k: int, coarse: Any, p_model: float,
                  gen: torch.Generator, rng: np.random.Generator, perturb: float = 0.0,
                  stored: torch.Tensor | None = None,
-                 p_onehot: float = RefinerTrainingConfig.p_onehot) -> torch.Tensor:
+                 p_onehot: float = RefinerTrainingConfig.p_onehot,
+                 zooms: tuple[float, ...] = ()) -> torch.Tensor:
     """Per sample: the coarse model's map, or the ``stored`` one where the training arrays
     carry maps (prob p_model), or a degraded ground truth (one-hot with prob ``p_onehot``).
 
@@ -492,7 +498,9 @@ def _coarse_maps(img: torch.Tensor, lab: torch.Tensor, k: int, coarse: Any, p_mo
                 sigma = torch.from_numpy(rng.uniform(0, 0.6 * perturb, (n, 1, 1, 1)))
                 noise = torch.randn(x.shape, generator=gen).to(x.device)
                 x = x + shift.float().to(x.device) + sigma.float().to(x.device) * noise
-            out[sel] = coarse.predict(x).to(img.device).float()
+            # every view of every crop (a mean over a fixed number of views)
+            out[sel] = multiscale_probabilities(coarse, x, zooms, confident=math.inf).to(
+                img.device)
     if (~use_model).any():
         sel = torch.from_numpy(np.flatnonzero(~use_model)).to(img.device)
         # (on the training device: torch only, and on a GPU the CPU would bound the run)

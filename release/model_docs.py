@@ -232,10 +232,14 @@ def render_card(card: dict[str, Any], card_path: Path) -> str:
          if isinstance(c["gsd_choices"], list) and c["gsd_choices"] else "the GSD above"),
         ("coarse views", "each window also at " + ", ".join(
             f"{_fmt(z)}x" for z in c["coarse_zooms"])
-         + " zoom, the coarse probabilities averaged (`--no-multiscale`: one view)"
+         # (0.9: idgbr_geo.views.CONFIDENT)
+         + " zoom, the coarse probabilities averaged; a window its own view is sure of "
+           "(every pixel at least 0.9) keeps that view (`--no-multiscale`: one view)"
          if isinstance(c["coarse_zooms"], list) and c["coarse_zooms"] else "one per window"),
         ("input without a CRS", f"assumed {_fmt(c['gsd_without_crs'] or c['gsd'])} m per pixel "
-                                "unless `--gsd` is given" if c["gsd"] is not None
+                                "unless `--gsd` is given"
+         + (" (the working GSD is then chosen as for any input)"
+            if c["gsd_without_crs"] and c["gsd_choices"] else "") if c["gsd"] is not None
          else "run as it is"),
         ("window", f"{c['tile_size']} px, overlap {c['overlap']} px, window origins on "
                    f"multiples of {c['stride_multiple']} px"),

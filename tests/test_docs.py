@@ -16,6 +16,13 @@ def test_model_pages_are_generated_from_the_shipped_cards() -> None:
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+def test_model_pages_state_the_views_skipping_threshold_the_engine_uses() -> None:
+    from idgbr_geo.views import CONFIDENT
+
+    page = (ROOT / "docs" / "models.md").read_text()
+    assert f"(every pixel at least {CONFIDENT:g}) keeps that view" in page
+
+
 def test_readme_keeps_the_two_setup_commands_that_ci_runs() -> None:
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()

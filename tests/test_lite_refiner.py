@@ -136,6 +136,50 @@ def test_feature_memo_reuses_equal_rows_and_recomputes_others():
     assert calls == [4, 1, 4, 4]  # no memo while training
 
 
+def test_feature_memo_keeps_the_last_few_batches():
+    calls = []
+
+    class Enc(torch.nn.Module):
+        def forward(self, x):
+            calls.append(tuple(x.shape[-2:]))
+            return [x + 1]
+
+    memo = FeatureMemo(Enc(), slots=3).eval()
+    window, finer, coarser, other = (torch.randn(1, 3, s, s) for s in (8, 10, 6, 12))
+    for x in (window, finer, coarser):  # a window and its two zoomed views
+        memo(x)
+    assert torch.equal(memo(window.clone())[0], window + 1)  # the refiner's call: remembered
+    assert calls == [(8, 8), (10, 10), (6, 6)]
+    memo(other)  # a fourth batch pushes out the oldest one (the finer view)
+    memo(finer)
+    assert calls[-2:] == [(12, 12), (10, 10)]
+    memo.forget()
+    memo(window)
+    assert calls[-1] == (8, 8)
+    with pytest.raises(ValueError, match="slots"):
+        FeatureMemo(Enc(), slots=0)
+
+
+def test_feature_memo_keeps_each_threads_batches_apart():
+    import threading
+
+    calls = []
+
+    class Enc(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return [x * 3]
+
+    memo = FeatureMemo(Enc(), slots=1).eval()
+    mine, theirs = torch.randn(1, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    memo(mine)
+    worker = threading.Thread(target=memo, args=(theirs,))  # another model worker's window
+    worker.start()
+    worker.join()
+    assert torch.equal(memo(mine.clone())[0], mine * 3)  # not pushed out by the other thread
+    assert calls == [1, 2]
+
+
 def test_train_refiner_cli_on_a_lite_fpn_card(square_chips, tmp_path, imagenet):
     from click.testing import CliRunner
 

@@ -3,10 +3,13 @@ probabilities that the engine, validation and the benchmarks share."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import rasterio
 import torch
+from rasterio.windows import Window
 from synth import conv_model, synthetic_scene, write_raster
 
 from idgbr_geo.cards import ModelCard
@@ -17,11 +20,13 @@ from idgbr_geo.options import OutputOptions, RunOptions
 from idgbr_geo.predict import (
     fast_bfloat16,
     has_boundary,
-    multiscale_probabilities,
     predict_windows,
     resolve_precision,
 )
 from idgbr_geo.registry import load_model
+from idgbr_geo.views import multiscale_probabilities
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gorinchem_rgb_025m.tif"
 
 
 class Spy:
@@ -191,40 +196,21 @@ def test_the_engine_tags_the_precision_it_ran(tmp_path):
 
 
 # -- zoomed views of each window (card coarse_zooms) ------------------------------------------
-class SizeSpy:
-    """A segmentor that records the sizes it is given; class 1's probability is the mean of
-    the first band, so a view's answer shows its zoom's blur."""
-
-    num_classes = 2
-
-    def __init__(self) -> None:
-        self.sizes: list[tuple[int, int]] = []
-
-    def predict(self, image: torch.Tensor) -> torch.Tensor:
-        self.sizes.append(tuple(image.shape[-2:]))
-        p = torch.sigmoid(image[:, :1])
-        return torch.cat([1 - p, p], 1)
-
-
-def test_zoomed_views_are_averaged_and_the_window_itself_runs_last():
-    import torch.nn.functional as F  # noqa: N812
-
-    seg = SizeSpy()
-    image = torch.randn(2, 3, 96, 160)
-    assert torch.equal(multiscale_probabilities(seg, image, ()), seg.predict(image))
-    seg.sizes.clear()
-    got = multiscale_probabilities(seg, image, (0.8, 1.25))
-    # 0.8: 1.25x the pixels per side, 1.25: 0.8x, each rounded to blocks of 32
-    assert seg.sizes == [(128, 192), (64, 128), (96, 160)]
-    views = [F.interpolate(seg.predict(F.interpolate(image, size=s, mode="bilinear",
-                                                     align_corners=False,
-                                                     antialias=s[0] < 96)),
-                           size=(96, 160), mode="bilinear", align_corners=False)
-             for s in ((128, 192), (64, 128))]
-    want = torch.stack([*views, seg.predict(image)]).mean(0)
-    torch.testing.assert_close(got, want)
-    assert not torch.allclose(got, seg.predict(image))  # the views do change the map
-    torch.testing.assert_close(got.sum(1), torch.ones(2, 96, 160))
+def test_the_refiner_reuses_the_window_features_after_the_views():
+    m = load_model("buildings", "cpu")
+    calls = []
+    inner = m.segmentor.net.encoder.encoder
+    handle = inner.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
+    try:
+        with rasterio.open(EXAMPLE) as ds:  # houses by the river: a boundary to refine
+            raw = ds.read(window=Window(850, 300, 128, 128))
+        image = torch.from_numpy(m.card.normalization.apply(raw, raw.dtype))[None]
+        _, n = predict_windows(m, image, origins=[(0, 0)], precision="float32",
+                               zooms=(0.8, 1.25), inside=torch.ones(1, 1, 128, 128))
+    finally:
+        handle.remove()
+    assert n == 1  # refined: its encoder features came from the memo, not a fourth pass
+    assert [tuple(s[-2:]) for s in calls] == [(128, 128), (160, 160), (96, 96)]
 
 
 def test_predict_windows_uses_the_views_for_its_coarse_map_only(tmp_path):

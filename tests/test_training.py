@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import numpy as np
 import pytest
@@ -314,3 +315,35 @@ def test_a_weights_only_checkpoint_still_loads_but_not_to_resume(npz, tmp_path):
     x = torch.rand(1, 3, 32, 32)
     assert torch.equal(segmentor_from_checkpoint(tmp_path / "slim.pt", "cpu").predict(x),
                        segmentor_from_checkpoint(ckpt, "cpu").predict(x))
+
+
+def test_refiner_can_learn_from_the_coarse_models_zoomed_views(npz, tmp_path):
+    from idgbr_geo.views import multiscale_probabilities
+
+    class Seen:
+        num_classes = 3
+
+        def __init__(self) -> None:
+            self.sizes: list[tuple[int, ...]] = []
+
+        def predict(self, x: torch.Tensor) -> torch.Tensor:
+            self.sizes.append(tuple(x.shape[-2:]))
+            return torch.softmax(x[:, :3] * 4, 1)
+
+    img, lab = torch.randn(2, 3, 96, 96), torch.zeros(2, 96, 96, dtype=torch.long)
+    seg = Seen()
+    got = _coarse_maps(img, lab, 3, seg, 1.0, torch.Generator(), np.random.default_rng(0),
+                       zooms=(0.8, 1.25))
+    assert seg.sizes == [(96, 96), (128, 128), (64, 64)]  # every crop gets every view
+    torch.testing.assert_close(got, multiscale_probabilities(Seen(), img, (0.8, 1.25),
+                                                             confident=math.inf))
+    cc = train_coarse(npz, tmp_path / "c", iterations=1, batch_size=2, crop=32, config=TINY,
+                      progress=False, device="cpu")
+    rc = train_refiner(npz, tmp_path / "r", coarse=segmentor_from_checkpoint(cc, "cpu"),
+                       iterations=1, batch_size=2, crop=32, progress=False, device="cpu",
+                       config={**TINY_REF, "coarse_zooms": [0.8, 1.25]})
+    assert torch.load(rc, weights_only=True)["training"]["coarse_zooms"] == [0.8, 1.25]
+    for bad in ([1.0], [3], "0.8", [math.nan]):
+        with pytest.raises(UserError, match="coarse_zooms"):
+            train_refiner(npz, tmp_path / "x", iterations=1, progress=False, device="cpu",
+                          config={**TINY_REF, "coarse_zooms": bad})
