@@ -92,6 +92,11 @@ def imagenet_state_dict(variant: str) -> dict[str, torch.Tensor]:
     return out
 
 
+#: threads whose batches a :class:`FeatureMemo` keeps at once (the engine's model workers,
+#: a Dask worker's task threads)
+MEMO_THREADS = 16
+
+
 class FeatureMemo(nn.Module):
     """An encoder that remembers the features of the last few batches it saw.
 
@@ -122,6 +127,8 @@ class FeatureMemo(nn.Module):
         if self.training:
             return list(self.encoder(x))
         memory = self._memory.setdefault(threading.get_ident(), [])
+        while len(self._memory) > MEMO_THREADS:  # threads come and go: the oldest memory goes
+            del self._memory[next(iter(self._memory))]
         for i, (seen, features, mode) in enumerate(memory):
             rows = _match(x, seen, mode)
             if rows is not None:

@@ -15,7 +15,7 @@ from idgbr_geo.checkpoints import (
     refiner_from_checkpoint,
     segmentor_from_checkpoint,
 )
-from idgbr_geo.encoders import FeatureMemo
+from idgbr_geo.encoders import MEMO_THREADS, FeatureMemo
 from idgbr_geo.errors import UserError
 from idgbr_geo.predict import predict_windows
 from idgbr_geo.registry import load_model
@@ -178,6 +178,19 @@ def test_feature_memo_keeps_each_threads_batches_apart():
     worker.join()
     assert torch.equal(memo(mine.clone())[0], mine * 3)  # not pushed out by the other thread
     assert calls == [1, 2]
+    n = MEMO_THREADS + 4  # more threads at once than the memo keeps: a bounded memory
+    together = threading.Barrier(n)
+
+    def call() -> None:
+        memo(theirs)
+        together.wait()  # all alive at once: each thread has its own identity
+
+    workers = [threading.Thread(target=call) for _ in range(n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(memo._memory) == MEMO_THREADS
 
 
 def test_train_refiner_cli_on_a_lite_fpn_card(square_chips, tmp_path, imagenet):
