@@ -39,6 +39,7 @@ from .config import (
     SamplingConfig,
     TrainingConfig,
     _Settings,
+    is_zoom,
     split_legacy,
 )
 from .errors import UserError
@@ -175,8 +176,8 @@ def _common_problem(data: dict[str, Any]) -> str | None:
             return ("'gsd_choices' must be a list of two or more working GSDs in metres, "
                     f"within 4x of the model's 'gsd' (or null), not {choices!r}")
     zooms = data.get("coarse_zooms")
-    if zooms is not None and not (isinstance(zooms, list) and zooms and all(
-            _is_number(z) and math.isfinite(z) and 0.5 <= z <= 2 and z != 1 for z in zooms)):
+    if zooms is not None and not (isinstance(zooms, list) and zooms
+                                  and all(is_zoom(z) for z in zooms)):
         return ("'coarse_zooms' must be a list of zooms between 0.5 and 2 other than 1 "
                 f"(or null), not {zooms!r}")
     for key, low in (("tile_size", 1), ("overlap", 0), ("stride_multiple", 1)):

@@ -32,6 +32,12 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def is_zoom(v: Any) -> bool:
+    """A zoom of the coarse model's view of a window (card and refiner-training
+    ``coarse_zooms``): a number in 0.5..2 other than 1 (1 is the window itself)."""
+    return _is_number(v) and 0.5 <= v <= 2 and v != 1
+
+
 def _bounds(lo: float, hi: float | None) -> str:
     return f">= {lo}" if hi is None else f"in {lo}..{hi}"
 
@@ -304,8 +310,7 @@ class RefinerTrainingConfig(TrainingConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         zooms = self.coarse_zooms
-        if not isinstance(zooms, (list, tuple)) or not all(
-                _is_number(z) and math.isfinite(z) and 0.5 <= z <= 2 and z != 1 for z in zooms):
+        if not isinstance(zooms, (list, tuple)) or not all(is_zoom(z) for z in zooms):
             raise ValueError("'coarse_zooms' must be a list of zooms between 0.5 and 2 other "
                              f"than 1, not {zooms!r}")
         object.__setattr__(self, "coarse_zooms", tuple(float(z) for z in zooms))
