@@ -175,6 +175,16 @@ def _common_problem(data: dict[str, Any]) -> str | None:
                 for g in choices)):
             return ("'gsd_choices' must be a list of two or more working GSDs in metres, "
                     f"within 4x of the model's 'gsd' (or null), not {choices!r}")
+    fine = data.get("fine_gsd_choices")
+    if fine is not None:
+        if choices is None:
+            return "'fine_gsd_choices' needs 'gsd_choices'"
+        if not (isinstance(fine, list) and fine and all(
+                _is_number(g) and math.isfinite(g) and 1 / 4 <= g / data["gsd"] <= 4
+                and g < min(choices) for g in fine)):
+            return ("'fine_gsd_choices' must be a list of working GSDs in metres finer than "
+                    f"every one of 'gsd_choices', within 4x of the model's 'gsd' (or null), "
+                    f"not {fine!r}")
     zooms = data.get("coarse_zooms")
     if zooms is not None and not (isinstance(zooms, list) and zooms
                                   and all(is_zoom(z) for z in zooms)):
@@ -402,6 +412,10 @@ class ModelCard:
     #: working GSDs the engine may run the model at instead of ``gsd``, chosen per scene by
     #: the coarse map's confidence on sample windows (:mod:`idgbr_geo.scale`); None: ``gsd``
     gsd_choices: list[float] | None = None
+    #: finer working GSDs, added to ``gsd_choices`` only for an input at least as fine as
+    #: each (working there downsamples it, never upsamples: a drone scene may be read finer,
+    #: a satellite scene is not blown up further); None: none
+    fine_gsd_choices: list[float] | None = None
     #: zooms at which the coarse model also sees each window, its probabilities averaged
     #: with the window's own (0.8: a finer working GSD, 1.25: a coarser one; costs each
     #: view's pixels; :func:`idgbr_geo.views.multiscale_probabilities`); None: one view
@@ -436,6 +450,14 @@ class ModelCard:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def working_gsd_choices(self, input_gsd: float | None) -> list[float]:
+        """The working GSDs the engine chooses from for an input of ``input_gsd`` metres
+        (None: unknown), finest first: ``gsd_choices`` and each of ``fine_gsd_choices`` the
+        input is at least as fine as."""
+        fine = [g for g in self.fine_gsd_choices or ()
+                if input_gsd is not None and input_gsd <= g]
+        return sorted(fine + list(self.gsd_choices or ()))
 
     def to_dict(self) -> dict[str, Any]:
         """The card's JSON data, in the current schema."""

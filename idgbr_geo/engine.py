@@ -476,7 +476,8 @@ def refine_raster(
             stack.callback(coarse_ds.close)
         scale = None
         if options.gsd_search and coarse is None and card.gsd_choices:
-            scale = choose_working_gsd(src, m, card.gsd_choices, tile_size=plan.tile_size,
+            scale = choose_working_gsd(src, m, card.working_gsd_choices(src.gsd),
+                                       tile_size=plan.tile_size,
                                        overlap=plan.overlap, precision=precision)
             if scale is not None:
                 src.factor = scale.factor

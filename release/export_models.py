@@ -94,10 +94,13 @@ DATA = {
 def commands(name: str, log: dict, coarse_tag: str, refiner_tag: str, steps: int,
              gate: object, gsd_without_crs: float | None = None,
              gsd_choices: list[float] | None = None,
-             coarse_zooms: list[float] | None = None) -> list[str]:
+             coarse_zooms: list[float] | None = None,
+             fine_gsd_choices: list[float] | None = None) -> list[str]:
     extra = f" --gsd-without-crs {gsd_without_crs:g}" if gsd_without_crs else ""
     if gsd_choices:
         extra += f" --gsd-choices {','.join(f'{g:g}' for g in gsd_choices)}"
+    if fine_gsd_choices:
+        extra += f" --fine-gsd-choices {','.join(f'{g:g}' for g in fine_gsd_choices)}"
     if coarse_zooms:
         extra += f" --coarse-zooms {','.join(f'{z:g}' for z in coarse_zooms)}"
     return [*log.get(name, []),
@@ -153,6 +156,10 @@ def main() -> None:
                     type=lambda v: [float(g) for g in v.split(",")],
                     help="working GSDs the engine chooses from per scene, e.g. 0.25,0.3,0.375 "
                          "(default: none, always the model's GSD)")
+    ap.add_argument("--fine-gsd-choices", default=None,
+                    type=lambda v: [float(g) for g in v.split(",")],
+                    help="finer working GSDs, added to --gsd-choices for inputs at least as "
+                         "fine as each, e.g. 0.2 (default: none)")
     ap.add_argument("--coarse-zooms", default=None,
                     type=lambda v: [float(z) for z in v.split(",")],
                     help="zoomed views of each window the coarse model averages, e.g. 0.8,1.25 "
@@ -174,7 +181,8 @@ def main() -> None:
         card = ModelCard(
             name=name, classes=meta["classes"], colors=COLORS[name], bands=3,
             gsd=float(meta["gsd"]), gsd_without_crs=args.gsd_without_crs,
-            gsd_choices=args.gsd_choices, coarse_zooms=args.coarse_zooms,
+            gsd_choices=args.gsd_choices, fine_gsd_choices=args.fine_gsd_choices,
+            coarse_zooms=args.coarse_zooms,
             tile_size=512, overlap=64, stride_multiple=32,
             sampling=SamplingConfig(steps=args.steps, gate=args.gate),
             training=TrainingRecord(data={**data, "source": str(meta["source"])},
@@ -183,7 +191,8 @@ def main() -> None:
                                                       args.refiner_tag, args.steps,
                                                       args.gate, args.gsd_without_crs,
                                                       args.gsd_choices,
-                                                      args.coarse_zooms)),
+                                                      args.coarse_zooms,
+                                                      args.fine_gsd_choices)),
         )
         md = TRAIN / f"val-{name}.md"
         table = md.read_text() if md.is_file() else None

@@ -37,10 +37,10 @@ V1_TRAINING = ("t_max", "p_uncond", "p_model", "p_coarse_x0", "coarse_perturb",
                "boundary_weight", "boundary_radius", "ema", "lr", "iterations", "batch_size")
 #: card fields this generator knows (anything else is listed under "other fields")
 KNOWN = {"version", "name", "classes", "colors", "bands", "band_names", "normalization", "gsd",
-         "gsd_without_crs", "gsd_choices", "coarse_zooms", "tile_size", "overlap",
-         "stride_multiple", "weights", "segmentor", "refiner", "architecture", "sampling",
-         "training", "steps", "extra", "training_data", "training_commands", "validation",
-         "licences", "description"}
+         "gsd_without_crs", "gsd_choices", "fine_gsd_choices", "coarse_zooms", "tile_size",
+         "overlap", "stride_multiple", "weights", "segmentor", "refiner", "architecture",
+         "sampling", "training", "steps", "extra", "training_data", "training_commands",
+         "validation", "licences", "description"}
 #: words in a licence text that make a model unfit for commercial use
 RESTRICTED = ("research use", "research only", "non-commercial", "noncommercial",
               "research and education")
@@ -103,6 +103,7 @@ def normalise(card: dict[str, Any]) -> dict[str, Any]:
         "gsd": card.get("gsd"),
         "gsd_without_crs": card.get("gsd_without_crs"),
         "gsd_choices": card.get("gsd_choices"),
+        "fine_gsd_choices": card.get("fine_gsd_choices"),
         "coarse_zooms": card.get("coarse_zooms"),
         "tile_size": card.get("tile_size"),
         "overlap": card.get("overlap"),
@@ -227,7 +228,11 @@ def render_card(card: dict[str, Any], card_path: Path) -> str:
         ("ground sample distance", f"{_fmt(c['gsd'])} m" if c["gsd"] is not None
          else "not declared (no resampling)"),
         ("working GSD", "per scene, of " + ", ".join(_fmt(g) for g in c["gsd_choices"])
-         + " m, the one its coarse map is most confident at on sample windows "
+         + " m" + (" (and " + ", ".join(_fmt(g) for g in c["fine_gsd_choices"])
+                   + " m for an input at least that fine)"
+                   if isinstance(c["fine_gsd_choices"], list) and c["fine_gsd_choices"]
+                   else "")
+         + ", the one its coarse map is most confident at on sample windows "
            "(`--no-gsd-search`: always the GSD above)"
          if isinstance(c["gsd_choices"], list) and c["gsd_choices"] else "the GSD above"),
         ("coarse views", "each window also at " + ", ".join(

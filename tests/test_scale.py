@@ -190,3 +190,44 @@ def test_cards_check_their_gsd_choices(tmp_path, choices, message):
     data["gsd_choices"] = [0.3, 0.4]
     with pytest.raises(UserError, match="'gsd_choices' needs the model's 'gsd'"):
         ModelCard.from_dict(data)
+
+
+def test_fine_choices_only_for_inputs_at_least_as_fine(tmp_path):
+    card = ModelCard(name="s", classes=["a", "b"], gsd=0.3, gsd_choices=[0.3, 0.45],
+                     fine_gsd_choices=[0.2])
+    assert card.working_gsd_choices(0.066) == [0.2, 0.3, 0.45]
+    assert card.working_gsd_choices(0.2) == [0.2, 0.3, 0.45]
+    assert card.working_gsd_choices(0.25) == [0.3, 0.45]  # (0.2 would upsample it)
+    assert card.working_gsd_choices(None) == [0.3, 0.45]
+    path = conv_model(tmp_path / "m", gsd=0.3, gsd_choices=[0.3, 0.45])
+    data = json.loads(path.read_text())
+    data["fine_gsd_choices"] = [0.2]
+    path.write_text(json.dumps(data))
+    model = load_model(path, "cpu")
+    scene = synthetic_scene(160, 160, seed=6)
+    tried = {}
+    for res in (0.15, 0.3):
+        src = write_raster(tmp_path / f"in{res}.tif", scene, res=res)
+        summary = refine_raster(src, tmp_path / f"out{res}.tif", model=model, quiet=True,
+                                options=RunOptions(device="cpu", precision="float32"))
+        assert summary.scale is not None
+        tried[res] = list(summary.scale.confidence)
+    assert tried == {0.15: [0.2, 0.3, 0.45], 0.3: [0.3, 0.45]}
+
+
+@pytest.mark.parametrize(("fine", "message"), [
+    ([0.3], "finer than every one"),
+    ([0.05], "within 4x"),
+    (0.2, "must be a list"),
+    ([], "must be a list"),
+])
+def test_cards_check_their_fine_gsd_choices(tmp_path, fine, message):
+    data = json.loads(conv_model(tmp_path / "m", gsd_choices=[0.3, 0.45]).read_text())
+    data["fine_gsd_choices"] = fine
+    with pytest.raises(UserError, match=message):
+        ModelCard.from_dict(data)
+    data["fine_gsd_choices"] = [0.2]
+    assert ModelCard.from_dict(data).fine_gsd_choices == [0.2]
+    del data["gsd_choices"]
+    with pytest.raises(UserError, match="'fine_gsd_choices' needs 'gsd_choices'"):
+        ModelCard.from_dict(data)
