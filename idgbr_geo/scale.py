@@ -4,10 +4,11 @@ A model trained over a range of zooms still has a scale it reads a given scene b
 buildings of Nepalese drone mosaics come out better with the model working at 0.25 m,
 satellite chips of large-roofed cities at 0.375 m, whatever their true pixel size (the
 validation of `buildings`, docs/experiments.md). A card may list such working GSDs
-(``gsd_choices``); the engine then runs the coarse model on a few windows spread over the
-scene at each of them and works at the one whose map is most confident (mean max class
-probability over valid pixels), a rule fixed before it was scored. It costs a few window
-passes per candidate, once per scene.
+(``gsd_choices``, plus ``fine_gsd_choices`` for an input at least as fine as each:
+:meth:`~idgbr_geo.cards.ModelCard.working_gsd_choices`); the engine then runs the coarse
+model on a few windows spread over the scene at each of them and works at the one whose map
+is most confident (mean max class probability over valid pixels), a rule fixed before it was
+scored. It costs a few window passes per candidate, once per scene.
 """
 
 from __future__ import annotations
