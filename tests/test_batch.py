@@ -173,6 +173,47 @@ def test_an_output_the_manifest_does_not_know_stays(folders, model):
     assert read(out / "a.tif")[1]["IDGBR_SEED"] == "3"
 
 
+def test_a_retry_replaces_what_an_earlier_attempt_wrote(folders, model, monkeypatch):
+    """An attempt that wrote its output and then failed transiently (on a cluster: its
+    worker died before the result came back, and the scheduler ran the task again) is
+    retried, and the retry may replace that output: it did not exist when the batch began."""
+    import idgbr_geo.engine as engine
+
+    ind, out = folders
+    real, calls = engine.refine_raster, {"a": 0}
+
+    def lost(input, output, **kw):
+        summary = real(input, output, **kw)
+        if Path(input).name == "a.tif" and calls["a"] == 0:
+            calls["a"] += 1
+            raise OSError("connection to the worker lost")  # after the output is complete
+        return summary
+
+    monkeypatch.setattr(engine, "refine_raster", lost)
+    res = run_batch(ind, out, model=model, quiet=True, retries=1)
+    by = {Path(s.scene).name: s for s in res.scenes}
+    assert (by["a.tif"].status, by["a.tif"].attempts) == ("done", 2), by["a.tif"]
+    assert states(out) == {"a.tif": "done", "b.tif": "done"}
+    # a file somebody else puts where a scene's output goes is still kept, as before
+    (out / "a.tif").unlink()
+    (out / "a.tif").write_bytes(b"not ours")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    del manifest["scenes"]["a.tif"]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert run_batch(ind, out, model=model, quiet=True).counts() == {"skipped": 2}
+    assert (out / "a.tif").read_bytes() == b"not ours"
+    # and somebody else's polygons where a new output's would go are not replaced either
+    (out / "b.tif").unlink()
+    (out / "b.gpkg").write_bytes(b"not ours either")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    del manifest["scenes"]["b.tif"]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    res = run_batch(ind, out, model=model, quiet=True, vector=True)
+    b = next(r for r in res.scenes if Path(r.scene).name == "b.tif")
+    assert b.status == "failed" and "exists" in b.error
+    assert (out / "b.gpkg").read_bytes() == b"not ours either"
+
+
 def test_ours_after_a_failed_redo_is_still_ours(folders, model, monkeypatch):
     """Refined, then a --coarse-only run whose scene a fails (old output still there): the
     next --coarse-only run redoes a instead of skipping it."""

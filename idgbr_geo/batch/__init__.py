@@ -254,14 +254,17 @@ def _run_batch(scenes: list[str], out: Path, ref: str | Model, distributed: bool
         key = scene_name(scene)
         order.append(key)
         # an output of ours made with other options is redone (replaced without overwrite);
-        # an existing output this batch did not write is kept unless overwrite
+        # an existing output this batch did not write is kept unless overwrite; one that
+        # does not exist yet (nor its polygons) may be replaced by a retry (an earlier
+        # attempt wrote it)
         ours = manifest.ours(key, target)
-        if manifest.finished(key, target) or (target.exists() and not settings.overwrite
-                                              and not ours):
+        exists = target.exists()
+        if manifest.finished(key, target) or (exists and not settings.overwrite and not ours):
             done[key] = SceneResult(scene, str(target), "skipped")
             continue
+        fresh = not exists and not (settings.vector and target.with_suffix(".gpkg").exists())
         jobs.append(Job(key, scene, str(target.resolve()),
-                        replace=ours and not settings.overwrite))
+                        replace=(ours or fresh) and not settings.overwrite))
     with contextlib.ExitStack() as stack:
         cl = None
         if jobs and distributed:  # connect first: a wrong address must not touch OUT_DIR

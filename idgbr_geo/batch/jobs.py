@@ -88,7 +88,9 @@ class SceneSettings:
 @dataclass
 class Job:
     """One scene still to do: its manifest key, input and output (strings workers can open).
-    ``replace``: the output is this batch's own, made with other options, and is replaced."""
+    ``replace``: the output may be replaced without overwrite: it is this batch's own, made
+    with other options, or it did not exist when the batch was planned, so whatever is there
+    later is an earlier attempt's (a worker that died before its result came back)."""
 
     key: str
     scene: str
