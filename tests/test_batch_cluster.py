@@ -93,7 +93,9 @@ def test_killed_worker_corrupt_scene_resume(tmp_path, client, scenes, model, mar
     assert marker.exists()
     kill = by["s3-kill-worker.tif"]
     assert kill.attempts == 2 and kill.cleaned >= 1, kill
-    assert all(s.attempts == 1 for n, s in by.items() if n != "s3-kill-worker.tif")
+    # (a scene that finished on the killed worker before its result was gathered is run
+    # again by the scheduler: a second attempt, which may replace the output it wrote)
+    assert all(s.attempts in (1, 2) for n, s in by.items() if n != "s3-kill-worker.tif")
     assert all(re.fullmatch(r"tcp://127\.0\.0\.1:\d+", s.worker) for s in res.scenes)
     for name in SHAPES:
         assert_same_raster(out / f"{name}.tif", ref / f"{name}.tif")
