@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python release/train_models.py coarse buildings
     OMP_NUM_THREADS=1 .venv/bin/python release/train_models.py refiner buildings
-    ... [--tag NAME] [--iterations N] [--config JSON] [--coarse-run NAME] [--arrays NAME]
+    ... [--tag NAME] [--iterations N] [--seed N] [--config JSON] [--coarse-run NAME] [--arrays NAME]
 
 Reads ``.train/<set>_train.npz`` (release/prepare_data.py; ``--arrays`` names another
 file in .train, e.g. ``<set>_train_oof`` from release/oof_maps.py), writes
@@ -33,6 +33,8 @@ def main() -> None:
                     help="[4000, the bundled coarse models' length]")
     ap.add_argument("--batch-size", type=int, default=TrainingConfig.batch_size)
     ap.add_argument("--crop", type=int, default=TrainingConfig.crop)
+    ap.add_argument("--seed", type=int, default=TrainingConfig.seed,
+                    help="seed of the crops, augmentation and initialisation (a repeat run)")
     ap.add_argument("--lr", type=float, default=TrainingConfig.lr)
     ap.add_argument("--config", default="{}",
                     help="JSON: network and training settings (idgbr_geo.config.split_config)")
@@ -52,7 +54,7 @@ def main() -> None:
     tag = args.tag or args.stage
     out = ROOT / "runs" / f"{args.set}-{tag}"
     common = dict(iterations=args.iterations, batch_size=args.batch_size, crop=args.crop,
-                  lr=args.lr, seed=0, device="auto", resume=args.resume,
+                  lr=args.lr, seed=args.seed, device="auto", resume=args.resume,
                   config=json.loads(args.config), progress=True, workers=args.workers)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True  # fixed crop size: pick the fastest kernels
