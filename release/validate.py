@@ -48,6 +48,7 @@ a temporary card (tiles 512, overlap 64, stride multiple 32, sampling from ``--s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import tempfile
@@ -396,6 +397,9 @@ def main() -> None:
     ap.add_argument("--assume-gsd", type=float, default=None,
                     help="run scenes without a GSD with this --gsd (default: none, the engine "
                          "assumes the card's)")
+    ap.add_argument("--no-crs", action="store_true",
+                    help="write every scene without a CRS, as an un-georeferenced export "
+                         "(the engine then assumes the card's GSD, or --assume-gsd's)")
     ap.add_argument("--model-gsd", type=float, default=None,
                     help="research: run the model at this GSD instead of its card's (the "
                          "engine resamples every input to it)")
@@ -472,6 +476,8 @@ def main() -> None:
                                               else ""), flush=True)
         groups = None if args.groups is None else set(args.groups.split(","))
         for group, scenes in load_scenes(args.set, args.limit).items():
+            if args.no_crs:  # as a user's un-georeferenced export of the same imagery
+                scenes = [dataclasses.replace(s, gsd=None) for s in scenes]
             if groups is None or group in groups:
                 v.run_group(group, scenes, sources)
         v.pooled()
@@ -479,7 +485,7 @@ def main() -> None:
                      "second_model": describe(second) if second else None,
                      "ablations": args.ablations, "passthrough": args.passthrough,
                      "soften": args.soften, "tta": args.tta, "assume_gsd": args.assume_gsd,
-                     "model_gsd": args.model_gsd,
+                     "no_crs": args.no_crs, "model_gsd": args.model_gsd,
                      "precision": resolve_precision(args.precision, "cpu")})
 
 
