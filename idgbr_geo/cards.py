@@ -453,11 +453,11 @@ class ModelCard:
 
     def working_gsd_choices(self, input_gsd: float | None) -> list[float]:
         """The working GSDs the engine chooses from for an input of ``input_gsd`` metres
-        (None: unknown), finest first: ``gsd_choices`` and each of ``fine_gsd_choices`` the
-        input is at least as fine as."""
+        (None: unknown): each of ``fine_gsd_choices`` the input is at least as fine as
+        (finest first), then ``gsd_choices`` as listed (ties go to the earlier one)."""
         fine = [g for g in self.fine_gsd_choices or ()
                 if input_gsd is not None and input_gsd <= g]
-        return sorted(fine + list(self.gsd_choices or ()))
+        return sorted(fine) + list(self.gsd_choices or ())
 
     def to_dict(self) -> dict[str, Any]:
         """The card's JSON data, in the current schema."""
