@@ -83,6 +83,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _is_working_gsd(g: Any, gsd: float) -> bool:
+    """A working GSD in metres a card may list: within 4x of the model's ``gsd``."""
+    return _is_number(g) and 1 / 4 <= g / gsd <= 4
+
+
 def _numbers(v: Any, n: int) -> bool:
     return isinstance(v, list) and len(v) == n and all(_is_number(x) for x in v)
 
@@ -170,9 +175,8 @@ def _common_problem(data: dict[str, Any]) -> str | None:
     if choices is not None:
         if data.get("gsd") is None:
             return "'gsd_choices' needs the model's 'gsd'"
-        if not (isinstance(choices, list) and len(choices) >= 2 and all(
-                _is_number(g) and math.isfinite(g) and 1 / 4 <= g / data["gsd"] <= 4
-                for g in choices)):
+        if not (isinstance(choices, list) and len(choices) >= 2
+                and all(_is_working_gsd(g, data["gsd"]) for g in choices)):
             return ("'gsd_choices' must be a list of two or more working GSDs in metres, "
                     f"within 4x of the model's 'gsd' (or null), not {choices!r}")
     fine = data.get("fine_gsd_choices")
@@ -180,8 +184,7 @@ def _common_problem(data: dict[str, Any]) -> str | None:
         if choices is None:
             return "'fine_gsd_choices' needs 'gsd_choices'"
         if not (isinstance(fine, list) and fine and all(
-                _is_number(g) and math.isfinite(g) and 1 / 4 <= g / data["gsd"] <= 4
-                and g < min(choices) for g in fine)):
+                _is_working_gsd(g, data["gsd"]) and g < min(choices) for g in fine)):
             return ("'fine_gsd_choices' must be a list of working GSDs in metres finer than "
                     f"every one of 'gsd_choices', within 4x of the model's 'gsd' (or null), "
                     f"not {fine!r}")

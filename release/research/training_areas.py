@@ -7,8 +7,8 @@ chips of them, downsampled to 0.15 m), so absolute scores are optimistic, but a 
 between two cards of the same weights is still a difference of the rule. Each mosaic runs
 through ``refine_raster`` coarse-only with each ``--model`` card as it lies (no copy: the
 files are read where they are), scored against its mask with
-:class:`idgbr_geo.metrics.MetricAccumulator`, pooled per town; the working GSD picked is
-counted too.
+:func:`idgbr_geo.evaluate.score_scene`, pooled per town; the working GSD picked is counted
+too.
 
     OMP_NUM_THREADS=1 .venv/bin/python release/research/training_areas.py \
         --model .train/s13/card-no-fine/buildings.json --model buildings --threads 1
@@ -22,10 +22,10 @@ import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import rasterio
 import torch
 
 from idgbr_geo.engine import refine_raster
+from idgbr_geo.evaluate import score_scene
 from idgbr_geo.metrics import MetricAccumulator
 from idgbr_geo.options import RunOptions
 from idgbr_geo.registry import load_model
@@ -67,8 +67,8 @@ def main() -> None:
                                                          model_workers=1,
                                                          precision=args.precision))
                     picked[f"{s.scale.gsd:g}" if s.scale else "-"] += 1
-                    with rasterio.open(out) as p, rasterio.open(DATA / r["mask"]) as t:
-                        acc.update(p.read(1), t.read(1))
+                    acc.merge(score_scene(out, DATA / r["mask"],
+                                          classes=model.card.classes))
             res = acc.result()
             iou = res["iou"][model.card.classes[1]] * 100
             bf2 = res["boundary_f"]["2"][model.card.classes[1]] * 100
