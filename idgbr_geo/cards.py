@@ -193,6 +193,8 @@ def _common_problem(data: dict[str, Any]) -> str | None:
                                   and all(is_zoom(z) for z in zooms)):
         return ("'coarse_zooms' must be a list of zooms between 0.5 and 2 other than 1 "
                 f"(or null), not {zooms!r}")
+    if not isinstance(data.get("edge_filter", False), bool):
+        return f"'edge_filter' must be true or false, not {data['edge_filter']!r}"
     for key, low in (("tile_size", 1), ("overlap", 0), ("stride_multiple", 1)):
         v = data.get(key, 0 if low == 0 else 1)
         if not _is_int(v) or v < low:
@@ -423,6 +425,11 @@ class ModelCard:
     #: with the window's own (0.8: a finer working GSD, 1.25: a coarser one; costs each
     #: view's pixels; :func:`idgbr_geo.views.multiscale_probabilities`); None: one view
     coarse_zooms: list[float] | None = None
+    #: the classes' boundaries are edges of the image (roof outlines, shores), not drawn by
+    #: convention (a road buffered around its centre line): the output is redrawn along the
+    #: image's edges also where the input is read at about its own resolution, not only
+    #: where it is finer than the working grid (:data:`idgbr_geo.upsampling.MIN_FACTOR`)
+    edge_filter: bool = False
     tile_size: int = 512
     overlap: int = 64
     #: multiple that window origins must respect (e.g. a refiner working at 1/4 resolution)

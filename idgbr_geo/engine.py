@@ -44,7 +44,7 @@ from .tiling import (
     read_window,
 )
 from .tuning import background_priority
-from .upsampling import MIN_FACTOR, radius_for, upsample_probabilities
+from .upsampling import MIN_FACTOR, own_grid_colour, radius_for, upsample_probabilities
 from .user_maps import UserMap, nearest, read_user_map
 from .writing import BLOCK, ResultWriter, to_cog
 
@@ -53,7 +53,8 @@ _ABORT = object()
 #: GDAL block cache during a run (MB), unless GDAL_CACHEMAX is set in the environment
 GDAL_CACHE_MB = 32
 #: Edge-aware upsampling of the results onto an input finer than the model's GSD by more
-#: than :data:`idgbr_geo.upsampling.MIN_FACTOR` (False: bilinear). Not an option: a switch
+#: than :data:`idgbr_geo.upsampling.MIN_FACTOR`, and from 1x for a card with
+#: ``edge_filter`` (False: bilinear). Not an option: a switch
 #: for benchmarks/native_resolution.py, which measures what it gains.
 _JOINT_UPSAMPLING = True
 #: Most bytes of native window pixels (kept for the edge-aware upsampling) waiting in the
@@ -250,14 +251,16 @@ def _to_input_grid(probs: torch.Tensor, valid: np.ndarray | None, h: int, w: int
     background thread start a second OpenMP team that fights the network's.)
 
     When the reader kept the window's native pixels (``item.native``: an input finer than
-    the model by more than :data:`~idgbr_geo.upsampling.MIN_FACTOR`), the upsampling is
-    edge-aware, guided by them (:func:`~idgbr_geo.upsampling.upsample_probabilities`), for
-    the refined and the ``coarse_only`` map alike; else bilinear. The validity is the model
+    the model by more than :data:`~idgbr_geo.upsampling.MIN_FACTOR`, or from 1x for a card
+    with ``edge_filter``), the upsampling is edge-aware, guided by them
+    (:func:`~idgbr_geo.upsampling.upsample_probabilities`; on one grid, the guided filter),
+    for the refined and the ``coarse_only`` map alike; else bilinear. The validity is the model
     grid's, upsampled (nearest) either way. ``radius``: the filter's, in model pixels
     (None: :data:`~idgbr_geo.upsampling.RADIUS`)."""
-    if probs.shape[1:] == (h, w):
+    guided = item is not None and item.native is not None and card is not None
+    if probs.shape[1:] == (h, w) and not guided:
         return probs.cpu().numpy(), valid
-    if item is not None and item.native is not None and card is not None:
+    if guided:
         p = _guided(probs, item, card, dtype, radius)
     else:
         p = F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
@@ -286,7 +289,7 @@ def _guided(probs: torch.Tensor, item: _Item, card: ModelCard, dtype: str,
         valid_low=None if item.full else torch.from_numpy(item.mask).to(dev),
         valid_high=(None if item.native_valid is None
                     else torch.from_numpy(item.native_valid).to(dev)),
-        radius=radius)
+        radius=radius, colour=own_grid_colour(native.shape[-1] / probs.shape[-1]))
 
 
 def _classes(probs: torch.Tensor) -> torch.Tensor:
@@ -410,8 +413,9 @@ def refine_raster(
     :data:`~idgbr_geo.upsampling.MIN_FACTOR`) is run on the model's grid, window by window,
     and each window's probabilities are brought back onto the input's pixels edge-aware,
     guided by the window's own native image (:mod:`idgbr_geo.upsampling`), so boundaries
-    follow the input's edges at its resolution; this holds for the segmentor's
-    ``coarse_only`` maps too.
+    follow the input's edges at its resolution; for a model whose card sets
+    ``edge_filter`` an input read at (about) its own resolution is filtered along its edges
+    too; this holds for the segmentor's ``coarse_only`` maps too.
 
     A user's coarse map (``coarse``) is never replaced by its resampled copy: whenever the
     input's GSD is not the model's, each window of the map is read at the input's
@@ -537,7 +541,10 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
                            block=BLOCK, flush=writer_out.write, binary=binary)
     writer = _Writer(stitcher, src, overlap * src.factor)
     writer.start()
-    native = _JOINT_UPSAMPLING and src.factor > MIN_FACTOR
+    # (a user's map on the model's own grid stays as it is: see _keep_user_map)
+    own_grid = card.edge_filter and (src.factor > 1.0 if coarse_ds is not None
+                                     else src.factor >= 1.0)
+    native = _JOINT_UPSAMPLING and (src.factor > MIN_FACTOR or own_grid)
     radius = radius_for(overlap)
     depth = max(4, 2 * batch_size * workers)
     # bytes per input pixel each window holds on the input grid while it waits

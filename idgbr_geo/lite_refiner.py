@@ -133,16 +133,20 @@ def _lite_refiner_factory(card, config, weights, device):
 
 def encoder_state(segmentor: object, variant: str) -> dict[str, torch.Tensor]:
     """The encoder weights of a ``lite-fpn`` segmentor (e.g. the coarse model a refiner is
-    trained on), checked to be of ``variant``; a UserError for any other segmentor."""
+    trained on), as trained (not folded for inference), checked to be of ``variant``; a
+    UserError for any other segmentor."""
     from .errors import UserError
 
     enc = getattr(getattr(segmentor, "net", None), "encoder", None)
+    prefix = "encoder."
     if isinstance(enc, FeatureMemo):
-        enc = enc.encoder
+        enc, prefix = enc.encoder, "encoder.encoder."
     if enc is None or not hasattr(enc, "feature_info"):
         raise UserError(f"a {ARCH} refiner reads the encoder of a lite-fpn coarse model; "
                         "the coarse model given has none")
-    state = enc.state_dict()
+    trained = getattr(segmentor, "trained_state", None)
+    state = (enc.state_dict() if trained is None else
+             {k[len(prefix):]: v for k, v in trained.items() if k.startswith(prefix)})
     ref = lite_encoder(variant).state_dict()
     if list(state) != list(ref) or any(state[k].shape != ref[k].shape for k in ref):
         raise UserError(f"the coarse model's encoder is not EfficientNet-Lite {variant}")

@@ -381,8 +381,8 @@ def read_window(src: Source, tile: Tile, *, native: bool = False,
                 native_mask: bool = False) -> WindowPixels:
     """Raw pixels and validity of a tile's part inside the raster, on the model grid, and
     with ``native`` the same window's pixels at the input's resolution (for an edge-aware
-    upsampling of the results, :mod:`idgbr_geo.upsampling`; only kept when the window is
-    resampled). ``native_mask``: keep the validity at the input's resolution
+    upsampling of the results, :mod:`idgbr_geo.upsampling`; the model grid's own array
+    when the window is not resampled). ``native_mask``: keep the validity at the input's resolution
     (``native_valid``) of a resampled window even without its pixels (for a user's coarse
     map kept at its own resolution, :func:`idgbr_geo.engine.refine_raster`). Nodata values,
     internal masks and alpha bands are
@@ -409,8 +409,9 @@ def read_window(src: Source, tile: Tile, *, native: bool = False,
     if src.stretch is not None:
         data = src.stretch.apply(data)
     raw = raw_valid = None
-    if (native or native_mask) and data.shape[1:] != out:
-        raw = data if native else None  # (the resampling below makes new arrays)
+    if native or (native_mask and data.shape[1:] != out):
+        # (the resampling and the normalisation after it make new arrays)
+        raw = data if native else None
         raw_valid = None if valid is None or valid.all() else valid
     if valid is None or valid.all():
         mask = np.ones(out, bool)

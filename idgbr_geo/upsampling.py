@@ -32,7 +32,10 @@ import torch
 import torch.nn.functional as F
 
 #: Joint upsampling is used when the input is finer than the model by more than this factor
-#: (input pixels per model pixel). Closer to 1 a bilinear upsampling loses nothing visible.
+#: (input pixels per model pixel). Closer to 1 a bilinear upsampling loses little, except
+#: for a model whose card sets ``edge_filter`` (its classes' boundaries are the image's
+#: edges): from 1 (the one grid) to this factor its output is filtered along the image's
+#: edges as well, with a grey guide (see :data:`COLOUR`).
 MIN_FACTOR = 1.25
 #: Filter radius in model pixels (the fast filter's low-resolution grid): the window is
 #: (2r+1)^2 model pixels, r x factor input pixels, so it scales with the factor (6 model
@@ -54,13 +57,25 @@ EPS = 1e-3
 #: or their mean (grey). Measured at r = 6, eps 1e-3: colour 0.404 / 0.470 IoU and 0.153 /
 #: 0.312 boundary F, grey 0.399 / 0.469 and 0.150 / 0.307: colour is better on both sets.
 #: Time per scene, one thread, the bundled (small) model: bilinear 0.124 / 0.075 s, grey
-#: 0.126 / 0.081 s, colour 0.156 / 0.100 s (~0.03 s more per input megapixel).
+#: 0.126 / 0.081 s, colour 0.156 / 0.100 s (~0.03 s more per input megapixel). On one grid
+#: (factor 1 to :data:`MIN_FACTOR`, a card's ``edge_filter``) the fit runs at the input's
+#: resolution, where colour's per-pixel solve costs 5x grey (one 512 px window, two
+#: classes, one thread: 61 against 12 ms) and measured no better: the buildings-xdomain
+#: chips (0.3 m, bundled ``buildings``, 2026-12-05) BF@2 coarse 43.8 colour, 44.4 grey
+#: (bilinear 42.3). There the guide is grey (:func:`own_grid_colour`).
 COLOUR = True
 #: more bands than this are guided by their mean (the per-pixel solve grows as C^3)
 MAX_COLOUR_BANDS = 4
 #: sums of probabilities closer to 1 than this count as one (a softmax's): two classes are
 #: then filtered as one (class 0 = 1 - class 1), half the work for the same result
 _SUMS_TO_ONE = 1e-4
+
+
+def own_grid_colour(factor: float) -> bool | None:
+    """The guide for an input ``factor`` times finer than the working grid: grey (False)
+    up to :data:`MIN_FACTOR`, where the fit runs at about the input's own resolution; else
+    the default (None: :data:`COLOUR`)."""
+    return False if factor <= MIN_FACTOR else None
 
 
 def radius_for(overlap: int) -> int:

@@ -95,7 +95,8 @@ def commands(name: str, log: dict, coarse_tag: str, refiner_tag: str, steps: int
              gate: object, gsd_without_crs: float | None = None,
              gsd_choices: list[float] | None = None,
              coarse_zooms: list[float] | None = None,
-             fine_gsd_choices: list[float] | None = None) -> list[str]:
+             fine_gsd_choices: list[float] | None = None,
+             edge_filter: bool = False) -> list[str]:
     extra = f" --gsd-without-crs {gsd_without_crs:g}" if gsd_without_crs else ""
     if gsd_choices:
         extra += f" --gsd-choices {','.join(f'{g:g}' for g in gsd_choices)}"
@@ -103,6 +104,8 @@ def commands(name: str, log: dict, coarse_tag: str, refiner_tag: str, steps: int
         extra += f" --fine-gsd-choices {','.join(f'{g:g}' for g in fine_gsd_choices)}"
     if coarse_zooms:
         extra += f" --coarse-zooms {','.join(f'{z:g}' for z in coarse_zooms)}"
+    if edge_filter:
+        extra += " --edge-filter"
     return [*log.get(name, []),
             f".venv/bin/python release/export_models.py {name} --coarse-tag {coarse_tag} "
             f"--refiner-tag {refiner_tag} --steps {steps} --gate '{json.dumps(gate)}'{extra}"]
@@ -164,6 +167,9 @@ def main() -> None:
                     type=lambda v: [float(z) for z in v.split(",")],
                     help="zoomed views of each window the coarse model averages, e.g. 0.8,1.25 "
                          "(default: none, one view)")
+    ap.add_argument("--edge-filter", action="store_true",
+                    help="the classes' boundaries are the image's edges: filter the output "
+                         "along them also on the input's own grid (card edge_filter)")
     args = ap.parse_args()
     log = json.loads((REPO / "release" / "training_commands.json").read_text())
     from idgbr_geo.chips import load_npz  # classes/gsd of the arrays
@@ -182,7 +188,7 @@ def main() -> None:
             name=name, classes=meta["classes"], colors=COLORS[name], bands=3,
             gsd=float(meta["gsd"]), gsd_without_crs=args.gsd_without_crs,
             gsd_choices=args.gsd_choices, fine_gsd_choices=args.fine_gsd_choices,
-            coarse_zooms=args.coarse_zooms,
+            coarse_zooms=args.coarse_zooms, edge_filter=args.edge_filter,
             tile_size=512, overlap=64, stride_multiple=32,
             sampling=SamplingConfig(steps=args.steps, gate=args.gate),
             training=TrainingRecord(data={**data, "source": str(meta["source"])},
@@ -192,7 +198,8 @@ def main() -> None:
                                                       args.gate, args.gsd_without_crs,
                                                       args.gsd_choices,
                                                       args.coarse_zooms,
-                                                      args.fine_gsd_choices)),
+                                                      args.fine_gsd_choices,
+                                                      args.edge_filter)),
         )
         md = TRAIN / f"val-{name}.md"
         table = md.read_text() if md.is_file() else None

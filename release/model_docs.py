@@ -37,7 +37,8 @@ V1_TRAINING = ("t_max", "p_uncond", "p_model", "p_coarse_x0", "coarse_perturb",
                "boundary_weight", "boundary_radius", "ema", "lr", "iterations", "batch_size")
 #: card fields this generator knows (anything else is listed under "other fields")
 KNOWN = {"version", "name", "classes", "colors", "bands", "band_names", "normalization", "gsd",
-         "gsd_without_crs", "gsd_choices", "fine_gsd_choices", "coarse_zooms", "tile_size",
+         "gsd_without_crs", "gsd_choices", "fine_gsd_choices", "coarse_zooms", "edge_filter",
+         "tile_size",
          "overlap", "stride_multiple", "weights", "segmentor", "refiner", "architecture",
          "sampling", "training", "steps", "extra", "training_data", "training_commands",
          "validation", "licences", "description"}
@@ -105,6 +106,7 @@ def normalise(card: dict[str, Any]) -> dict[str, Any]:
         "gsd_choices": card.get("gsd_choices"),
         "fine_gsd_choices": card.get("fine_gsd_choices"),
         "coarse_zooms": card.get("coarse_zooms"),
+        "edge_filter": card.get("edge_filter") is True,
         "tile_size": card.get("tile_size"),
         "overlap": card.get("overlap"),
         "stride_multiple": card.get("stride_multiple"),
@@ -241,6 +243,9 @@ def render_card(card: dict[str, Any], card_path: Path) -> str:
          + " zoom, the coarse probabilities averaged; a window its own view is sure of "
            "(every pixel at least 0.9) keeps that view (`--no-multiscale`: one view)"
          if isinstance(c["coarse_zooms"], list) and c["coarse_zooms"] else "one per window"),
+        ("edge-aware output", "redrawn along the image's edges (guided filter) where the "
+         "input is more than 1.25x finer than the working grid"
+         + (", and on the input's own grid (card `edge_filter`)" if c["edge_filter"] else "")),
         ("input without a CRS", f"assumed {_fmt(c['gsd_without_crs'] or c['gsd'])} m per pixel "
                                 "unless `--gsd` is given"
          + (" (the working GSD is then chosen as for any input)"

@@ -215,3 +215,31 @@ def test_train_refiner_cli_on_a_lite_fpn_card(square_chips, tmp_path, imagenet):
     assert model.refiner.net.encoder is model.segmentor.net.encoder
     probs, _ = predict_windows(model, _windows(), origins=[(0, 0), (0, 64), (64, 0)])
     assert probs.shape == (3, 2, 64, 64)
+
+
+def test_folding_the_norms_for_inference_changes_no_result_and_keeps_the_trained_weights():
+    """The segmentor folds every norm, the timm encoder's included, into the convolution
+    before it; the maps stay the same and the weights as trained stay available (a refiner
+    trained on this model's encoder starts from them)."""
+    from idgbr_geo.config import LiteFpnConfig
+    from idgbr_geo.lite_fpn import build_lite_fpn
+    from idgbr_geo.lite_refiner import encoder_state
+    from idgbr_geo.networks import CoarseSegmentor
+
+    torch.manual_seed(0)
+    net = build_lite_fpn(LiteFpnConfig(channels=8)).eval()
+    for m in net.modules():  # norms that do something (a fresh one is the identity)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    trained = {k: v.clone() for k, v in net.state_dict().items()}
+    x = _windows()[:2]
+    with torch.no_grad():
+        expected = torch.softmax(net(x), 1)
+    seg = CoarseSegmentor(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in seg.net.modules())
+    torch.testing.assert_close(seg.predict(x), expected, atol=1e-5, rtol=1e-4)
+    enc = encoder_state(seg, LiteFpnConfig().variant)
+    assert enc and all(torch.equal(v, trained["encoder." + k]) for k, v in enc.items())

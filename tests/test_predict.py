@@ -68,14 +68,27 @@ def test_equals_refine_raster_on_a_one_window_scene(tmp_path):
 
 
 def test_equals_refine_raster_with_the_bundled_model(tmp_path):
-    """The bundled buildings model (shared-encoder refiner) on one window."""
+    """The bundled buildings model (shared-encoder refiner) on one window; its card's
+    ``edge_filter`` then filters the window's probabilities along the image's edges (on
+    its own grid: the guided filter with a grey guide), and nothing else."""
+    from idgbr_geo.upsampling import radius_for, upsample_probabilities
+
     m = load_model("buildings", "cpu")
+    assert m.card.edge_filter
     engine, image, summary, _ = _one_window_scene(tmp_path, m, 128, 160, seed=2)
     assert summary.windows == 1 and summary.refined == 1
     zooms = m.card.coarse_zooms or ()  # (the engine's default: the card's views)
     probs, n = predict_windows(m, image, origins=[(0, 0)], seed=3, zooms=zooms)
     coarse, _ = predict_windows(m, image, origins=[(0, 0)], refine=False, zooms=zooms)
     assert n == 1 and not torch.equal(probs, coarse)
+    data = torch.from_numpy(synthetic_scene(128, 160, seed=2))
+    filtered = upsample_probabilities(probs[0], data.float() / 255, data, scale=1 / 255,
+                                      radius=radius_for(m.card.overlap), colour=False)
+    np.testing.assert_allclose(engine, filtered.numpy(), rtol=0, atol=1e-5)
+    assert np.abs(engine - probs[0].numpy()).max() > 0.01  # (the filter did something)
+    m.card.edge_filter = False
+    (tmp_path / "off").mkdir()
+    engine, _, _, _ = _one_window_scene(tmp_path / "off", m, 128, 160, seed=2)
     np.testing.assert_allclose(engine, probs[0].numpy(), rtol=0, atol=1e-6)
 
 

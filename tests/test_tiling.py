@@ -84,11 +84,16 @@ def test_read_window_keeps_the_native_pixels_of_a_resampled_window(tmp_path):
     assert only_mask.native is None
     np.testing.assert_array_equal(only_mask.native_valid, got.native_valid)
     src.ds.close()
-    # at the model's GSD nothing is resampled, so nothing is kept
+    # at the model's GSD nothing is resampled: the native pixels, when asked for (a card's
+    # edge_filter), are the model grid's own, and a validity alone is not kept
     same = open_source(write_raster(tmp_path / "same.tif", data, res=0.25), model_bands=3,
                        bands=None, model_gsd=0.25)
     t = plan_tiles(same.width, same.height, tile_size=64, overlap=16)[0]
-    assert read_window(same, t, native=True).native is None
+    got = read_window(same, t, native=True)
+    assert got.native is got.data and got.native.shape == (3, 64, 64)
+    assert got.native_valid is not None and not got.native_valid[5:8, 9:12].any()
+    assert read_window(same, t, native_mask=True).native_valid is None
+    assert read_window(same, t).native is None
     same.ds.close()
 
 
