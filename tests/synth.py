@@ -86,7 +86,7 @@ def conv_model(folder: Path, *, classes=("background", "building"), bands: int =
                kernel: int = 5, gsd: float | None = 0.3, refiner: bool = True,
                tile_size: int = 96, overlap: int = 32, steps: int = 2, seed: int = 0,
                name: str = "toy", gsd_choices: list[float] | None = None,
-               coarse_zooms: list[float] | None = None) -> Path:
+               coarse_zooms: list[float] | None = None, edge_filter: bool = False) -> Path:
     """A tiny fixed-convolution segmentor (+ toy refiner) saved as card + safetensors
     (architectures of toy_models.py)."""
     g = torch.Generator().manual_seed(seed)
@@ -97,7 +97,7 @@ def conv_model(folder: Path, *, classes=("background", "building"), bands: int =
                      band_names=[f"b{i}" for i in range(bands)],
                      normalization=Normalization(mean=[0.3] * bands, std=[0.2] * bands),
                      gsd=gsd, gsd_choices=gsd_choices, coarse_zooms=coarse_zooms,
-                     tile_size=tile_size, overlap=overlap,
+                     edge_filter=edge_filter, tile_size=tile_size, overlap=overlap,
                      sampling=SamplingConfig(steps=steps), stride_multiple=8,
                      segmentor={"arch": "conv-segmentor"})
     if refiner:

@@ -46,17 +46,19 @@ def _scene(tmp_path, h: int, w: int, res: float, *, image_nodata: bool = False):
 
 
 @pytest.mark.parametrize("how", ["steps=0", "no refiner", "coarse_only"])
-@pytest.mark.parametrize("res", [0.075, 0.25, 0.6])  # 4x and 1.2x finer, 2x coarser
-def test_the_users_map_passes_through_exactly(tmp_path, how, res):
+@pytest.mark.parametrize("res", [0.075, 0.25, 0.3, 0.6])  # 4x and 1.2x finer, the same, 2x coarser
+@pytest.mark.parametrize("edge_filter", [False, True])
+def test_the_users_map_passes_through_exactly(tmp_path, how, res, edge_filter):
     """No refinement: the output is the user's map, pixel for pixel, at the input's
-    resolution, over many overlapping windows; its nodata stays nodata."""
+    resolution, over many overlapping windows; its nodata stays nodata. A card's
+    ``edge_filter`` does not touch it (on the model's own grid either)."""
     h, w = round(90 * GSD / res), round(100 * GSD / res)  # 90 x 100 model pixels
     src = _scene(tmp_path, h, w, res)
     user = _fine_map(h, w)
     user[40:60, 50:90] = 255  # the map's nodata
     cmap = write_raster(tmp_path / "user.tif", user, res=res, nodata=255)
     model = conv_model(tmp_path / "m", gsd=GSD, refiner=how != "no refiner", tile_size=48,
-                       overlap=16)
+                       overlap=16, edge_filter=edge_filter)
     opts = RunOptions(device="cpu", steps=0 if how == "steps=0" else None,
                       coarse_only=how == "coarse_only")
     s = refine_raster(src, tmp_path / "o.tif", model=model, coarse=cmap, quiet=True,
