@@ -63,17 +63,20 @@ def test_one_window_and_many_windows_agree(tmp_path, coarse_only):
     assert np.abs(a - b).max() < 1e-4, np.abs(a - b).max()
 
 
-def _threshold_model(folder) -> Path:
-    """A 1x1 conv segmentor that thresholds the brightness at ~130 of 255: on the test's
-    two-tone image its coarse map is the truth, on the model grid."""
+def _threshold_model(folder, kernel: int = 1, edge_filter: bool = False) -> Path:
+    """A segmentor that thresholds the brightness at ~130 of 255, of each pixel (``kernel``
+    1: on the test's two-tone image its coarse map is the truth, on the model grid) or of
+    its ``kernel`` x ``kernel`` neighbourhood (the truth's boundaries with the corners
+    rounded off and thin parts lost)."""
     x_mid = (130 / 255 - 0.3) / 0.2  # the card's normalisation of 130
-    weight = torch.zeros(2, 3, 1, 1)
-    weight[1] = 3.0
+    weight = torch.zeros(2, 3, kernel, kernel)
+    weight[1] = 3.0 / kernel**2
     card = ModelCard(name="threshold", classes=["background", "building"], bands=3,
                      band_names=["r", "g", "b"],
                      normalization=Normalization(mean=[0.3] * 3, std=[0.2] * 3), gsd=0.3,
                      tile_size=96, overlap=32, sampling=SamplingConfig(steps=2),
-                     stride_multiple=8, segmentor={"arch": "conv-segmentor"})
+                     stride_multiple=8, segmentor={"arch": "conv-segmentor"},
+                     edge_filter=edge_filter)
     return save_model(card, {"segmentor.weight": weight,
                              "segmentor.bias": torch.tensor([0.0, -9.0 * x_mid])}, folder)
 
@@ -120,23 +123,6 @@ def test_inputs_close_to_the_models_gsd_stay_bilinear(tmp_path, monkeypatch):
     np.testing.assert_array_equal(*outs)
 
 
-def _blurred_threshold_model(folder, edge_filter: bool) -> Path:
-    """A segmentor that thresholds the brightness of a 9x9 neighbourhood: on the test's
-    two-tone image its boundaries are the truth's, with the corners rounded off and thin
-    parts lost, on the input's own grid (the card's GSD is the input's)."""
-    x_mid = (130 / 255 - 0.3) / 0.2
-    weight = torch.zeros(2, 3, 9, 9)
-    weight[1] = 3.0 / 81
-    card = ModelCard(name="blurred", classes=["background", "building"], bands=3,
-                     band_names=["r", "g", "b"],
-                     normalization=Normalization(mean=[0.3] * 3, std=[0.2] * 3), gsd=0.3,
-                     tile_size=96, overlap=32, sampling=SamplingConfig(steps=2),
-                     stride_multiple=8, segmentor={"arch": "conv-segmentor"},
-                     edge_filter=edge_filter)
-    return save_model(card, {"segmentor.weight": weight,
-                             "segmentor.bias": torch.tensor([0.0, -9.0 * x_mid])}, folder)
-
-
 def test_a_card_with_edge_filter_redraws_boundaries_on_the_inputs_own_grid(tmp_path):
     """``edge_filter``: an input read at its own resolution (no resampling at all) gets its
     output filtered along the image's edges too; without it the output is the network's."""
@@ -151,7 +137,7 @@ def test_a_card_with_edge_filter_redraws_boundaries_on_the_inputs_own_grid(tmp_p
     errors = {}
     for flag in (False, True):
         out = tmp_path / f"o{int(flag)}.tif"
-        s = refine_raster(src, out, model=_blurred_threshold_model(tmp_path / f"m{flag}", flag),
+        s = refine_raster(src, out, model=_threshold_model(tmp_path / f"m{flag}", 9, flag),
                           quiet=True, options=RunOptions(device="cpu", coarse_only=True))
         assert s.windows > 1
         errors[flag] = float((_read(out)[0] != truth).mean())
