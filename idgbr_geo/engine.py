@@ -54,8 +54,8 @@ _ABORT = object()
 GDAL_CACHE_MB = 32
 #: Edge-aware upsampling of the results onto an input finer than the model's GSD by more
 #: than :data:`idgbr_geo.upsampling.MIN_FACTOR`, and from 1x for a card with
-#: ``edge_filter`` (False: bilinear). Not an option: a switch
-#: for benchmarks/native_resolution.py, which measures what it gains.
+#: ``edge_filter`` (False: bilinear). Not an option: a switch for
+#: benchmarks/native_resolution.py, which measures what it gains.
 _JOINT_UPSAMPLING = True
 #: Most bytes of native window pixels (kept for the edge-aware upsampling) waiting in the
 #: reader's queue: fewer windows wait when they are large (a 16x finer float32 input holds
@@ -254,8 +254,8 @@ def _to_input_grid(probs: torch.Tensor, valid: np.ndarray | None, h: int, w: int
     the model by more than :data:`~idgbr_geo.upsampling.MIN_FACTOR`, or from 1x for a card
     with ``edge_filter``), the upsampling is edge-aware, guided by them
     (:func:`~idgbr_geo.upsampling.upsample_probabilities`; on one grid, the guided filter),
-    for the refined and the ``coarse_only`` map alike; else bilinear. The validity is the model
-    grid's, upsampled (nearest) either way. ``radius``: the filter's, in model pixels
+    for the refined and the ``coarse_only`` map alike; else bilinear. The validity is the
+    model grid's, upsampled (nearest) either way. ``radius``: the filter's, in model pixels
     (None: :data:`~idgbr_geo.upsampling.RADIUS`)."""
     guided = item is not None and item.native is not None and card is not None
     if probs.shape[1:] == (h, w) and not guided:

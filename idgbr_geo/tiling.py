@@ -382,12 +382,12 @@ def read_window(src: Source, tile: Tile, *, native: bool = False,
     """Raw pixels and validity of a tile's part inside the raster, on the model grid, and
     with ``native`` the same window's pixels at the input's resolution (for an edge-aware
     upsampling of the results, :mod:`idgbr_geo.upsampling`; the model grid's own array
-    when the window is not resampled). ``native_mask``: keep the validity at the input's resolution
-    (``native_valid``) of a resampled window even without its pixels (for a user's coarse
-    map kept at its own resolution, :func:`idgbr_geo.engine.refine_raster`). Nodata values,
-    internal masks and alpha bands are
-    all honoured through GDAL's dataset mask, and non-finite values (NaN, inf) are nodata
-    too: a float raster without a nodata tag often marks gaps with NaN.
+    when the window is not resampled). ``native_mask``: keep the validity at the input's
+    resolution (``native_valid``) of a resampled window even without its pixels (for a
+    user's coarse map kept at its own resolution, :func:`idgbr_geo.engine.refine_raster`).
+    Nodata values, internal masks and alpha bands are all honoured through GDAL's dataset
+    mask, and non-finite values (NaN, inf) are nodata too: a float raster without a nodata
+    tag often marks gaps with NaN.
 
     Pixels are read at the input's resolution and resampled to the model grid with torch
     (:func:`resample`): GDAL's resampling on read costs five times the read itself and would
