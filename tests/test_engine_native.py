@@ -81,17 +81,26 @@ def _threshold_model(folder, kernel: int = 1, edge_filter: bool = False) -> Path
                              "segmentor.bias": torch.tensor([0.0, -9.0 * x_mid])}, folder)
 
 
+def _two_tone(seed: int, shape: tuple[int, int], rects: int, sides: tuple[int, int]
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """A truth of ``rects`` random rectangles (sides in ``sides``) and its image: dark
+    ground, bright rectangles, a little noise (uint8, 3 bands)."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    truth = np.zeros(shape, np.uint8)
+    for _ in range(rects):
+        y, x = rng.integers(0, h - 20), rng.integers(0, w - 20)
+        hh, ww = rng.integers(*sides, size=2)
+        truth[y:y + hh, x:x + ww] = 1
+    img = (70 + 120 * truth[None] + rng.normal(0, 6, (3, h, w))).clip(0, 255)
+    return truth, img.astype(np.uint8)
+
+
 def _boundary_error(tmp_path, monkeypatch, guided: bool) -> float:
     """Share of pixels off the true classes when the segmentor's coarse map (the truth, on
     the model grid) is brought back to the input grid, bilinear or guided by the image."""
-    rng = np.random.default_rng(1)
-    truth = np.zeros((240, 280), np.uint8)
-    for _ in range(14):
-        y, x = rng.integers(0, 220), rng.integers(0, 260)
-        hh, ww = rng.integers(9, 50, size=2)
-        truth[y:y + hh, x:x + ww] = 1
-    img = (70 + 120 * truth[None] + rng.normal(0, 6, (3, 240, 280))).clip(0, 255)
-    src = write_raster(tmp_path / "img.tif", img.astype(np.uint8), res=0.075)
+    truth, img = _two_tone(1, (240, 280), 14, (9, 50))
+    src = write_raster(tmp_path / "img.tif", img, res=0.075)
     model = _threshold_model(tmp_path / "m")
     monkeypatch.setattr(engine, "_JOINT_UPSAMPLING", guided)
     out = tmp_path / f"out{int(guided)}.tif"
@@ -126,14 +135,8 @@ def test_inputs_close_to_the_models_gsd_stay_bilinear(tmp_path, monkeypatch):
 def test_a_card_with_edge_filter_redraws_boundaries_on_the_inputs_own_grid(tmp_path):
     """``edge_filter``: an input read at its own resolution (no resampling at all) gets its
     output filtered along the image's edges too; without it the output is the network's."""
-    rng = np.random.default_rng(5)
-    truth = np.zeros((200, 220), np.uint8)
-    for _ in range(12):
-        y, x = rng.integers(0, 180), rng.integers(0, 200)
-        hh, ww = rng.integers(4, 40, size=2)
-        truth[y:y + hh, x:x + ww] = 1
-    img = (70 + 120 * truth[None] + rng.normal(0, 6, (3, 200, 220))).clip(0, 255)
-    src = write_raster(tmp_path / "img.tif", img.astype(np.uint8), res=0.3)
+    truth, img = _two_tone(5, (200, 220), 12, (4, 40))
+    src = write_raster(tmp_path / "img.tif", img, res=0.3)
     errors = {}
     for flag in (False, True):
         out = tmp_path / f"o{int(flag)}.tif"
