@@ -1,0 +1,175 @@
+"""Convolutions with prepacked weights and fused activations, for bfloat16 on a CPU.
+
+In eager PyTorch every convolution call hands oneDNN its weights in the plain layout, which
+oneDNN reorders into its blocked layout again on each call, and a ReLU6 after it is one
+more pass over the feature map (in bfloat16 a slow one). :class:`PackedConv2d` keeps the
+weights reordered once per input shape and asks oneDNN for the convolution and its
+activation in one primitive (``torch.ops.mkldnn._convolution_pointwise``, the op
+TorchInductor's CPU backend emits). The numbers are the same bit for bit: the same primitive
+computes the convolution, and a ReLU or ReLU6 (a clamp at exactly representable bounds)
+gives the same value whether it runs before or after the result is rounded to bfloat16.
+On the bundled models this took 7-15% off a window's time (docs/performance.md).
+
+Only in bfloat16 (what ``--precision auto`` runs on CPUs with AMX or AVX-512 BF16), where
+no gradient is needed; elsewhere (float32, GPUs, training) the plain convolution runs. The
+op is private: each process checks it once on a small convolution against ``F.conv2d``, and
+where it is missing or disagrees every :class:`PackedConv2d` runs the plain one.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+#: activation class -> (oneDNN post-op, its scalars)
+_ACTIVATIONS: dict[type[nn.Module], tuple[str, list[float]]] = {
+    nn.ReLU: ("relu", []),
+    nn.ReLU6: ("hardtanh", [0.0, 6.0]),
+}
+#: input shapes per convolution whose packed weights are kept (a scene has a few window
+#: sizes: whole windows, edge windows, the zoomed views)
+SHAPES = 16
+
+_usable: bool | None = None
+_probe_lock = threading.Lock()
+
+
+class PackedConv2d(nn.Module):
+    """``conv`` (an ``nn.Conv2d`` with zero padding), optionally followed by ``activation``
+    (``nn.ReLU`` or ``nn.ReLU6``); in bfloat16 (under autocast, or bfloat16 inputs) one
+    oneDNN primitive with the weights packed for each input shape it sees."""
+
+    def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv = conv
+        self.activation = activation
+        self.attr, self.scalars = (("none", []) if activation is None
+                                   else _ACTIVATIONS[type(activation)])
+        self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _dtype(x)
+        if dtype is None or torch.is_grad_enabled() or not usable():
+            y = self.conv(x)
+            return y if self.activation is None else self.activation(y)
+        c = self.conv
+        w, b = self._weights(x, dtype)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x.to(dtype), w, b, list(c.padding), list(c.stride), list(c.dilation), c.groups,
+            self.attr, self.scalars, "")
+
+    def _weights(self, x: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        c = self.conv
+        key = (dtype, tuple(x.shape), c.weight.data_ptr(), c.weight._version)
+        with self._lock:
+            got = self._packed.get(key)
+            if got is not None:
+                return got
+        got = _pack(c, dtype, list(x.shape))
+        with self._lock:
+            while len(self._packed) >= SHAPES:
+                del self._packed[next(iter(self._packed))]
+            self._packed[key] = got
+        return got
+
+
+def _pack(conv: nn.Conv2d, dtype: torch.dtype, shape: list[int]
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = torch.ops.mkldnn._reorder_convolution_weight(
+        conv.weight.detach().to(dtype), list(conv.padding), list(conv.stride),
+        list(conv.dilation), conv.groups, shape)
+    return w, None if conv.bias is None else conv.bias.detach().to(dtype)
+
+
+def _dtype(x: torch.Tensor) -> torch.dtype | None:
+    """bfloat16 where ``F.conv2d`` would compute ``x`` in it, else None (the plain path).
+    In float32 the packed path is ~5% faster but not the same bit for bit: PyTorch's
+    eager float32 convolution does not always run through oneDNN (probabilities moved by
+    up to 2.4e-7 on one thread), and float32 is what CPUs without fast bfloat16 run."""
+    if x.device.type != "cpu" or x.dim() != 4:
+        return None
+    dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+             and x.is_floating_point() else x.dtype)
+    return dtype if dtype == torch.bfloat16 else None
+
+
+def usable() -> bool:
+    """Does this process's PyTorch have the oneDNN ops, giving ``F.conv2d``'s numbers in
+    bfloat16? Checked once, on a small strided, grouped convolution with a ReLU6."""
+    global _usable
+    if _usable is None:
+        with _probe_lock:
+            if _usable is None:
+                _usable = _probe()
+    return _usable
+
+
+def _probe() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        conv = nn.Conv2d(8, 16, 3, 2, 1, groups=2)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+            x = torch.randn(1, 8, 12, 10, generator=g).contiguous(
+                memory_format=torch.channels_last) * 4
+            want = F.hardtanh(conv(x), 0.0, 6.0)
+            w, b = _pack(conv, torch.bfloat16, list(x.shape))
+            got = torch.ops.mkldnn._convolution_pointwise(
+                x.to(torch.bfloat16), w, b, [1, 1], [2, 2], [1, 1], 2, "hardtanh",
+                [0.0, 6.0], "")
+        return got.dtype == want.dtype and bool(torch.equal(got, want))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+def pack_convolutions(net: nn.Module) -> nn.Module:
+    """Replace (in place) every zero-padded ``nn.Conv2d`` of ``net`` by a
+    :class:`PackedConv2d`, fusing the ReLU or ReLU6 that follows it where the order of
+    the modules is the order they run in: in an ``nn.Sequential`` (folded norms between
+    them being ``nn.Identity``) and in a timm block, whose folded norm (a ``bn*`` that
+    :func:`~idgbr_geo.networks.fuse_batchnorm` left as ``Sequential(Identity, act)``)
+    comes right after its convolution. Call it after ``fuse_batchnorm``; packing twice
+    changes nothing."""
+    for mod in list(net.modules()):
+        if isinstance(mod, PackedConv2d):
+            continue
+        items = list(mod._modules.items())
+        ordered = isinstance(mod, nn.Sequential) or type(mod).__module__.startswith("timm.")
+        for i, (name, child) in enumerate(items):
+            if not _packable(child):
+                continue
+            act, where = (_following_activation(items, i, sequential=isinstance(
+                mod, nn.Sequential)) if ordered else (None, None))
+            if where is not None:
+                mod._modules[where] = nn.Identity()
+            mod._modules[name] = PackedConv2d(child, act)
+    return net
+
+
+def _packable(m: nn.Module | None) -> bool:
+    return (type(m) is nn.Conv2d and isinstance(m.padding, tuple)
+            and m.padding_mode == "zeros")
+
+
+def _following_activation(items: list[tuple[str, nn.Module | None]], i: int, *,
+                          sequential: bool) -> tuple[nn.Module | None, str | None]:
+    """The activation applied right after the convolution at ``items[i]``, and the name of
+    the module that holds it (to be replaced by ``nn.Identity``)."""
+    for name, m in items[i + 1:]:
+        if isinstance(m, nn.Identity) and sequential:
+            continue  # a folded norm
+        if sequential and type(m) in _ACTIVATIONS:
+            return m, name
+        # a folded norm that keeps its activation: Sequential(Identity, act)
+        if (name.startswith("bn") or sequential) and isinstance(m, nn.Sequential) \
+                and len(m) == 2 and isinstance(m[0], nn.Identity) and type(m[1]) in _ACTIVATIONS:
+            return m[1], name
+        return None, None
+    return None, None

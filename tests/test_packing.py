@@ -1,0 +1,138 @@
+"""Prepacked oneDNN convolutions (idgbr_geo.packing): in bfloat16 the same numbers as the
+plain convolution and activation, for the bundled models too; the plain path where the
+packed one does not apply (float32, gradients, no usable op)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import rasterio
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+import idgbr_geo.packing as packing
+from idgbr_geo.networks import fuse_batchnorm
+from idgbr_geo.packing import PackedConv2d, pack_convolutions
+from idgbr_geo.predict import predict_windows
+from idgbr_geo.registry import load_model
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gorinchem_rgb_025m.tif"
+needs_packing = pytest.mark.skipif(not packing.usable(),
+                                   reason="this PyTorch lacks the oneDNN ops")
+
+
+def _conv(cin: int, cout: int, *, stride: int = 1, groups: int = 1, bias: bool = True,
+          seed: int = 0) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    return nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=bias).eval()
+
+
+@needs_packing
+@pytest.mark.parametrize("act", [None, nn.ReLU(), nn.ReLU6()])
+@pytest.mark.parametrize("bfloat16", [False, True])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_packed_convolution_gives_the_plain_numbers(act, bfloat16, layout):
+    conv = _conv(8, 16, stride=2, groups=2)
+    packed = PackedConv2d(conv, act)
+    plain = nn.Sequential(conv, act or nn.Identity())
+    x = (torch.randn(2, 8, 21, 34) * 4).contiguous(memory_format=layout)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+        got, want = packed(x), plain(x)
+        assert got.dtype == want.dtype == (torch.bfloat16 if bfloat16 else torch.float32)
+        assert torch.equal(got, want)
+        if act is not None:
+            assert got.min() == 0 and (act.__class__ is nn.ReLU or got.max() <= 6)
+        # another shape gets its own packed weights; the first ones stay
+        y = torch.randn(1, 8, 16, 16).contiguous(memory_format=layout)
+        assert torch.equal(packed(y), plain(y))
+    assert len(packed._packed) == (2 if bfloat16 else 0)  # float32: the plain path
+
+
+@needs_packing
+def test_packed_weights_follow_a_change_of_the_weights():
+    conv = _conv(4, 4, bias=False)
+    packed = PackedConv2d(conv)
+    x = torch.randn(1, 4, 10, 10, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = packed(x)
+        conv.weight.mul_(2)  # in place: a new version of the same tensor
+        assert torch.equal(packed(x), 2 * before)  # (a power of two: exact in bfloat16)
+    assert len(packed._packed) == 2
+
+
+def test_the_plain_path_runs_with_gradients_and_where_packing_is_unusable(monkeypatch):
+    conv = _conv(3, 5)
+    packed = PackedConv2d(conv, nn.ReLU6())
+    x = torch.randn(1, 3, 9, 9, requires_grad=True)
+    out = packed(x)  # gradients wanted: the plain convolution
+    out.sum().backward()
+    assert x.grad is not None and not packed._packed
+    monkeypatch.setattr(packing, "_usable", False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(packed(x), F.hardtanh(conv(x), 0.0, 6.0))
+    assert not packed._packed
+
+
+@needs_packing
+def test_the_packed_weights_of_a_convolution_are_bounded():
+    packed = PackedConv2d(_conv(2, 2))
+    with torch.no_grad():
+        for size in range(8, 8 + packing.SHAPES + 3):
+            packed(torch.randn(1, 2, size, size, dtype=torch.bfloat16))
+    assert len(packed._packed) == packing.SHAPES
+
+
+def test_activations_are_fused_only_where_the_modules_run_in_order():
+    class Custom(nn.Module):  # registered conv then act, but forward does not chain them
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = _conv(2, 2)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(x) + self.conv(x)
+
+    torch.manual_seed(1)
+    seq = nn.Sequential(nn.Conv2d(2, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 4, 1), nn.ReLU6(), nn.Conv2d(4, 2, 1),
+                        nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    seq[1].running_mean.uniform_(-1, 1)
+    seq[1].running_var.uniform_(0.5, 2)
+    net = nn.Sequential(fuse_batchnorm(seq), Custom()).eval()
+    x = torch.randn(1, 2, 12, 12)
+    with torch.no_grad():
+        want = net(x)
+        pack_convolutions(net)
+        got = net(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    inner = net[0]
+    assert isinstance(inner[0], PackedConv2d) and inner[0].attr == "relu"
+    assert isinstance(inner[2], nn.Identity)  # the ReLU now runs inside the convolution
+    assert inner[3].attr == "hardtanh" and isinstance(inner[4], nn.Identity)
+    assert inner[5].attr == "none"
+    assert type(inner[6]) is nn.Conv2d  # reflection padding: left as it is
+    custom = net[1]
+    assert custom.conv.attr == "none" and isinstance(custom.act, nn.ReLU)
+    pack_convolutions(net)  # packing twice changes nothing
+    assert type(inner[0].conv) is nn.Conv2d
+
+
+@needs_packing
+@pytest.mark.parametrize("name", ["buildings", "landcover"])
+def test_the_bundled_models_give_the_same_maps_packed(monkeypatch, name):
+    m = load_model(name, "cpu")
+    assert any(isinstance(x, PackedConv2d) and x.attr == "hardtanh"
+               for x in m.segmentor.net.modules())  # the encoder's ReLU6, fused
+    with rasterio.open(EXAMPLE) as ds:  # houses by the river: a boundary to refine
+        raw = ds.read(window=rasterio.windows.Window(850, 300, 128, 96))
+    image = torch.from_numpy(m.card.normalization.apply(raw, raw.dtype))[None]
+    kw = dict(origins=[(0, 0)], precision="bfloat16", seed=2, zooms=m.card.coarse_zooms or ())
+    got, n = predict_windows(m, image, **kw)
+    monkeypatch.setattr(packing, "_usable", False)
+    for memo in (x for x in m.segmentor.net.modules() if hasattr(x, "forget")):
+        memo.forget()  # (the encoder's features of the image, remembered)
+    want, n_plain = predict_windows(m, image, **kw)
+    assert n == n_plain == 1
+    assert torch.equal(got, want)
