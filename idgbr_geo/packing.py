@@ -51,6 +51,14 @@ class PackedConv2d(nn.Module):
         self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        # (a lock and oneDNN's opaque tensors do not copy or pickle; packed again on use)
+        return {**self.__dict__, "_packed": {}, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _dtype(x)
         if dtype is None or torch.is_grad_enabled() or not usable():

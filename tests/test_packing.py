@@ -4,6 +4,8 @@ packed one does not apply (float32, gradients, no usable op)."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,13 @@ def test_the_bundled_models_give_the_same_maps_packed(monkeypatch, name):
     want, n_plain = predict_windows(m, image, **kw)
     assert n == n_plain == 1
     assert torch.equal(got, want)
+
+
+def test_a_packed_convolution_copies_and_pickles():
+    packed = PackedConv2d(_conv(3, 4), nn.ReLU6())
+    x = torch.randn(1, 3, 10, 10, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = packed(x)
+        for other in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
+            assert not other._packed
+            assert torch.equal(other(x), want)
