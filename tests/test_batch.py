@@ -17,6 +17,7 @@ from idgbr_geo.batch import (
     MANIFEST_NAME,
     SUMMARY_NAME,
     SceneSettings,
+    find_scenes,
     options_fingerprint,
     run_batch,
 )
@@ -348,6 +349,51 @@ def test_outputs_that_are_scenes(tmp_path, model):
         run_batch(ind, out, model=model, quiet=True, pattern="a.ti*")
     assert (ind / "p.gpkg").read_bytes().startswith(b"a scene")
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_the_default_scenes_are_geotiffs_in_any_case(tmp_path, model):
+    ind = tmp_path / "in"
+    ind.mkdir()
+    for name in ("a.tif", "B.TIF", "c.tiff", "d.TIFF"):
+        write_raster(ind / name, synthetic_scene(40, 40))
+    (ind / "a.tif.aux.xml").write_text("<PAMDataset/>")  # GDAL's side file: not a scene
+    (ind / "e.jpg").write_bytes(b"not read: the default takes GeoTIFFs only")
+    res = run_batch(ind, tmp_path / "out", model=model, quiet=True)
+    assert sorted(Path(s.scene).name for s in res.scenes) == ["B.TIF", "a.tif", "c.tiff",
+                                                             "d.TIFF"]
+    assert all(s.status == "done" for s in res.scenes)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tif")) == [
+        "B.tif", "a.tif", "c.tif", "d.tif"]
+
+
+def test_a_listed_url_takes_the_same_default():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ("a.tif", "B.TIFF", "c.jpg", "a.tif.aux.xml"):
+        fs.pipe(f"/idgbr-scenes/{name}", b"x")
+    try:
+        assert find_scenes("memory://idgbr-scenes") == ["memory:///idgbr-scenes/B.TIFF",
+                                                       "memory:///idgbr-scenes/a.tif"]
+        assert find_scenes("memory://idgbr-scenes", "*.jpg") == [
+            "memory:///idgbr-scenes/c.jpg"]
+    finally:
+        fs.rm("/idgbr-scenes", recursive=True)
+
+
+def test_a_folder_without_geotiffs_names_the_pattern_for_its_images(tmp_path, model):
+    ind = tmp_path / "jpegs"
+    ind.mkdir()
+    (ind / "x.JPG").write_bytes(b"")
+    (ind / "notes.txt").write_text("")
+    with pytest.raises(UserError, match=r"no GeoTIFF \(.tif, .tiff\) in .*jpegs; to take "
+                                        r"its .JPG files give pattern '\*.JPG'"):
+        run_batch(ind, tmp_path / "out", model=model, quiet=True)
+    code, err = cli("batch", str(ind), str(tmp_path / "out"), "-m", str(model))
+    assert code == 2 and "give --pattern '*.JPG'" in one_error_line(err)
+    code, err = cli("batch", str(ind), str(tmp_path / "out"), "-m", str(model),
+                    "--pattern", "*.png")
+    assert code == 2 and one_error_line(err).endswith("matches '*.png'")
 
 
 def test_out_dir_inside_in_dir_is_fine(tmp_path, model):

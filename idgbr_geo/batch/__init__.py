@@ -45,6 +45,7 @@ from .jobs import (
     find_scenes,
     is_url,
     model_reference,
+    no_scenes_message,
     options_fingerprint,
     output_for,
     process_scene,
@@ -64,13 +65,14 @@ __all__ = [
 def run_batch(in_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
               model: str | os.PathLike[str] | Model = "buildings",
               options: RunOptions | None = None, outputs: OutputOptions | None = None,
-              pattern: str = "*.tif", vector: bool = False,
+              pattern: str | None = None, vector: bool = False,
               vector_merge: str | os.PathLike[str] | None = None,
               overwrite: bool = False, quiet: bool = False, after: AfterHook | None = None,
               scheduler: str | None = None, workers: int | None = None, retries: int = 2,
               client: Any = None, tune_process: bool = False) -> BatchSummary:
-    """Refine every scene matching ``pattern`` in ``in_dir`` into ``out_dir`` (created when
-    missing), each as :func:`idgbr_geo.engine.refine_raster` would with ``options`` and
+    """Refine every scene matching the glob ``pattern`` in ``in_dir`` (None: every
+    GeoTIFF, ``.tif`` or ``.tiff`` in any case) into ``out_dir`` (created when missing), each
+    as :func:`idgbr_geo.engine.refine_raster` would with ``options`` and
     ``outputs`` (None: the defaults).
 
     Everything that would fail every scene alike (options, the model, paths) is checked
@@ -104,7 +106,7 @@ def run_batch(in_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     _check_model(ref, options)
     scenes = find_scenes(in_dir, pattern)
     if not scenes:
-        raise UserError(f"no file in {in_dir} matches {pattern!r}")
+        raise UserError(no_scenes_message(in_dir, pattern), options=["pattern"])
     out = Path(out_dir)
     check_batch_paths(scenes, out, vector=vector, vector_merge=vector_merge)
     settings = SceneSettings(options, outputs, vector=vector, overwrite=overwrite,

@@ -106,8 +106,18 @@ def is_url(path: str | os.PathLike[str]) -> bool:
     return "://" in os.fspath(path)
 
 
-def find_scenes(in_dir: str | os.PathLike[str], pattern: str = "*.tif") -> list[str]:
-    """Matching rasters in ``in_dir`` (sorted; not recursive unless the pattern says **).
+#: the scenes a batch takes when no pattern is given: GeoTIFFs, in any case (``.TIF`` from
+#: many sensors, ``.tiff``); not GDAL's ``.tif.aux.xml`` side files
+GEOTIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def _is_geotiff(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in GEOTIFF_SUFFIXES
+
+
+def find_scenes(in_dir: str | os.PathLike[str], pattern: str | None = None) -> list[str]:
+    """Rasters in ``in_dir`` matching the glob ``pattern`` (sorted; not recursive unless
+    the pattern says **); None: every GeoTIFF (``.tif`` or ``.tiff``, any case).
 
     Local scenes are absolute paths as listed, not resolved: a symbolic link
     ``a.tif -> ../x/gorinchem.tif`` is the scene ``a.tif`` and gives the output ``a.tif``
@@ -123,18 +133,38 @@ def find_scenes(in_dir: str | os.PathLike[str], pattern: str = "*.tif") -> list[
         base = os.fspath(in_dir).rstrip("/")
         try:
             fs, root = fsspec.core.url_to_fs(base)
-            found = fs.glob(f"{root.rstrip('/')}/{pattern}")
+            found = fs.glob(f"{root.rstrip('/')}/{pattern or '*'}")
         except (ImportError, ValueError) as exc:
             raise UserError(f"cannot list {base}: {exc}") from None
         except (OSError, FileNotFoundError) as exc:
             raise UserError(f"input folder {base} cannot be listed ({exc})") from None
         paths = found if isinstance(found, list) else list(found)
         return sorted(p if is_url(p) else fs.unstrip_protocol(p) for p in paths
-                      if not str(p).endswith("/"))
+                      if not str(p).endswith("/") and (pattern or _is_geotiff(str(p))))
     d = Path(in_dir)
     if not d.is_dir():
         raise UserError(f"input folder {d} does not exist")
-    return sorted(str(p.absolute()) for p in d.glob(pattern) if p.is_file())
+    return sorted(str(p.absolute()) for p in d.glob(pattern or "*")
+                  if p.is_file() and (pattern or _is_geotiff(p.name)))
+
+
+def no_scenes_message(in_dir: str | os.PathLike[str], pattern: str | None) -> str:
+    """Why a batch found nothing, and the pattern that would find the images that are
+    there (exports without a CRS often come as JPEG or PNG)."""
+    if pattern is not None:
+        return f"no file in {os.fspath(in_dir)} matches {pattern!r}"
+    msg = f"no GeoTIFF (.tif, .tiff) in {os.fspath(in_dir)}"
+    if is_url(in_dir) or not Path(in_dir).is_dir():
+        return msg
+    others = sorted({p.suffix for p in Path(in_dir).iterdir()
+                     if p.is_file() and p.suffix.lower() in OTHER_IMAGES})
+    if others:
+        msg += f"; to take its {', '.join(others)} files give $pattern '*{others[0]}'"
+    return msg
+
+
+#: image files GDAL reads that a folder of scenes may hold instead of GeoTIFFs
+OTHER_IMAGES = (".jpg", ".jpeg", ".png", ".jp2", ".img", ".vrt")
 
 
 def scene_name(scene: str | os.PathLike[str]) -> str:

@@ -127,7 +127,9 @@ def refine(input: str, output: str, quiet: bool, **kwargs: Any) -> None:
 @click.command()
 @click.argument("in_dir", type=click.Path(file_okay=False, path_type=str))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
-@click.option("--pattern", default="*.tif", show_default=True, help="Glob for input scenes.")
+@click.option("--pattern", metavar="GLOB",
+              help="Glob for input scenes, e.g. '*.jpg'  [default: GeoTIFFs: *.tif, *.tiff, "
+                   "any case]")
 @click.option("--scheduler", metavar="tcp://HOST:PORT",
               help="Run one task per scene on this existing Dask cluster.")
 @click.option("--workers", type=click.IntRange(min=1),
