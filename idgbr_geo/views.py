@@ -45,14 +45,18 @@ def multiscale_probabilities(segmentor: Segmentor, image: torch.Tensor,
     if len(unsure) == 0:
         return own
     sub = image if len(unsure) == len(image) else image[unsure.to(image.device)]
+    # enlarged in channels-last, the layout the segmentor reads: 2.5x faster on a CPU than
+    # from the planar layout, the same values (a shrunk view: planar is faster)
+    nhwc = sub.contiguous(memory_format=torch.channels_last)
     h, w = image.shape[-2:]
     views = [own[unsure]]
     for z in zooms:
         size = (max(ZOOM_MULTIPLE, round(h / z / ZOOM_MULTIPLE) * ZOOM_MULTIPLE),
                 max(ZOOM_MULTIPLE, round(w / z / ZOOM_MULTIPLE) * ZOOM_MULTIPLE))
-        view = F.interpolate(sub, size=size, mode="bilinear", align_corners=False,
-                             antialias=size[0] < h)
-        views.append(F.interpolate(segmentor.predict(view).float(), size=(h, w),
+        view = F.interpolate(sub if size[0] < h else nhwc, size=size, mode="bilinear",
+                             align_corners=False, antialias=size[0] < h)
+        # (planar whatever layout the segmentor answers in, as the window's own view)
+        views.append(F.interpolate(segmentor.predict(view).float().contiguous(), size=(h, w),
                                    mode="bilinear", align_corners=False))
     out = own.clone()
     out[unsure] = torch.stack(views).mean(0)

@@ -66,3 +66,29 @@ def test_windows_sure_of_every_valid_pixel_skip_the_views():
     seg.sizes.clear()
     multiscale_probabilities(seg, image, (0.8, 1.25))
     assert seg.sizes == [(64, 96), (64, 128), (64, 64)] and seg.batch == 2
+
+
+def test_the_bundled_model_views_equal_planar_ones_exactly():
+    """The enlarged view is made in channels-last (faster on a CPU): the same values as
+    from the planar image, so the same map from a segmentor that reads them alike."""
+    from pathlib import Path
+
+    import rasterio
+
+    from idgbr_geo.registry import load_model
+
+    m = load_model("buildings", "cpu")
+    example = Path(__file__).resolve().parent.parent / "examples" / "gorinchem_rgb_025m.tif"
+    with rasterio.open(example) as ds:
+        raw = ds.read(window=rasterio.windows.Window(850, 300, 128, 96))
+    image = torch.from_numpy(m.card.normalization.apply(raw, raw.dtype))[None]
+    seg = m.segmentor
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = multiscale_probabilities(seg, image, (0.8, 1.25), confident=math.inf)
+        views = [seg.predict(image)]
+        for size in ((128, 160), (64, 96)):
+            view = F.interpolate(image, size=size, mode="bilinear", align_corners=False,
+                                 antialias=size[0] < 96)
+            views.append(F.interpolate(seg.predict(view).float(), size=(96, 128),
+                                       mode="bilinear", align_corners=False))
+    assert torch.equal(got, torch.stack(views).mean(0))
