@@ -8,7 +8,8 @@ activation in one primitive (``torch.ops.mkldnn._convolution_pointwise``, the op
 TorchInductor's CPU backend emits). The numbers are the same bit for bit: the same primitive
 computes the convolution, and a ReLU or ReLU6 (a clamp at exactly representable bounds)
 gives the same value whether it runs before or after the result is rounded to bfloat16.
-On the bundled models this took 7-15% off a window's time (docs/performance.md).
+On the bundled models this took 10-15% off the coarse model's time per window
+(docs/performance.md).
 
 Only in bfloat16 (what ``--precision auto`` runs on CPUs with AMX or AVX-512 BF16), where
 no gradient is needed; elsewhere (float32, GPUs, training) the plain convolution runs. The
