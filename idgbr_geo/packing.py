@@ -65,11 +65,8 @@ class PackedConv2d(nn.Module):
         if dtype is None or torch.is_grad_enabled() or not usable():
             y = self.conv(x)
             return y if self.activation is None else self.activation(y)
-        c = self.conv
         w, b = self._weights(x, dtype)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x.to(dtype), w, b, list(c.padding), list(c.stride), list(c.dilation), c.groups,
-            self.attr, self.scalars, "")
+        return _run(self.conv, x.to(dtype), w, b, self.attr, self.scalars)
 
     def _weights(self, x: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -93,6 +90,14 @@ def _pack(conv: nn.Conv2d, dtype: torch.dtype, shape: list[int]
         conv.weight.detach().to(dtype), list(conv.padding), list(conv.stride),
         list(conv.dilation), conv.groups, shape)
     return w, None if conv.bias is None else conv.bias.detach().to(dtype)
+
+
+def _run(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+         attr: str, scalars: list[float]) -> torch.Tensor:
+    """``conv``'s geometry with packed weights ``w`` and the post-op ``attr``."""
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+        attr, scalars, "")
 
 
 def _dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -130,9 +135,7 @@ def _probe() -> bool:
                 memory_format=torch.channels_last) * 4
             want = F.hardtanh(conv(x), 0.0, 6.0)
             w, b = _pack(conv, torch.bfloat16, list(x.shape))
-            got = torch.ops.mkldnn._convolution_pointwise(
-                x.to(torch.bfloat16), w, b, [1, 1], [2, 2], [1, 1], 2, "hardtanh",
-                [0.0, 6.0], "")
+            got = _run(conv, x.to(torch.bfloat16), w, b, *_ACTIVATIONS[nn.ReLU6])
         return got.dtype == want.dtype and bool(torch.equal(got, want))
     except (AttributeError, RuntimeError, TypeError):
         return False
@@ -150,12 +153,13 @@ def pack_convolutions(net: nn.Module) -> nn.Module:
         if isinstance(mod, PackedConv2d):
             continue
         items = list(mod._modules.items())
-        ordered = isinstance(mod, nn.Sequential) or type(mod).__module__.startswith("timm.")
+        sequential = isinstance(mod, nn.Sequential)
+        ordered = sequential or type(mod).__module__.startswith("timm.")
         for i, (name, child) in enumerate(items):
             if not _packable(child):
                 continue
-            act, where = (_following_activation(items, i, sequential=isinstance(
-                mod, nn.Sequential)) if ordered else (None, None))
+            act, where = (_following_activation(items, i, sequential=sequential) if ordered
+                          else (None, None))
             if where is not None:
                 mod._modules[where] = nn.Identity()
             mod._modules[name] = PackedConv2d(child, act)

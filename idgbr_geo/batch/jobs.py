@@ -109,6 +109,8 @@ def is_url(path: str | os.PathLike[str]) -> bool:
 #: the scenes a batch takes when no pattern is given: GeoTIFFs, in any case (``.TIF`` from
 #: many sensors, ``.tiff``); not GDAL's ``.tif.aux.xml`` side files
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
+#: image files GDAL reads that a folder of scenes may hold instead of GeoTIFFs
+OTHER_IMAGES = (".jpg", ".jpeg", ".png", ".jp2", ".img", ".vrt")
 
 
 def _is_geotiff(name: str) -> bool:
@@ -162,9 +164,6 @@ def no_scenes_message(in_dir: str | os.PathLike[str], pattern: str | None) -> st
         msg += f"; to take its {', '.join(others)} files give $pattern '*{others[0]}'"
     return msg
 
-
-#: image files GDAL reads that a folder of scenes may hold instead of GeoTIFFs
-OTHER_IMAGES = (".jpg", ".jpeg", ".png", ".jp2", ".img", ".vrt")
 
 
 def scene_name(scene: str | os.PathLike[str]) -> str:
