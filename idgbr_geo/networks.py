@@ -289,7 +289,8 @@ def _after_norm(bn: nn.BatchNorm2d) -> nn.Module:
 
 def _for_inference(net: nn.Module, device: torch.device) -> nn.Module:
     """``net`` with its norms folded, in channels-last layout, and on a CPU with its
-    convolutions prepacked for oneDNN (:mod:`idgbr_geo.packing`; the same numbers)."""
+    convolutions prepacked for oneDNN (:mod:`idgbr_geo.packing`: faster, and the same
+    numbers for any number of threads)."""
     net = fuse_batchnorm(net).to(memory_format=torch.channels_last)
     return pack_convolutions(net) if device.type == "cpu" else net
 

@@ -1,20 +1,26 @@
-"""Convolutions with prepacked weights and fused activations, for bfloat16 on a CPU.
+"""Convolutions with prepacked weights and fused activations, for inference on a CPU.
 
 In eager PyTorch every convolution call hands oneDNN its weights in the plain layout, which
 oneDNN reorders into its blocked layout again on each call, and a ReLU6 after it is one
 more pass over the feature map (in bfloat16 a slow one). :class:`PackedConv2d` keeps the
 weights reordered once per input shape and asks oneDNN for the convolution and its
 activation in one primitive (``torch.ops.mkldnn._convolution_pointwise``, the op
-TorchInductor's CPU backend emits). The numbers are the same bit for bit: the same primitive
-computes the convolution, and a ReLU or ReLU6 (a clamp at exactly representable bounds)
-gives the same value whether it runs before or after the result is rounded to bfloat16.
-On the bundled models this took 10-15% off the coarse model's time per window
-(docs/performance.md).
+TorchInductor's CPU backend emits). On the bundled models this took 10-15% off the coarse
+model's time per window in bfloat16 (docs/performance.md).
 
-Only in bfloat16 (what ``--precision auto`` runs on CPUs with AMX or AVX-512 BF16), where
-no gradient is needed; elsewhere (float32, GPUs, training) the plain convolution runs. The
-op is private: each process checks it once on a small convolution against ``F.conv2d``, and
-where it is missing or disagrees every :class:`PackedConv2d` runs the plain one.
+Two more reasons it runs in float32 as well. In bfloat16 the numbers are the same bit for
+bit as eager PyTorch's: the same primitive computes the convolution, and a ReLU or ReLU6 (a
+clamp at exactly representable bounds) gives the same value before or after the result is
+rounded. In float32 eager PyTorch sends many 1x1 convolutions to a matrix product whose
+sums are split by thread, so a map depended on the threads per model worker
+(``--model-workers 1`` vs 2 moved a few dozen pixels of a 1 MP scene); oneDNN's primitive
+gives the same numbers for any number of threads (tested), a few 1e-6 from eager's.
+
+Only without gradients, on a CPU, in float32 or bfloat16 (under autocast or for bfloat16
+inputs); elsewhere (GPUs, training, other dtypes) the plain convolution runs. The op is
+private: each process checks it once on a small convolution against ``F.conv2d`` (equal in
+bfloat16, close in float32), and where it is missing or disagrees every
+:class:`PackedConv2d` runs the plain one.
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ _probe_lock = threading.Lock()
 
 class PackedConv2d(nn.Module):
     """``conv`` (an ``nn.Conv2d`` with zero padding), optionally followed by ``activation``
-    (``nn.ReLU`` or ``nn.ReLU6``); in bfloat16 (under autocast, or bfloat16 inputs) one
-    oneDNN primitive with the weights packed for each input shape it sees."""
+    (``nn.ReLU`` or ``nn.ReLU6``); without gradients, in float32 or bfloat16 (under
+    autocast, or bfloat16 inputs), one oneDNN primitive with the weights packed for each
+    input shape it sees."""
 
     def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None) -> None:
         super().__init__()
@@ -101,20 +108,19 @@ def _run(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
 
 
 def _dtype(x: torch.Tensor) -> torch.dtype | None:
-    """bfloat16 where ``F.conv2d`` would compute ``x`` in it, else None (the plain path).
-    In float32 the packed path is ~5% faster but not the same bit for bit: PyTorch's
-    eager float32 convolution does not always run through oneDNN (probabilities moved by
-    up to 2.4e-7 on one thread), and float32 is what CPUs without fast bfloat16 run."""
+    """The dtype ``F.conv2d`` would compute ``x`` in, if bfloat16 or float32; else None
+    (the plain path)."""
     if x.device.type != "cpu" or x.dim() != 4:
         return None
     dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
              and x.is_floating_point() else x.dtype)
-    return dtype if dtype == torch.bfloat16 else None
+    return dtype if dtype in (torch.bfloat16, torch.float32) else None
 
 
 def usable() -> bool:
-    """Does this process's PyTorch have the oneDNN ops, giving ``F.conv2d``'s numbers in
-    bfloat16? Checked once, on a small strided, grouped convolution with a ReLU6."""
+    """Does this process's PyTorch have the oneDNN ops, giving ``F.conv2d``'s numbers (in
+    bfloat16 exactly, in float32 to 1e-5)? Checked once, on a small strided, grouped
+    convolution with a ReLU6."""
     global _usable
     if _usable is None:
         with _probe_lock:
@@ -129,14 +135,21 @@ def _probe() -> bool:
     try:
         g = torch.Generator().manual_seed(0)
         conv = nn.Conv2d(8, 16, 3, 2, 1, groups=2)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        # (the first call may come from under the caller's autocast: float32 is asked for)
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
             x = torch.randn(1, 8, 12, 10, generator=g).contiguous(
                 memory_format=torch.channels_last) * 4
-            want = F.hardtanh(conv(x), 0.0, 6.0)
-            w, b = _pack(conv, torch.bfloat16, list(x.shape))
-            got = _run(conv, x.to(torch.bfloat16), w, b, *_ACTIVATIONS[nn.ReLU6])
-        return got.dtype == want.dtype and bool(torch.equal(got, want))
+            want32 = F.hardtanh(conv(x), 0.0, 6.0)
+            w, b = _pack(conv, torch.float32, list(x.shape))
+            got32 = _run(conv, x, w, b, *_ACTIVATIONS[nn.ReLU6])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                want = F.hardtanh(conv(x), 0.0, 6.0)
+                w, b = _pack(conv, torch.bfloat16, list(x.shape))
+                got = _run(conv, x.to(torch.bfloat16), w, b, *_ACTIVATIONS[nn.ReLU6])
+        return (got.dtype == want.dtype and bool(torch.equal(got, want))
+                and got32.dtype == torch.float32
+                and bool(torch.allclose(got32, want32, rtol=1e-5, atol=1e-5)))
     except (AttributeError, RuntimeError, TypeError):
         return False
 

@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .threads import one_thread
+
 #: Joint upsampling is used when the input is finer than the model by more than this factor
 #: (input pixels per model pixel). Closer to 1 a bilinear upsampling loses little, except
 #: for a model whose card sets ``edge_filter`` (its classes' boundaries are the image's
@@ -106,7 +108,8 @@ def box_mean(x: torch.Tensor, radius: int, weight: torch.Tensor | None = None
         den = box_mean(weight, radius)
         return torch.where(den > 1e-6, num / den.clamp_min(1e-6), torch.zeros_like(num))
     h, w = x.shape[-2:]
-    m = x.mean((-2, -1), keepdim=True)
+    with one_thread():  # (split between threads, the sum's last bits move)
+        m = x.mean((-2, -1), keepdim=True)
     s = _window_sums(_window_sums(x - m, radius, -1), radius, -2)
     count = (_counts(h, radius, x)[:, None] * _counts(w, radius, x)[None])
     return s.div_(count).add_(m)

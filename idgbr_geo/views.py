@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from .interfaces import Segmentor
+from .threads import one_thread
 
 #: side of the blocks a zoomed view's size is rounded to (the coarse encoders' stride)
 ZOOM_MULTIPLE = 32
@@ -54,11 +55,16 @@ def multiscale_probabilities(segmentor: Segmentor, image: torch.Tensor,
     for z in zooms:
         size = (max(ZOOM_MULTIPLE, round(h / z / ZOOM_MULTIPLE) * ZOOM_MULTIPLE),
                 max(ZOOM_MULTIPLE, round(w / z / ZOOM_MULTIPLE) * ZOOM_MULTIPLE))
-        view = F.interpolate(sub if size[0] < h else nhwc, size=size, mode="bilinear",
-                             align_corners=False, antialias=size[0] < h)
+        if size[0] < h:
+            view = F.interpolate(sub, size=size, mode="bilinear", align_corners=False,
+                                 antialias=True)
+        else:
+            with one_thread():  # (on several, its last bits depend on how many)
+                view = F.interpolate(nhwc, size=size, mode="bilinear", align_corners=False)
         # (planar whatever layout the segmentor answers in, as the window's own view)
         views.append(F.interpolate(segmentor.predict(view).float().contiguous(), size=(h, w),
                                    mode="bilinear", align_corners=False))
     out = own.clone()
     out[unsure] = torch.stack(views).mean(0)
     return out
+

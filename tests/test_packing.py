@@ -1,6 +1,7 @@
 """Prepacked oneDNN convolutions (idgbr_geo.packing): in bfloat16 the same numbers as the
-plain convolution and activation, for the bundled models too; the plain path where the
-packed one does not apply (float32, gradients, no usable op)."""
+plain convolution and activation, for the bundled models too, in float32 close to them and
+the same for any number of threads; the plain path where the packed one does not apply
+(gradients, no usable op)."""
 
 from __future__ import annotations
 
@@ -40,16 +41,40 @@ def test_a_packed_convolution_gives_the_plain_numbers(act, bfloat16, layout):
     packed = PackedConv2d(conv, act)
     plain = nn.Sequential(conv, act or nn.Identity())
     x = (torch.randn(2, 8, 21, 34) * 4).contiguous(memory_format=layout)
+    # bfloat16: bit for bit; float32: eager PyTorch may take another kernel
+    same = torch.equal if bfloat16 else (
+        lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
         got, want = packed(x), plain(x)
         assert got.dtype == want.dtype == (torch.bfloat16 if bfloat16 else torch.float32)
-        assert torch.equal(got, want)
+        assert same(got, want)
         if act is not None:
             assert got.min() == 0 and (act.__class__ is nn.ReLU or got.max() <= 6)
         # another shape gets its own packed weights; the first ones stay
         y = torch.randn(1, 8, 16, 16).contiguous(memory_format=layout)
-        assert torch.equal(packed(y), plain(y))
-    assert len(packed._packed) == (2 if bfloat16 else 0)  # float32: the plain path
+        assert same(packed(y), plain(y))
+    assert len(packed._packed) == 2
+
+
+@needs_packing
+@pytest.mark.parametrize("bfloat16", [False, True])
+def test_a_packed_convolution_gives_the_same_numbers_on_any_number_of_threads(bfloat16):
+    """The 1x1 convolutions of an EfficientNet block, which eager PyTorch computes in
+    float32 as a matrix product whose sums are split by thread."""
+    torch.manual_seed(3)
+    packed = PackedConv2d(nn.Conv2d(240, 40, 1).eval())
+    x = torch.randn(1, 240, 64, 64).contiguous(memory_format=torch.channels_last)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                    enabled=bfloat16):
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                outs.append(packed(x))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 @needs_packing
