@@ -176,7 +176,9 @@ class RefinerConfig(_Settings):
 class LiteRefinerConfig(_Settings):
     """Architecture of the ``lite-idgbr`` refiner (:class:`idgbr_geo.lite_refiner.LiteRefinerNet`):
     its guidance network reads the multi-scale features of a pretrained EfficientNet-Lite
-    encoder (kept frozen) together with the coarse map, as IDGBR's reads DINOv2's.
+    encoder together with the coarse map, as IDGBR's reads DINOv2's. The encoder is the
+    coarse model's, frozen, unless training fine-tunes it
+    (:class:`RefinerTrainingConfig` ``encoder_lr``).
 
     ``encoder = "segmentor"``: the encoder is the model's ``lite-fpn`` segmentor's (same
     variant; its weights are stored once, with the segmentor), so the engine runs it once
@@ -306,6 +308,11 @@ class RefinerTrainingConfig(TrainingConfig):
     #: the coarse model's maps averaged over these zoomed views too, as a card's
     #: ``coarse_zooms`` makes them at inference (empty: one view)
     coarse_zooms: tuple[float, ...] = ()
+    #: learning rate of a ``lite-idgbr`` refiner's encoder (at the schedule's peak; it
+    #: follows the same warm-up and decay): 0 keeps the encoder frozen as the coarse model
+    #: trained it; above 0 fine-tunes it (its norms' statistics stay), which needs the
+    #: refiner's own copy (``encoder: "own"``)
+    encoder_lr: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -317,6 +324,7 @@ class RefinerTrainingConfig(TrainingConfig):
         for name in ("t_max", "p_uncond", "p_model", "p_coarse_x0", "p_onehot"):
             self._float(name, 0.0, 1.0)
         self._float("coarse_perturb", 0.0)
+        self._float("encoder_lr", 0.0)
         self._float("boundary_weight", 0.0)
         self._int("boundary_radius", 0)
         self._bool("degradation")

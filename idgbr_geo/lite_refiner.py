@@ -69,6 +69,8 @@ class LiteRefinerNet(nn.Module):
         self.residual = cfg.residual
         self.encoder: nn.Module = lite_encoder(cfg.variant, in_channels=in_channels)
         self.encoder.requires_grad_(False)
+        #: fine-tune the encoder in training (:meth:`train_encoder`); frozen by default
+        self.encoder_trained = False
         widths = list(lite_encoder_widths(self.encoder))
         self.guidance = FeatureGuidance(in_channels + num_classes, widths, cfg.c1, cfg.c2,
                                         cfg.c4)
@@ -80,16 +82,23 @@ class LiteRefinerNet(nn.Module):
 
     def train(self, mode: bool = True) -> LiteRefinerNet:
         super().train(mode)
-        self.encoder.eval()  # frozen: its batch-norm statistics stay the segmentor's
+        self.encoder.eval()  # its batch-norm statistics stay the segmentor's, trained or not
         return self
+
+    def train_encoder(self) -> None:
+        """Let training fine-tune the encoder too (its weights, not its norms' statistics)."""
+        self.encoder.requires_grad_(True)
+        self.encoder_trained = True
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def guide(self, image: torch.Tensor, coarse: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            feats = [f.detach() for f in self.encoder(image)]
+        with torch.set_grad_enabled(self.encoder_trained and torch.is_grad_enabled()):
+            feats = list(self.encoder(image))
+        if not self.encoder_trained:
+            feats = [f.detach() for f in feats]
         return self.guidance(torch.cat([image, coarse], 1), feats)
 
 

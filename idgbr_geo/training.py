@@ -278,7 +278,15 @@ def _fit(run: _Run, net: torch.nn.Module,
         raise UserError(f"workers must be >= 0, not {workers}")
     iterations, batch_size, lr = tc.iterations, tc.batch_size, tc.lr
     checkpoint_every = tc.checkpoint_every
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    encoder = getattr(net, "encoder", None) if getattr(net, "encoder_trained", False) else None
+    if encoder is None:
+        groups: list[dict[str, Any]] = [{"params": list(net.parameters()), "peak": lr}]
+    else:  # a fine-tuned encoder learns at its own, lower rate
+        own = {id(q) for q in encoder.parameters()}
+        groups = [{"params": [q for q in net.parameters() if id(q) not in own], "peak": lr},
+                  {"params": list(encoder.parameters()),
+                   "peak": getattr(tc, "encoder_lr", 0.0)}]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
     decay = tc.ema
     ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
            if decay > 0 else None)
@@ -291,7 +299,7 @@ def _fit(run: _Run, net: torch.nn.Module,
         for it in run.progress(iterations, progress):
             net.train()
             for g in opt.param_groups:
-                g["lr"] = _lr_at(it, iterations, lr)
+                g["lr"] = _lr_at(it, iterations, g.get("peak", lr))
             img, lab, pre = next(batches)
             loss, parts = step(img.to(run.device), lab.to(run.device),
                                None if pre is None else pre.to(run.device))
@@ -413,6 +421,11 @@ def train_refiner(
                 raise UserError(f"a {arch_name(run.arch)} refiner is trained on a lite-fpn "
                                 "coarse model's encoder: give the coarse model")
             net.encoder.load_state_dict(encoder_state(coarse, run.arch.variant))
+        if tc.encoder_lr > 0:
+            if run.arch.encoder != "own":
+                raise UserError("a fine-tuned encoder (encoder_lr > 0) is the refiner's own: "
+                                "set encoder to \"own\"")
+            net.train_encoder()
         net = net.to(run.device)
     else:
         net = build_refiner_net(cast(RefinerConfig, run.arch), **run.shape)

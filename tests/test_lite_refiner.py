@@ -1,5 +1,6 @@
 """The lite-idgbr refiner: trained on a lite-fpn coarse model's frozen encoder, exported
-without a second copy of it, and run with one encoder pass per window for both stages."""
+without a second copy of it, and run with one encoder pass per window for both stages; or
+with the encoder fine-tuned, as its own copy."""
 
 from __future__ import annotations
 
@@ -102,6 +103,40 @@ def test_resuming_keeps_the_encoder(trained, square_chips, tmp_path):
     assert after["iteration"] == 4
     enc = [k for k in before if k.startswith("encoder.") and before[k].is_floating_point()]
     assert all(torch.equal(before[k], after["model"][k]) for k in enc)
+
+
+def test_a_fine_tuned_encoder_is_the_refiners_own(trained, square_chips, tmp_path):
+    """``encoder_lr`` > 0 trains the encoder too (at its own rate; its norms' statistics
+    stay), stored and loaded as the refiner's own copy; 0 leaves it as the coarse model's."""
+    coarse, _ = trained
+    seg = segmentor_from_checkpoint(coarse, "cpu")
+    c = torch.load(coarse, weights_only=True)["model"]
+    with pytest.raises(UserError, match='set encoder to "own"'):
+        train_refiner(square_chips, tmp_path / "x", coarse=seg, iterations=1,
+                      config={**REF, "encoder_lr": 1e-3}, **KW)
+    enc = {}
+    # (the guidance enters the denoiser through zero-initialised convolutions: the
+    # encoder's gradients are ~0 for the first steps, hence six)
+    for lr in (0.0, 1e-2):
+        ref = train_refiner(square_chips, tmp_path / f"own{lr}", coarse=seg, iterations=6,
+                            config={**REF, "encoder": "own", "encoder_lr": lr}, **KW)
+        model = torch.load(ref, weights_only=True)["model"]
+        enc[lr] = {k[len("encoder."):]: v for k, v in model.items() if k.startswith("encoder.")}
+        weights = [k for k in enc[lr] if k.endswith("weight")]
+        stats = [k for k in enc[lr] if k.endswith(("running_mean", "running_var"))]
+        assert weights and stats
+        changed = [k for k in weights if not torch.equal(enc[lr][k], c["encoder." + k])]
+        assert bool(changed) == (lr > 0)
+        assert all(torch.equal(enc[lr][k], c["encoder." + k]) for k in stats)
+    path = export_model(coarse, ref, ModelCard(name="m", classes=["bg", "sq"],
+                                               stride_multiple=32), tmp_path / "models")
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    assert any(k.startswith("refiner.encoder.") for k in tensors)
+    model = load_model(path, "cpu")
+    assert model.refiner.net.encoder is not model.segmentor.net.encoder
+    x = _windows()
+    probs, _ = predict_windows(model, x, origins=[(0, 0), (0, 64), (64, 0)], steps=1)
+    assert torch.isfinite(probs).all()
 
 
 def test_the_refiner_needs_a_lite_fpn_coarse_model(square_chips, tmp_path):
