@@ -14,7 +14,8 @@ network runs once per window, the denoiser once per step, the decoder once.
 A refiner that shares the segmentor's encoder (``lite-idgbr``) is timed as the engine runs
 it: after the segmentor on the same window, so the encoder counts once (in the coarse
 column); the "refiner alone" row is ``refine --coarse``, where the encoder runs for the
-refiner. A card with ``coarse_zooms`` gets a row for the coarse model with its zoomed views
+refiner. A refiner with its own encoder (``encoder: "own"``) runs it for every window, and
+is timed so. A card with ``coarse_zooms`` gets a row for the coarse model with its zoomed views
 of the window too (:func:`idgbr_geo.views.multiscale_probabilities`, the engine's default;
 timed with every view, as for a window the coarse model is unsure of), against which the
 refiner's share is counted there.
@@ -93,11 +94,18 @@ def _bench(name: str, device: str, repeat: int, size: int, extra: str | None
         out["views"] = seconds(views, repeat, sync)
     probs = m.segmentor.predict(img)  # (a shared encoder now holds this window's features)
     steps = m.card.sampling.steps
+    own = getattr(m.refiner.net, "encoder", None)
+    # a refiner's own encoder (not the segmentor's) runs for every window: not remembered
+    own_forget = (own.forget if isinstance(own, FeatureMemo) and own is not memo
+                  else (lambda: None))
+
+    def refine(s: int) -> None:
+        own_forget()
+        m.refiner.refine(img, probs, steps=s, seed=0, origins=[(0, 0)])
+
     for s in sorted({1, steps, 2 * steps}):
-        out[f"refine_{s}"] = seconds(
-            lambda s=s: m.refiner.refine(img, probs, steps=s, seed=0, origins=[(0, 0)]),
-            repeat, sync)
-    if isinstance(getattr(m.refiner.net, "encoder", None), FeatureMemo):
+        out[f"refine_{s}"] = seconds(lambda s=s: refine(s), repeat, sync)
+    if isinstance(own, FeatureMemo) and own is memo:
         def alone() -> None:  # refine --coarse: the encoder runs for the refiner
             m.refiner.net.encoder.forget()
             m.refiner.refine(img, probs, steps=steps, seed=0, origins=[(0, 0)])
