@@ -264,10 +264,12 @@ def _fit(run: _Run, net: torch.nn.Module,
          step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
                         tuple[torch.Tensor, dict[str, float]]],
          *, progress: bool,
-         validate: Callable[[], dict[str, float]] | None, workers: int = 0) -> Path:
+         validate: Callable[[], dict[str, float]] | None, workers: int = 0,
+         peaks: Mapping[torch.nn.Module, float] | None = None) -> Path:
     """The loop both stages share: AdamW with the warm-up/cosine schedule, gradient clipping,
     and every ``checkpoint_every`` iterations a CSV row (mean loss, ``step``'s extra parts,
-    optional validation) and a resumable checkpoint.
+    optional validation) and a resumable checkpoint. ``peaks``: submodules of ``net`` whose
+    parameters peak at another learning rate than the run's.
 
     ``ema`` > 0 keeps an exponential moving average of the weights (and batch-norm
     statistics) with that decay, as diffusion models are usually trained: the averaged
@@ -278,14 +280,11 @@ def _fit(run: _Run, net: torch.nn.Module,
         raise UserError(f"workers must be >= 0, not {workers}")
     iterations, batch_size, lr = tc.iterations, tc.batch_size, tc.lr
     checkpoint_every = tc.checkpoint_every
-    encoder = getattr(net, "encoder", None) if getattr(net, "encoder_trained", False) else None
-    if encoder is None:
-        groups: list[dict[str, Any]] = [{"params": list(net.parameters()), "peak": lr}]
-    else:  # a fine-tuned encoder learns at its own, lower rate
-        own = {id(q) for q in encoder.parameters()}
-        groups = [{"params": [q for q in net.parameters() if id(q) not in own], "peak": lr},
-                  {"params": list(encoder.parameters()),
-                   "peak": getattr(tc, "encoder_lr", 0.0)}]
+    groups: list[dict[str, Any]] = [
+        {"params": list(m.parameters()), "peak": peak} for m, peak in (peaks or {}).items()]
+    apart = {id(q) for g in groups for q in g["params"]}
+    groups.insert(0, {"params": [q for q in net.parameters() if id(q) not in apart],
+                      "peak": lr})
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
     decay = tc.ema
     ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
@@ -412,6 +411,7 @@ def train_refiner(
     if coarse is not None and int(getattr(coarse, "num_classes", k)) != k:
         raise UserError(f"the coarse model predicts {coarse.num_classes} classes, the training "
                         f"arrays have {k}")
+    peaks: dict[torch.nn.Module, float] = {}
     if isinstance(run.arch, LiteRefinerConfig):
         net: torch.nn.Module = build_lite_refiner(run.arch, **run.shape)
         if run.state is None and init_weights is not None:
@@ -426,6 +426,7 @@ def train_refiner(
                 raise UserError("a fine-tuned encoder (encoder_lr > 0) is the refiner's own: "
                                 "set encoder to \"own\"")
             net.train_encoder()
+            peaks = {net.encoder: tc.encoder_lr}  # a fine-tuned encoder: its own, lower rate
         net = net.to(run.device)
     else:
         net = build_refiner_net(cast(RefinerConfig, run.arch), **run.shape)
@@ -448,7 +449,7 @@ def train_refiner(
                              boundary_radius=tc.boundary_radius)
 
     val = load_npz(val_npz) if val_npz else None
-    return _fit(run, net, step, progress=progress, workers=workers,
+    return _fit(run, net, step, progress=progress, workers=workers, peaks=peaks,
                 validate=None if val is None else
                 (lambda: _validate_refiner(net, val, run.norm, k, run.device, coarse,
                                            oneshot, tc.coarse_zooms)))
