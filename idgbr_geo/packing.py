@@ -18,9 +18,12 @@ gives the same numbers for any number of threads (tested), a few 1e-6 from eager
 
 Only without gradients, on a CPU, in float32 or bfloat16 (under autocast or for bfloat16
 inputs); elsewhere (GPUs, training, other dtypes) the plain convolution runs. The op is
-private: each process checks it once on a small convolution against ``F.conv2d`` (equal in
-bfloat16, close in float32), and where it is missing or disagrees every
-:class:`PackedConv2d` runs the plain one.
+private: each process checks it once per dtype on a small convolution against ``F.conv2d``
+(equal in bfloat16, close in float32), and where it is missing or disagrees every
+:class:`PackedConv2d` runs the plain one in that dtype. The dtypes are checked apart: on a
+CPU without AVX-512 (or AVX-NE-CONVERT) oneDNN packs no bfloat16 weights, but its float32
+primitive still gives the same numbers on any number of threads, which eager PyTorch's
+float32 does not.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ _ACTIVATIONS: dict[type[nn.Module], tuple[str, list[float]]] = {
 #: sizes: whole windows, edge windows, the zoomed views)
 SHAPES = 16
 
-_usable: bool | None = None
+#: dtype -> does the packed primitive work in it (checked once per process)
+_usable: dict[torch.dtype, bool] = {}
 _probe_lock = threading.Lock()
 
 
@@ -69,7 +73,7 @@ class PackedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _dtype(x)
-        if dtype is None or torch.is_grad_enabled() or not usable():
+        if dtype is None or torch.is_grad_enabled() or not usable(dtype):
             y = self.conv(x)
             return y if self.activation is None else self.activation(y)
         w, b = self._weights(x, dtype)
@@ -117,39 +121,39 @@ def _dtype(x: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype in (torch.bfloat16, torch.float32) else None
 
 
-def usable() -> bool:
-    """Does this process's PyTorch have the oneDNN ops, giving ``F.conv2d``'s numbers (in
-    bfloat16 exactly, in float32 to 1e-5)? Checked once, on a small strided, grouped
-    convolution with a ReLU6."""
-    global _usable
-    if _usable is None:
+def usable(dtype: torch.dtype = torch.float32) -> bool:
+    """Does this process's PyTorch on this CPU have the oneDNN ops in ``dtype``
+    (float32 or bfloat16), giving ``F.conv2d``'s numbers (in bfloat16 exactly, in float32
+    to 1e-5)? Checked once per dtype, on a small strided, grouped convolution with a
+    ReLU6."""
+    got = _usable.get(dtype)
+    if got is None:
         with _probe_lock:
-            if _usable is None:
-                _usable = _probe()
-    return _usable
+            got = _usable.get(dtype)
+            if got is None:
+                got = _usable[dtype] = _probe(dtype)
+    return got
 
 
-def _probe() -> bool:
-    if not torch.backends.mkldnn.is_available():
+def _probe(dtype: torch.dtype) -> bool:
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return False
     try:
         g = torch.Generator().manual_seed(0)
         conv = nn.Conv2d(8, 16, 3, 2, 1, groups=2)
-        # (the first call may come from under the caller's autocast: float32 is asked for)
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        bf16 = dtype == torch.bfloat16
+        # (the first call may come from under the caller's autocast: it is set here)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
             x = torch.randn(1, 8, 12, 10, generator=g).contiguous(
                 memory_format=torch.channels_last) * 4
-            want32 = F.hardtanh(conv(x), 0.0, 6.0)
-            w, b = _pack(conv, torch.float32, list(x.shape))
-            got32 = _run(conv, x, w, b, *_ACTIVATIONS[nn.ReLU6])
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                want = F.hardtanh(conv(x), 0.0, 6.0)
-                w, b = _pack(conv, torch.bfloat16, list(x.shape))
-                got = _run(conv, x.to(torch.bfloat16), w, b, *_ACTIVATIONS[nn.ReLU6])
-        return (got.dtype == want.dtype and bool(torch.equal(got, want))
-                and got32.dtype == torch.float32
-                and bool(torch.allclose(got32, want32, rtol=1e-5, atol=1e-5)))
+            want = F.hardtanh(conv(x), 0.0, 6.0)
+            w, b = _pack(conv, dtype, list(x.shape))
+            got = _run(conv, x.to(dtype), w, b, *_ACTIVATIONS[nn.ReLU6])
+        if got.dtype != want.dtype or got.dtype != dtype:
+            return False
+        return bool(torch.equal(got, want) if bf16
+                    else torch.allclose(got, want, rtol=1e-5, atol=1e-5))
     except (AttributeError, RuntimeError, TypeError):
         return False
 

@@ -1,7 +1,7 @@
 """Prepacked oneDNN convolutions (idgbr_geo.packing): in bfloat16 the same numbers as the
 plain convolution and activation, for the bundled models too, in float32 close to them and
 the same for any number of threads; the plain path where the packed one does not apply
-(gradients, no usable op)."""
+(gradients, no usable op in that dtype: bfloat16 on CPUs without AVX-512)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,16 @@ from idgbr_geo.predict import predict_windows
 from idgbr_geo.registry import load_model
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gorinchem_rgb_025m.tif"
-needs_packing = pytest.mark.skipif(not packing.usable(),
+needs_packing = pytest.mark.skipif(not packing.usable(torch.float32),
                                    reason="this PyTorch lacks the oneDNN ops")
+needs_bf16_packing = pytest.mark.skipif(
+    not packing.usable(torch.bfloat16),
+    reason="oneDNN packs no bfloat16 weights on this CPU (no AVX-512)")
+
+
+def _bf16_if_packable(bfloat16: bool) -> None:
+    if bfloat16 and not packing.usable(torch.bfloat16):
+        pytest.skip("oneDNN packs no bfloat16 weights on this CPU (no AVX-512)")
 
 
 def _conv(cin: int, cout: int, *, stride: int = 1, groups: int = 1, bias: bool = True,
@@ -37,6 +45,7 @@ def _conv(cin: int, cout: int, *, stride: int = 1, groups: int = 1, bias: bool =
 @pytest.mark.parametrize("bfloat16", [False, True])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_a_packed_convolution_gives_the_plain_numbers(act, bfloat16, layout):
+    _bf16_if_packable(bfloat16)
     conv = _conv(8, 16, stride=2, groups=2)
     packed = PackedConv2d(conv, act)
     plain = nn.Sequential(conv, act or nn.Identity())
@@ -61,6 +70,7 @@ def test_a_packed_convolution_gives_the_plain_numbers(act, bfloat16, layout):
 def test_a_packed_convolution_gives_the_same_numbers_on_any_number_of_threads(bfloat16):
     """The 1x1 convolutions of an EfficientNet block, which eager PyTorch computes in
     float32 as a matrix product whose sums are split by thread."""
+    _bf16_if_packable(bfloat16)
     torch.manual_seed(3)
     packed = PackedConv2d(nn.Conv2d(240, 40, 1).eval())
     x = torch.randn(1, 240, 64, 64).contiguous(memory_format=torch.channels_last)
@@ -81,7 +91,7 @@ def test_a_packed_convolution_gives_the_same_numbers_on_any_number_of_threads(bf
 def test_packed_weights_follow_a_change_of_the_weights():
     conv = _conv(4, 4, bias=False)
     packed = PackedConv2d(conv)
-    x = torch.randn(1, 4, 10, 10, dtype=torch.bfloat16)
+    x = torch.randn(1, 4, 10, 10)
     with torch.no_grad():
         before = packed(x)
         conv.weight.mul_(2)  # in place: a new version of the same tensor
@@ -96,10 +106,30 @@ def test_the_plain_path_runs_with_gradients_and_where_packing_is_unusable(monkey
     out = packed(x)  # gradients wanted: the plain convolution
     out.sum().backward()
     assert x.grad is not None and not packed._packed
-    monkeypatch.setattr(packing, "_usable", False)
+    monkeypatch.setattr(packing, "_usable", {torch.float32: False, torch.bfloat16: False})
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(packed(x), F.hardtanh(conv(x), 0.0, 6.0))
+    with torch.no_grad():
+        assert torch.equal(packed(x), F.hardtanh(conv(x), 0.0, 6.0))
+    assert not packed._packed
+
+
+def test_each_dtype_is_checked_on_its_own(monkeypatch):
+    """A CPU without AVX-512 packs no bfloat16 weights: float32 still packs (its numbers
+    do not depend on the threads), bfloat16 runs the plain convolution."""
+    conv = _conv(3, 5)
+    packed = PackedConv2d(conv, nn.ReLU6())
+    x = torch.randn(1, 3, 9, 9)
+    monkeypatch.setattr(packing, "_usable", {torch.bfloat16: False})
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(packed(x), F.hardtanh(conv(x), 0.0, 6.0))
     assert not packed._packed
+    if packing.usable(torch.float32):  # probed now, bfloat16's answer kept
+        with torch.no_grad():
+            torch.testing.assert_close(packed(x), F.hardtanh(conv(x), 0.0, 6.0),
+                                       rtol=1e-5, atol=1e-6)
+        assert [k[0] for k in packed._packed] == [torch.float32]
+    assert packing._usable[torch.bfloat16] is False
 
 
 @needs_packing
@@ -107,7 +137,7 @@ def test_the_packed_weights_of_a_convolution_are_bounded():
     packed = PackedConv2d(_conv(2, 2))
     with torch.no_grad():
         for size in range(8, 8 + packing.SHAPES + 3):
-            packed(torch.randn(1, 2, size, size, dtype=torch.bfloat16))
+            packed(torch.randn(1, 2, size, size))
     assert len(packed._packed) == packing.SHAPES
 
 
@@ -146,7 +176,7 @@ def test_activations_are_fused_only_where_the_modules_run_in_order():
     assert type(inner[0].conv) is nn.Conv2d
 
 
-@needs_packing
+@needs_bf16_packing
 @pytest.mark.parametrize("name", ["buildings", "landcover"])
 def test_the_bundled_models_give_the_same_maps_packed(monkeypatch, name):
     m = load_model(name, "cpu")
@@ -157,7 +187,7 @@ def test_the_bundled_models_give_the_same_maps_packed(monkeypatch, name):
     image = torch.from_numpy(m.card.normalization.apply(raw, raw.dtype))[None]
     kw = dict(origins=[(0, 0)], precision="bfloat16", seed=2, zooms=m.card.coarse_zooms or ())
     got, n = predict_windows(m, image, **kw)
-    monkeypatch.setattr(packing, "_usable", False)
+    monkeypatch.setattr(packing, "_usable", {torch.bfloat16: False})
     for memo in (x for x in m.segmentor.net.modules() if hasattr(x, "forget")):
         memo.forget()  # (the encoder's features of the image, remembered)
     want, n_plain = predict_windows(m, image, **kw)
@@ -167,7 +197,7 @@ def test_the_bundled_models_give_the_same_maps_packed(monkeypatch, name):
 
 def test_a_packed_convolution_copies_and_pickles():
     packed = PackedConv2d(_conv(3, 4), nn.ReLU6())
-    x = torch.randn(1, 3, 10, 10, dtype=torch.bfloat16)
+    x = torch.randn(1, 3, 10, 10)
     with torch.no_grad():
         want = packed(x)
         for other in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
