@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .cards import Normalization
+from .config import COLOUR_AUGMENTATIONS
 from .errors import UserError
 
 #: ImageNet statistics of 8-bit RGB on [0, 1]: the input scaling of pretrained encoders
@@ -64,7 +65,7 @@ class ChipSampler:
 
     def __init__(self, data: dict[str, Any], norm: Normalization, crop: int,
                  rng: np.random.Generator, scale: tuple[float, float] = (0.7, 1.4),
-                 colour: bool = True, sensor: bool = False) -> None:
+                 colour: bool | str = True, sensor: bool = False) -> None:
         self.images, self.labels = data["images"], data["labels"]
         n = len(self.images)
         self.coarse = data.get("coarse")
@@ -85,7 +86,12 @@ class ChipSampler:
         self.mean = torch.tensor(norm.mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(norm.std, dtype=torch.float32)[:, None, None]
         self.crop, self.rng, self.scale = crop, rng, scale
-        self.colour, self.sensor = colour, sensor
+        if colour not in COLOUR_AUGMENTATIONS and not isinstance(colour, bool):
+            raise UserError(f"colour augmentation must be one of {COLOUR_AUGMENTATIONS}, "
+                            f"not {colour!r}")
+        #: False (none), True or "mild" (:meth:`_jitter`), "strong" (:meth:`_strong_colour`)
+        self.colour = "mild" if colour is True else colour
+        self.sensor = sensor
         valid = (self.labels != 255).reshape(n, -1).mean(1)
         self.candidates = np.flatnonzero(valid > 0.05)
         if len(self.candidates) == 0:
@@ -130,7 +136,9 @@ class ChipSampler:
                 pre = torch.rot90(pre, k, (1, 2))
                 pres.append((pre.flip(2) if flip else pre) / 255.0)
             img = img / self.div
-            if self.colour:
+            if self.colour == "strong":
+                img = self._strong_colour(img)
+            elif self.colour:
                 img = self._jitter(img)
             if self.sensor:
                 img = self._sensor(img)
@@ -168,39 +176,75 @@ class ChipSampler:
         img = img * gains.float() + rng.uniform(-0.1, 0.1)  # brightness / white balance
         return img.clamp(0, 1)
 
+    def _strong_colour(self, img: torch.Tensor) -> torch.Tensor:
+        """Wider colour shifts than :meth:`_jitter`, for models that must not learn one
+        region's roof or road colours: the hue of an RGB chip turned by up to 40 degrees
+        (half the time), 10% of chips grey, saturation 0.4-1.6x, contrast 0.6-1.4x, per-band
+        gains 0.8-1.2 (colour chips) and brightness +-0.15."""
+        rng = self.rng
+        grey = img.shape[0] == 3 and rng.random() < 0.1
+        if grey:  # (and no band gains below: a grey camera's bands are one)
+            img = (img * _LUMA[:, None, None]).sum(0, keepdim=True).expand_as(img).clone()
+        elif img.shape[0] == 3 and rng.random() < 0.5:
+            img = _turn_hue(img, float(np.deg2rad(rng.uniform(-40, 40))))
+        mean = img.mean(0, keepdim=True)
+        img = mean + (img - mean) * float(np.exp(rng.uniform(np.log(0.4), np.log(1.6))))
+        img = (img - img.mean()) * rng.uniform(0.6, 1.4) + img.mean()
+        if not grey:
+            img = img * torch.from_numpy(rng.uniform(0.8, 1.2, (img.shape[0], 1, 1))).float()
+        img = img + rng.uniform(-0.15, 0.15)
+        return img.clamp(0, 1)
+
+
+#: RGB -> luma (BT.601): the grey a colour chip becomes
+_LUMA = torch.tensor([0.299, 0.587, 0.114])
+
+
+def _turn_hue(img: torch.Tensor, angle: float) -> torch.Tensor:
+    """(3, H, W) RGB turned by ``angle`` radians about the grey axis (Rodrigues' rotation
+    about (1, 1, 1)/sqrt(3)): hues move round the colour wheel (red roofs towards orange
+    or magenta), greys and each pixel's band mean stay."""
+    c, s = np.cos(angle), np.sin(angle)
+    k = 1 / np.sqrt(3)
+    rot = (c * np.eye(3) + s * np.array([[0, -k, k], [k, 0, -k], [-k, k, 0]])
+           + (1 - c) * k * k * np.ones((3, 3)))
+    return torch.einsum("ij,jhw->ihw", torch.from_numpy(rot).float(), img)
+
 
 class _SamplerStream(torch.utils.data.IterableDataset):
     """Endless augmented batches from a :class:`ChipSampler` in a worker process, each
     worker with its own random stream (``seed``, ``start`` and its id)."""
 
     def __init__(self, data: dict[str, Any], norm: Normalization, crop: int, batch: int,
-                 seed: int, start: int, scale: tuple[float, float], sensor: bool) -> None:
+                 seed: int, start: int, scale: tuple[float, float], sensor: bool,
+                 colour: bool | str = True) -> None:
         self.args = (data, norm, crop)
         self.batch, self.seed, self.start = batch, seed, start
-        self.scale, self.sensor = scale, sensor
+        self.scale, self.sensor, self.colour = scale, sensor, colour
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         info = torch.utils.data.get_worker_info()
         torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
         rng = np.random.default_rng([self.seed, self.start, 0 if info is None else info.id])
-        sampler = ChipSampler(*self.args, rng, scale=self.scale, sensor=self.sensor)
+        sampler = ChipSampler(*self.args, rng, scale=self.scale, sensor=self.sensor,
+                              colour=self.colour)
         while True:
             yield sampler.sample(self.batch)
 
 
 def sample_batches(data: dict[str, Any], norm: Normalization, crop: int, batch: int,
                    rng: np.random.Generator, *, scale: tuple[float, float], sensor: bool,
-                   workers: int = 0, seed: int = 0, start: int = 0
+                   colour: bool | str = True, workers: int = 0, seed: int = 0, start: int = 0
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Endless training batches: drawn with ``rng`` in this process (``workers`` 0, the
     reproducible stream of earlier runs), or made ahead by ``workers`` processes, each
     seeded from ``seed``, ``start`` (the iteration a resumed run starts at) and its id, so
     that a GPU is not kept waiting by the augmentation."""
     if workers <= 0:
-        sampler = ChipSampler(data, norm, crop, rng, scale=scale, sensor=sensor)
+        sampler = ChipSampler(data, norm, crop, rng, scale=scale, sensor=sensor, colour=colour)
         while True:
             yield sampler.sample(batch)
-    stream = _SamplerStream(data, norm, crop, batch, seed, start, scale, sensor)
+    stream = _SamplerStream(data, norm, crop, batch, seed, start, scale, sensor, colour)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          prefetch_factor=4, persistent_workers=False)
     yield from loader

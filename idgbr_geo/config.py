@@ -249,6 +249,10 @@ def gate_thresholds(gate: Any, num_classes: int) -> list[float]:
 # ---------------------------------------------------------------------------- training
 
 
+#: the training-time colour augmentations (:mod:`idgbr_geo.chips`)
+COLOUR_AUGMENTATIONS = ("mild", "strong")
+
+
 @dataclass(frozen=True)
 class TrainingConfig(_Settings):
     """How a stage is trained (the coarse segmentor's settings; the refiner has more)."""
@@ -267,6 +271,9 @@ class TrainingConfig(_Settings):
     scale: tuple[float, float] = (0.7, 1.4)
     #: sensor augmentation on top of colour jitter: blur, haze, noise, gamma, JPEG
     sensor_aug: bool = False
+    #: colour jitter: "mild" (the bundled models until session 17) or "strong" (hue turns,
+    #: grey chips, wider saturation, contrast and band gains: :mod:`idgbr_geo.chips`)
+    colour_aug: str = "mild"
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size", "crop", "checkpoint_every"):
@@ -282,6 +289,7 @@ class TrainingConfig(_Settings):
             raise ValueError(f"'scale' must be [min, max] with 0 < min <= max, not {sc!r}")
         object.__setattr__(self, "scale", (float(sc[0]), float(sc[1])))
         self._bool("sensor_aug")
+        self._choice("colour_aug", COLOUR_AUGMENTATIONS)
 
 
 @dataclass(frozen=True)

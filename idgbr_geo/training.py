@@ -291,7 +291,8 @@ def _fit(run: _Run, net: torch.nn.Module,
            if decay > 0 else None)
     run.restore(net, opt, ema)
     batches = sample_batches(run.data, run.norm, tc.crop, batch_size, run.rng, scale=tc.scale,
-                             sensor=tc.sensor_aug, workers=workers, seed=tc.seed,
+                             sensor=tc.sensor_aug, colour=tc.colour_aug, workers=workers,
+                             seed=tc.seed,
                              start=run.start)
     t0, acc = time.time(), []
     with contextlib.closing(batches):  # stops the workers, also on an exception

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from idgbr_geo.cards import Normalization
-from idgbr_geo.chips import ChipSampler, fit_normalization, sample_batches
+from idgbr_geo.chips import ChipSampler, _turn_hue, fit_normalization, sample_batches
+from idgbr_geo.config import TrainingConfig
 from idgbr_geo.errors import UserError
 
 
@@ -46,6 +47,51 @@ def test_bad_chip_gsd_or_weights_are_one_error(key, value, message):
     data[key] = value
     with pytest.raises(UserError, match=message):
         ChipSampler(data, fit_normalization(data["images"]), 16, np.random.default_rng(0))
+
+
+def _red_roof_chips(n: int = 4, t: int = 32) -> dict:
+    """Uniform red chips (a roof colour): the colour augmentation alone varies them."""
+    images = np.zeros((n, 3, t, t), np.uint8)
+    images[:, 0], images[:, 1], images[:, 2] = 180, 60, 50
+    return {"images": images, "labels": np.ones((n, t, t), np.uint8),
+            "classes": ["a", "b"], "gsd": np.float64(0.5)}
+
+
+def _hues(img: torch.Tensor) -> np.ndarray:
+    """Hue angle (degrees) of each chip's mean colour, in the plane normal to grey."""
+    r, g, b = img.mean((2, 3)).T.numpy()
+    return np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b))
+
+
+def test_hue_turn_moves_hues_and_keeps_greys():
+    red = torch.tensor([0.7, 0.2, 0.2])[:, None, None].expand(3, 4, 4)
+    turned = _turn_hue(red, np.deg2rad(30))
+    assert _hues(turned[None]) == pytest.approx(30, abs=0.5)
+    assert turned.mean(0) == pytest.approx(red.mean(0))
+    grey = torch.full((3, 4, 4), 0.4)
+    assert torch.allclose(_turn_hue(grey, 1.0), grey, atol=1e-6)
+
+
+def test_strong_colour_augmentation_spreads_roof_colours_wider_than_mild():
+    data = _red_roof_chips()
+    norm = Normalization(mean=[0, 0, 0], std=[1, 1, 1])
+    mild = ChipSampler(data, norm, 16, np.random.default_rng(0), colour="mild").sample(200)[0]
+    strong = ChipSampler(data, norm, 16, np.random.default_rng(0), colour="strong").sample(200)[0]
+    assert strong.min() >= 0 and strong.max() <= 1
+    assert np.abs(_hues(mild)).max() < 15  # mild jitter keeps a red roof red
+    hues = _hues(strong)
+    assert (hues > 20).any() and (hues < -20).any()  # turned both ways round the wheel
+    grey = (strong.amax(1) - strong.amin(1)).amax((1, 2)) < 1e-6
+    assert 5 <= grey.sum() <= 40  # ~10% grey chips
+
+
+def test_colour_augmentation_setting_is_checked():
+    assert TrainingConfig.from_dict({"colour_aug": "strong"}, "c").colour_aug == "strong"
+    with pytest.raises(UserError, match="c: 'colour_aug' must be one of mild, strong"):
+        TrainingConfig.from_dict({"colour_aug": "wild"}, "c")
+    with pytest.raises(UserError, match="colour augmentation"):
+        ChipSampler(_red_roof_chips(), Normalization(mean=[0] * 3, std=[1] * 3), 16,
+                    np.random.default_rng(0), colour="wild")
 
 
 def test_sensor_augmentation_keeps_values_in_range_and_changes_images():

@@ -347,3 +347,16 @@ def test_refiner_can_learn_from_the_coarse_models_zoomed_views(npz, tmp_path):
         with pytest.raises(UserError, match="coarse_zooms"):
             train_refiner(npz, tmp_path / "x", iterations=1, progress=False, device="cpu",
                           config={**TINY_REF, "coarse_zooms": bad})
+
+
+def test_colour_augmentation_reaches_the_batches_and_the_checkpoint(npz, tmp_path):
+    """``colour_aug`` is a training setting: recorded in the checkpoint, and a run with
+    the strong jitter learns from other batches than one with the mild (same seed)."""
+    kw = dict(iterations=2, batch_size=2, crop=32, progress=False, device="cpu")
+    states = {}
+    for colour in ("mild", "strong"):
+        path = train_coarse(npz, tmp_path / colour, config={**TINY, "colour_aug": colour}, **kw)
+        states[colour] = torch.load(path, weights_only=True)
+        assert states[colour]["training"]["colour_aug"] == colour
+    a, b = (states[c]["model"] for c in ("mild", "strong"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
