@@ -292,8 +292,7 @@ def _fit(run: _Run, net: torch.nn.Module,
     run.restore(net, opt, ema)
     batches = sample_batches(run.data, run.norm, tc.crop, batch_size, run.rng, scale=tc.scale,
                              sensor=tc.sensor_aug, colour=tc.colour_aug, workers=workers,
-                             seed=tc.seed,
-                             start=run.start)
+                             seed=tc.seed, start=run.start)
     t0, acc = time.time(), []
     with contextlib.closing(batches):  # stops the workers, also on an exception
         for it in run.progress(iterations, progress):
