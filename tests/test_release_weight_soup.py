@@ -14,7 +14,7 @@ RELEASE = Path(__file__).resolve().parent.parent / "release"
 if str(RELEASE) not in sys.path:
     sys.path.append(str(RELEASE))
 
-from research.weight_soup import coarse_card, soup  # noqa: E402
+from research.weight_soup import calibrate, coarse_card, soup, update_bn  # noqa: E402
 
 from idgbr_geo.cards import ModelCard  # noqa: E402
 from idgbr_geo.checkpoints import export_model  # noqa: E402
@@ -70,3 +70,71 @@ def test_soup_refuses_another_network(tmp_path: Path) -> None:
     other = train_coarse(npz, tmp_path / "other", config={"widths": [4, 8, 8, 16]}, **kw)
     with pytest.raises(SystemExit, match="different networks"):
         soup(str(model), other, tmp_path / "soup.pt", alpha=0.5)
+
+
+def test_uniform_soup_and_norm_statistics_from_training_batches(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 255, size=(4, 3, 64, 64)).astype(np.uint8)
+    npz = tmp_path / "chips.npz"
+    np.savez(npz, images=images, labels=(images[:, 0] > 127).astype(np.uint8),
+             classes=np.array(["bg", "fg"]), gsd=np.float64(0.5), source=np.array("generated"))
+    kw = dict(batch_size=2, crop=32, progress=False, device="cpu", config=TINY)
+    start = train_coarse(npz, tmp_path / "start", iterations=2, **kw)
+    model = export_model(start, None, ModelCard(name="tiny", classes=["bg", "fg"]),
+                         tmp_path / "model")
+    a = torch.load(start, weights_only=True)["model"]
+    runs = [train_coarse(npz, tmp_path / f"run{i}", iterations=2 + i, lr=0.05, seed=i,
+                         init_weights=a, **kw) for i in range(2)]
+    b, c = (torch.load(r, weights_only=True)["model"] for r in runs)
+
+    out = soup(str(model), runs[0], tmp_path / "soup" / "checkpoint.pt", alpha=0.9,
+               also=(runs[1],))
+    mixed = torch.load(out, weights_only=True)["model"]
+    for k in b:
+        if b[k].is_floating_point():  # the mean of three, alpha unused
+            torch.testing.assert_close(mixed[k], (a[k] + b[k] + c[k]) / 3, atol=2e-3, rtol=1e-3)
+
+    means = [k for k in mixed if k.endswith("running_mean")]
+    assert means
+    update_bn(out, npz, batches=3)
+    fresh = torch.load(out, weights_only=True)["model"]
+    for k in means:  # statistics of the soup's own activations, counted over 3 batches
+        assert not torch.allclose(fresh[k], mixed[k])
+        assert int(fresh[k.replace("running_mean", "num_batches_tracked")]) == 3
+    for k in mixed:  # the weights themselves stay
+        if "running_" not in k and "num_batches" not in k:
+            torch.testing.assert_close(fresh[k], mixed[k])
+
+
+def test_calibrate_matches_the_labels_foreground_share(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 255, size=(4, 3, 64, 64)).astype(np.uint8)
+    labels = (images[:, 0] > 200).astype(np.uint8)  # ~22% foreground
+    npz = tmp_path / "chips.npz"
+    np.savez(npz, images=images, labels=labels, classes=np.array(["bg", "fg"]),
+             gsd=np.float64(0.5), source=np.array("generated"))
+    ckpt = train_coarse(npz, tmp_path / "run", iterations=2, batch_size=2, crop=32,
+                        progress=False, device="cpu", config=TINY)
+    before = torch.load(ckpt, weights_only=True)["model"]["head.bias"].clone()
+    shift = calibrate(ckpt, npz, batches=4)
+    state = torch.load(ckpt, weights_only=True)
+    torch.testing.assert_close(state["model"]["head.bias"], before + torch.tensor([0.0, shift]))
+
+    # the same crops, scored again with the shifted network
+    from idgbr_geo.cards import Normalization
+    from idgbr_geo.checkpoints import build_segmentor_net, checkpoint_settings
+    from idgbr_geo.chips import load_npz, sample_batches
+
+    arch, tc, cin, k = checkpoint_settings(state, "coarse", ckpt)
+    net = build_segmentor_net(arch, in_channels=cin, num_classes=k).eval()
+    net.load_state_dict(state["model"])
+    stream = sample_batches(load_npz(npz), Normalization(**state["normalization"]), tc.crop,
+                            tc.batch_size, np.random.default_rng(123), scale=tc.scale,
+                            sensor=False, colour=False)
+    marked, share = [], []
+    with torch.no_grad():
+        for _ in range(4):
+            img, lab, _ = next(stream)
+            marked.append(net(img).argmax(1)[lab != 255].float())
+            share.append(lab[lab != 255].float())
+    assert abs(torch.cat(marked).mean() - torch.cat(share).mean()) < 0.01

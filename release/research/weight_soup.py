@@ -11,6 +11,13 @@ distribution shift while keeping most of the fine-tuning's gain. Here: the bundl
 
 ``--card`` also writes a coarse-only card of the soup there (no refiner, 0 sampling steps, the
 model's working-GSD fields), for ``release/validate.py <set> --model <folder>/<set>.json``.
+``--also CKPT...`` makes the uniform soup of the model's segmentor, the run and those
+checkpoints (``alpha`` unused); ``--update-bn N`` then re-estimates the batch-norm statistics
+on N training batches of ``.train/<set>_train.npz`` (SWA's ``update_bn``: averaged statistics
+need not fit averaged weights); ``--calibrate N`` shifts a two-class soup's foreground logit
+(the head's bias) so that the share of pixels it marks on N batches of plain training crops
+(no colour or sensor augmentation) equals the labels' share there: a soup of runs that
+trained apart is biased towards one class (session 19).
 """
 
 from __future__ import annotations
@@ -20,27 +27,102 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from validate import card_from_checkpoint  # noqa: E402
 
-from idgbr_geo.cards import SamplingConfig  # noqa: E402
-from idgbr_geo.checkpoints import export_model, model_stage, weights_only  # noqa: E402
+from idgbr_geo.cards import Normalization, SamplingConfig  # noqa: E402
+from idgbr_geo.checkpoints import (  # noqa: E402
+    build_segmentor_net,
+    checkpoint_settings,
+    export_model,
+    model_stage,
+    weights_only,
+)
+from idgbr_geo.chips import load_npz, sample_batches  # noqa: E402
 from idgbr_geo.registry import load_checkpoint, read_model  # noqa: E402
 
 
-def soup(model: str, run: Path, out: Path, alpha: float) -> Path:
+def soup(model: str, run: Path, out: Path, alpha: float, also: tuple[Path, ...] = ()) -> Path:
+    """``alpha`` x the run's weights + (1 - alpha) x the model's; with ``also``, the plain
+    mean of the model's, the run's and theirs."""
     state = load_checkpoint(run)
     start = model_stage(model, "coarse")[1]
     mine = state["model"]
-    if set(mine) != set(start) or any(v.shape != start[k].shape for k, v in mine.items()):
-        raise SystemExit("the run and the model's segmentor have different networks")
-    state["model"] = {k: (alpha * v + (1 - alpha) * start[k].to(v.dtype))
-                      if v.is_floating_point() else v for k, v in mine.items()}
+    others = [load_checkpoint(p)["model"] for p in also]
+    for other in (start, *others):
+        if set(mine) != set(other) or any(v.shape != other[k].shape for k, v in mine.items()):
+            raise SystemExit("the run and the model's segmentor have different networks")
+    if others:
+        n = 2 + len(others)
+        state["model"] = {k: (sum((w[k].to(v.dtype) for w in (start, *others)), v) / n)
+                          if v.is_floating_point() else v for k, v in mine.items()}
+    else:
+        state["model"] = {k: (alpha * v + (1 - alpha) * start[k].to(v.dtype))
+                          if v.is_floating_point() else v for k, v in mine.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(weights_only(state), out)
     return out
+
+
+@torch.no_grad()
+def update_bn(checkpoint: Path, npz: Path, batches: int, seed: int = 0) -> Path:
+    """Replace the checkpoint's batch-norm statistics by their mean over ``batches``
+    training batches (its own crop, batch size, scales and sensor augmentation)."""
+    state = load_checkpoint(checkpoint)
+    arch, tc, cin, k = checkpoint_settings(state, "coarse", checkpoint)
+    net = build_segmentor_net(arch, in_channels=cin, num_classes=k)
+    net.load_state_dict(state["model"])
+    net.eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a plain mean over the batches
+            m.train()
+    stream = sample_batches(load_npz(npz), Normalization(**state["normalization"]), tc.crop,
+                            tc.batch_size, np.random.default_rng(seed), scale=tc.scale,
+                            sensor=tc.sensor_aug)
+    for _ in range(batches):
+        net(next(stream)[0])
+    state["model"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    torch.save(weights_only(state), checkpoint)
+    return checkpoint
+
+
+@torch.no_grad()
+def calibrate(checkpoint: Path, npz: Path, batches: int, seed: int = 123) -> float:
+    """Shift the foreground logit of a two-class checkpoint so that it marks as many pixels
+    of ``batches`` plain training crops as their labels do; returns the shift."""
+    state = load_checkpoint(checkpoint)
+    arch, tc, cin, k = checkpoint_settings(state, "coarse", checkpoint)
+    if k != 2 or "head.bias" not in state["model"]:
+        raise SystemExit("--calibrate needs a two-class network with a 'head' layer")
+    net = build_segmentor_net(arch, in_channels=cin, num_classes=k)
+    net.load_state_dict(state["model"])
+    net.eval()
+    stream = sample_batches(load_npz(npz), Normalization(**state["normalization"]), tc.crop,
+                            tc.batch_size, np.random.default_rng(seed), scale=tc.scale,
+                            sensor=False, colour=False)
+    margins, labels = [], []
+    for _ in range(batches):
+        img, lab, _ = next(stream)
+        logits = torch.nn.functional.interpolate(net(img), size=img.shape[-2:],
+                                                 mode="bilinear", align_corners=False)
+        keep = lab != 255
+        margins.append((logits[:, 1] - logits[:, 0])[keep])
+        labels.append(lab[keep])
+    margin = torch.cat(margins)
+    share = torch.cat(labels).float().mean()
+    lo, hi = -10.0, 10.0  # the marked share grows with the shift: bisect
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if ((margin + mid) > 0).float().mean() > share else (mid, hi)
+    shift = round((lo + hi) / 2, 3)  # a number the card can quote
+    state["model"]["head.bias"] = state["model"]["head.bias"] + torch.tensor([0.0, shift])
+    torch.save(weights_only(state), checkpoint)
+    return shift
 
 
 def main() -> None:
@@ -49,9 +131,20 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="coarse checkpoint of a run that started from it")
     ap.add_argument("out", type=Path)
     ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--also", type=Path, nargs="+", default=(),
+                    help="more checkpoints: the uniform soup of all")
+    ap.add_argument("--update-bn", type=int, default=0, metavar="N",
+                    help="re-estimate the norms' statistics on N training batches")
+    ap.add_argument("--calibrate", type=int, default=0, metavar="N",
+                    help="match the labels' foreground share on N plain training batches")
     ap.add_argument("--card", type=Path, help="also write a coarse-only card of the soup here")
     args = ap.parse_args()
-    print(soup(args.model, args.run, args.out, args.alpha))
+    print(soup(args.model, args.run, args.out, args.alpha, tuple(args.also)))
+    npz = Path(f".train/{read_model(args.model)[0].name}_train.npz")
+    if args.update_bn:
+        print(update_bn(args.out, npz, args.update_bn))
+    if args.calibrate:
+        print(f"foreground logit shifted by {calibrate(args.out, npz, args.calibrate):+.3f}")
     if args.card is not None:
         print(coarse_card(args.model, args.out, args.card))
 
