@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,15 +68,20 @@ def soup(model: str, run: Path, out: Path, alpha: float, also: tuple[Path, ...] 
     return out
 
 
-@torch.no_grad()
-def update_bn(checkpoint: Path, npz: Path, batches: int, seed: int = 0) -> Path:
-    """Replace the checkpoint's batch-norm statistics by their mean over ``batches``
-    training batches (its own crop, batch size, scales and sensor augmentation)."""
+def _network(checkpoint: Path) -> tuple[dict, torch.nn.Module, Any]:
+    """A coarse checkpoint's state, its network in eval mode and its training settings."""
     state = load_checkpoint(checkpoint)
     arch, tc, cin, k = checkpoint_settings(state, "coarse", checkpoint)
     net = build_segmentor_net(arch, in_channels=cin, num_classes=k)
     net.load_state_dict(state["model"])
-    net.eval()
+    return state, net.eval(), tc
+
+
+@torch.no_grad()
+def update_bn(checkpoint: Path, npz: Path, batches: int, seed: int = 0) -> Path:
+    """Replace the checkpoint's batch-norm statistics by their mean over ``batches``
+    training batches (its own crop, batch size, scales and sensor augmentation)."""
+    state, net, tc = _network(checkpoint)
     for m in net.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
@@ -95,13 +101,9 @@ def update_bn(checkpoint: Path, npz: Path, batches: int, seed: int = 0) -> Path:
 def calibrate(checkpoint: Path, npz: Path, batches: int, seed: int = 123) -> float:
     """Shift the foreground logit of a two-class checkpoint so that it marks as many pixels
     of ``batches`` plain training crops as their labels do; returns the shift."""
-    state = load_checkpoint(checkpoint)
-    arch, tc, cin, k = checkpoint_settings(state, "coarse", checkpoint)
-    if k != 2 or "head.bias" not in state["model"]:
+    state, net, tc = _network(checkpoint)
+    if getattr(getattr(net, "head", None), "out_channels", None) != 2:
         raise SystemExit("--calibrate needs a two-class network with a 'head' layer")
-    net = build_segmentor_net(arch, in_channels=cin, num_classes=k)
-    net.load_state_dict(state["model"])
-    net.eval()
     stream = sample_batches(load_npz(npz), Normalization(**state["normalization"]), tc.crop,
                             tc.batch_size, np.random.default_rng(seed), scale=tc.scale,
                             sensor=False, colour=False)
