@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import update_bn as update_bn_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from validate import card_from_checkpoint  # noqa: E402
@@ -82,16 +83,10 @@ def update_bn(checkpoint: Path, npz: Path, batches: int, seed: int = 0) -> Path:
     """Replace the checkpoint's batch-norm statistics by their mean over ``batches``
     training batches (its own crop, batch size, scales and sensor augmentation)."""
     state, net, tc = _network(checkpoint)
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a plain mean over the batches
-            m.train()
     stream = sample_batches(load_npz(npz), Normalization(**state["normalization"]), tc.crop,
                             tc.batch_size, np.random.default_rng(seed), scale=tc.scale,
                             sensor=tc.sensor_aug)
-    for _ in range(batches):
-        net(next(stream)[0])
+    update_bn_stats((next(stream)[0] for _ in range(batches)), net)
     state["model"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
     torch.save(weights_only(state), checkpoint)
     return checkpoint
