@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from idgbr_geo.cards import ModelCard, TrainingRecord
@@ -96,7 +97,7 @@ def commands(name: str, log: dict, coarse_tag: str, refiner_tag: str, steps: int
              gsd_choices: list[float] | None = None,
              coarse_zooms: list[float] | None = None,
              fine_gsd_choices: list[float] | None = None,
-             edge_filter: bool = False) -> list[str]:
+             edge_filter: bool = False, segmentor_note: str | None = None) -> list[str]:
     extra = f" --gsd-without-crs {gsd_without_crs:g}" if gsd_without_crs else ""
     if gsd_choices:
         extra += f" --gsd-choices {','.join(f'{g:g}' for g in gsd_choices)}"
@@ -106,6 +107,8 @@ def commands(name: str, log: dict, coarse_tag: str, refiner_tag: str, steps: int
         extra += f" --coarse-zooms {','.join(f'{z:g}' for z in coarse_zooms)}"
     if edge_filter:
         extra += " --edge-filter"
+    if segmentor_note:
+        extra += f" --segmentor-note {shlex.quote(segmentor_note)}"
     return [*log.get(name, []),
             f".venv/bin/python release/export_models.py {name} --coarse-tag {coarse_tag} "
             f"--refiner-tag {refiner_tag} --steps {steps} --gate '{json.dumps(gate)}'{extra}"]
@@ -170,6 +173,10 @@ def main() -> None:
     ap.add_argument("--edge-filter", action="store_true",
                     help="the classes' boundaries are the image's edges: filter the output "
                          "along them also on the input's own grid (card edge_filter)")
+    ap.add_argument("--segmentor-note", default=None,
+                    help="how the segmentor's weights were made when no single run made them "
+                         "(e.g. a weight soup): the card's training.data.segmentor_weights; "
+                         "training.segmentor then lists the settings of the checkpoint's run")
     args = ap.parse_args()
     log = json.loads((REPO / "release" / "training_commands.json").read_text())
     from idgbr_geo.chips import load_npz  # classes/gsd of the arrays
@@ -191,7 +198,9 @@ def main() -> None:
             coarse_zooms=args.coarse_zooms, edge_filter=args.edge_filter,
             tile_size=512, overlap=64, stride_multiple=32,
             sampling=SamplingConfig(steps=args.steps, gate=args.gate),
-            training=TrainingRecord(data={**data, "source": str(meta["source"])},
+            training=TrainingRecord(data={**data, "source": str(meta["source"]),
+                                          **({"segmentor_weights": args.segmentor_note}
+                                             if args.segmentor_note else {})},
                                     licences=licences,
                                     commands=commands(name, log, args.coarse_tag,
                                                       args.refiner_tag, args.steps,
@@ -199,7 +208,8 @@ def main() -> None:
                                                       args.gsd_choices,
                                                       args.coarse_zooms,
                                                       args.fine_gsd_choices,
-                                                      args.edge_filter)),
+                                                      args.edge_filter,
+                                                      args.segmentor_note)),
         )
         md = TRAIN / f"val-{name}.md"
         table = md.read_text() if md.is_file() else None

@@ -32,7 +32,9 @@ seconds of engine time summed over the scenes. They are printed as each finishes
 The model is a bundled name or card (``--model``), or the training checkpoints
 ``.train/runs/<set>-<tag>/checkpoint.pt`` of ``--coarse-tag`` and ``--refiner-tag``, exported to
 a temporary card (tiles 512, overlap 64, stride multiple 32, sampling from ``--steps`` /
-``--gate``) with :func:`idgbr_geo.checkpoints.export_model` and loaded like a shipped one.
+``--gate``) with :func:`idgbr_geo.checkpoints.export_model` and loaded like a shipped one;
+``--settings-from CARD`` gives that card CARD's working settings (GSD choices, zoomed views,
+edge filter, GSD without a CRS), so that an ablation runs as the shipped card does.
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python release/validate.py buildings \
         --model buildings --second-model .train/old-models/roads.json --limit 2 --threads 1
@@ -74,7 +76,7 @@ from idgbr_geo.interfaces import Model
 from idgbr_geo.metrics import MetricAccumulator
 from idgbr_geo.options import RunOptions
 from idgbr_geo.predict import resolve_precision
-from idgbr_geo.registry import load_checkpoint, load_model
+from idgbr_geo.registry import load_checkpoint, load_model, read_model
 from idgbr_geo.tiling import NoCRSWarning
 
 ROOT = Path(__file__).resolve().parent.parent / ".train"
@@ -131,10 +133,19 @@ def card_from_checkpoint(name: str, path: Path, sampling: SamplingConfig) -> Mod
                      overlap=OVERLAP, stride_multiple=MULT, sampling=sampling)
 
 
+#: a card's working settings (not its networks) that ``--settings-from`` carries over
+WORKING_SETTINGS = ("gsd_without_crs", "gsd_choices", "fine_gsd_choices", "coarse_zooms",
+                    "edge_filter")
+
+
 def exported(name: str, coarse: Path, refiner: Path, sampling: SamplingConfig,
-             folder: Path) -> Model:
-    """The checkpoints exported to a card in ``folder`` and loaded as a shipped model."""
+             folder: Path, like: ModelCard | None = None) -> Model:
+    """The checkpoints exported to a card in ``folder`` and loaded as a shipped model;
+    ``like``: a card whose working settings it takes, so that checkpoints are compared
+    as a shipped card would run them."""
     card = card_from_checkpoint(name, coarse, sampling)
+    if like is not None:
+        card = dataclasses.replace(card, **{k: getattr(like, k) for k in WORKING_SETTINGS})
     return load_model(export_model(coarse, refiner, card, folder), "cpu")
 
 
@@ -403,6 +414,9 @@ def main() -> None:
     ap.add_argument("--model-gsd", type=float, default=None,
                     help="research: run the model at this GSD instead of its card's (the "
                          "engine resamples every input to it)")
+    ap.add_argument("--settings-from", default=None, metavar="CARD",
+                    help="with --coarse-tag: this card's (or bundled model's) working settings "
+                         f"({', '.join(WORKING_SETTINGS)}); default: none of them")
     ap.add_argument("--limit", type=int, default=None, help="at most N scenes per source")
     ap.add_argument("--groups", default=None,
                     help="comma-separated scene sources to run (default: all), e.g. dubai")
@@ -414,6 +428,8 @@ def main() -> None:
     args = ap.parse_args()
     if (args.model is None) == (args.coarse_tag is None or args.refiner_tag is None):
         ap.error("give --model, or --coarse-tag and --refiner-tag")
+    if args.settings_from is not None and args.model is not None:
+        ap.error("--settings-from is for --coarse-tag / --refiner-tag (a card has its own)")
     sources = (list(SOURCES) if args.sources is None else
                [s.strip() for s in args.sources.split(",") if s.strip()])
     unknown = [s for s in sources if s not in SOURCES]
@@ -445,13 +461,14 @@ def main() -> None:
                     steps=s.steps if args.steps is None else args.steps,
                     gate=s.gate if args.gate is None else args.gate)
         else:
+            like = None if args.settings_from is None else read_model(args.settings_from)[0]
             model = exported(f"{args.set}-{args.coarse_tag}-{args.refiner_tag}",
                              ckpt(args.coarse_tag), ckpt(args.refiner_tag), sampling,
-                             work / "model")
+                             work / "model", like)
             if args.ablations and ckpt(args.oneshot_tag).is_file():
                 oneshot = (args.oneshot_tag, exported(
                     f"{args.set}-{args.coarse_tag}-{args.oneshot_tag}", ckpt(args.coarse_tag),
-                    ckpt(args.oneshot_tag), sampling, work / "oneshot"))
+                    ckpt(args.oneshot_tag), sampling, work / "oneshot", like))
         if args.model_gsd:
             model.card.gsd = args.model_gsd
         if args.soften > 0:

@@ -55,3 +55,17 @@ def test_missing_page_gets_the_header(tmp_path: Path) -> None:
     text = page.read_text()
     assert text.startswith("# Validation of the bundled models")
     assert text.rstrip().endswith("t")
+
+
+def test_the_segmentor_note_is_recorded_as_a_shell_word() -> None:
+    import shlex
+
+    from export_models import commands
+
+    note = "a soup of three runs (it's shifted by -0.535; see commands)"
+    cmds = commands("buildings", {"buildings": ["train"]}, "c", "r", 1, 0,
+                    segmentor_note=note)
+    assert cmds[0] == "train"
+    words = shlex.split(cmds[-1])
+    assert words[words.index("--segmentor-note") + 1] == note
+    assert "--segmentor-note" not in commands("buildings", {}, "c", "r", 1, 0)[-1]
