@@ -138,14 +138,19 @@ WORKING_SETTINGS = ("gsd_without_crs", "gsd_choices", "fine_gsd_choices", "coars
                     "edge_filter")
 
 
+def with_settings(card: ModelCard, like: ModelCard) -> ModelCard:
+    """``card`` with ``like``'s working settings, so that checkpoints are compared as a
+    shipped card would run them."""
+    return dataclasses.replace(card, **{k: getattr(like, k) for k in WORKING_SETTINGS})
+
+
 def exported(name: str, coarse: Path, refiner: Path, sampling: SamplingConfig,
              folder: Path, like: ModelCard | None = None) -> Model:
-    """The checkpoints exported to a card in ``folder`` and loaded as a shipped model;
-    ``like``: a card whose working settings it takes, so that checkpoints are compared
-    as a shipped card would run them."""
+    """The checkpoints exported to a card in ``folder`` and loaded as a shipped model
+    (with ``like``'s working settings, :func:`with_settings`)."""
     card = card_from_checkpoint(name, coarse, sampling)
     if like is not None:
-        card = dataclasses.replace(card, **{k: getattr(like, k) for k in WORKING_SETTINGS})
+        card = with_settings(card, like)
     return load_model(export_model(coarse, refiner, card, folder), "cpu")
 
 

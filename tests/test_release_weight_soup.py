@@ -34,7 +34,7 @@ def test_soup_interpolates_the_weights_and_its_card_runs_coarse_only(tmp_path: P
     kw = dict(batch_size=2, crop=32, progress=False, device="cpu", config=TINY)
     start = train_coarse(npz, tmp_path / "start", iterations=2, **kw)
     card = ModelCard(name="tiny", classes=["bg", "fg"], gsd=0.5, gsd_choices=[0.4, 0.5, 0.6],
-                     gsd_without_crs=0.8)
+                     gsd_without_crs=0.8, coarse_zooms=[0.8, 1.25], edge_filter=True)
     model = export_model(start, None, card, tmp_path / "model")
     a = torch.load(start, weights_only=True)["model"]
     run = train_coarse(npz, tmp_path / "run", iterations=3, lr=0.05, init_weights=a, **kw)
@@ -54,6 +54,7 @@ def test_soup_interpolates_the_weights_and_its_card_runs_coarse_only(tmp_path: P
     m = load_model(path, device="cpu")
     assert m.refiner is None and m.card.sampling.steps == 0
     assert m.card.gsd_choices == [0.4, 0.5, 0.6] and m.card.gsd_without_crs == 0.8
+    assert m.card.coarse_zooms == [0.8, 1.25] and m.card.edge_filter
     assert m.segmentor.predict(torch.zeros(1, 3, 32, 32)).shape == (1, 2, 32, 32)
 
 

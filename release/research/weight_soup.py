@@ -23,7 +23,6 @@ trained apart is biased towards one class (session 19).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import torch
 from torch.optim.swa_utils import update_bn as update_bn_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from validate import card_from_checkpoint  # noqa: E402
+from validate import card_from_checkpoint, with_settings  # noqa: E402
 
 from idgbr_geo.cards import Normalization, SamplingConfig  # noqa: E402
 from idgbr_geo.checkpoints import (  # noqa: E402
@@ -147,12 +146,11 @@ def main() -> None:
 
 
 def coarse_card(model: str, checkpoint: Path, folder: Path) -> Path:
-    """A coarse-only card of ``checkpoint`` that resamples inputs as ``model``'s card does."""
+    """A coarse-only card of ``checkpoint`` that runs as ``model``'s card does (its working
+    GSDs, views and edge filter)."""
     bundled = read_model(model)[0]
     card = card_from_checkpoint(bundled.name, checkpoint, SamplingConfig(steps=0))
-    card = dataclasses.replace(card, gsd_choices=bundled.gsd_choices,
-                               gsd_without_crs=bundled.gsd_without_crs)
-    return export_model(checkpoint, None, card, folder)
+    return export_model(checkpoint, None, with_settings(card, bundled), folder)
 
 
 if __name__ == "__main__":
