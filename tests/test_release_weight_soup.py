@@ -122,13 +122,12 @@ def test_calibrate_matches_the_labels_foreground_share(tmp_path: Path) -> None:
     torch.testing.assert_close(state["model"]["head.bias"], before + torch.tensor([0.0, shift]))
 
     # the same crops, scored again with the shifted network
+    from research.weight_soup import _network
+
     from idgbr_geo.cards import Normalization
-    from idgbr_geo.checkpoints import build_segmentor_net, checkpoint_settings
     from idgbr_geo.chips import load_npz, sample_batches
 
-    arch, tc, cin, k = checkpoint_settings(state, "coarse", ckpt)
-    net = build_segmentor_net(arch, in_channels=cin, num_classes=k).eval()
-    net.load_state_dict(state["model"])
+    state, net, tc = _network(ckpt)
     stream = sample_batches(load_npz(npz), Normalization(**state["normalization"]), tc.crop,
                             tc.batch_size, np.random.default_rng(123), scale=tc.scale,
                             sensor=False, colour=False)
