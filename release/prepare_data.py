@@ -187,6 +187,17 @@ def assumed_gsd(name: str, gsd: float) -> float:
     return ASSUMED["whu"] if name.startswith("whu") else ASSUMED["dubai"]
 
 
+def source_weights(sources: np.ndarray, mix: dict[str, float]) -> np.ndarray:
+    """Per-chip sampling weights: each source's share of ``mix`` split equally among its
+    chips (a source without chips gets nothing)."""
+    weight = np.zeros(len(sources))
+    for src, share in mix.items():
+        sel = sources == src
+        if sel.any():
+            weight[sel] = share / sel.sum()
+    return weight
+
+
 def prepare(name: str, root: Path, out: Path, tile: int = 512) -> None:
     """Training chips near native resolution (never finer than half the model GSD, so that
     a crop can be zoomed 0.5-2x), validation chips at the model GSD, and the whole
@@ -220,11 +231,7 @@ def prepare(name: str, root: Path, out: Path, tile: int = 512) -> None:
         scenes.update({f"image_{i}": img, f"label_{i}": lab, f"gsd_{i}": np.float64(gsd),
                        f"source_{i}": np.array(source), f"name_{i}": np.array(file)})
     sources = np.array(train["source"])
-    weight = np.zeros(len(sources))
-    for src, share in MIX[name].items():
-        sel = sources == src
-        if sel.any():
-            weight[sel] = share / sel.sum()
+    weight = source_weights(sources, MIX[name])
     out.mkdir(parents=True, exist_ok=True)
     common = dict(classes=np.array(CLASSES[name]), gsd=np.float64(model_gsd),
                   source=np.array(SOURCE[name]))

@@ -12,23 +12,24 @@ writes ``.train/buildings_train_sat.npz`` (for ``train_models.py --arrays buildi
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from prepare_data import source_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2] / ".train"
 
 
 def remix(sources: np.ndarray, mix: dict[str, float]) -> np.ndarray:
-    """Per-chip weights: each source's share split equally among its chips."""
+    """Per-chip weights (:func:`prepare_data.source_weights`); a source of ``mix`` without
+    chips is a typing error here, not a source to leave out."""
     unknown = set(mix) - set(np.unique(sources).tolist())
     if unknown:
         raise ValueError(f"no chips of source(s) {sorted(unknown)}")
-    weight = np.zeros(len(sources))
-    for src, share in mix.items():
-        sel = sources == src
-        weight[sel] = share / sel.sum()
-    return weight
+    return source_weights(sources, mix)
 
 
 def main() -> None:
