@@ -128,3 +128,16 @@ def test_tta_averages_all_its_views(mode):
         want = (flipped + (views - 1) * scaled) / views
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, _Recorder().predict(image))
+
+
+def test_band_probe_takes_the_refiner_only_near_the_coarse_boundary():
+    from research.band_probe import banded
+
+    coarse = torch.zeros(1, 2, 9, 9)
+    coarse[:, 0, :, :5], coarse[:, 1, :, 5:] = 1.0, 1.0  # class 0 | class 1 at column 5
+    refined = torch.full_like(coarse, 0.5)
+    out = banded(refined, coarse, 1)
+    near = torch.zeros(9, 9, dtype=torch.bool)
+    near[:, 4:6] = True
+    assert torch.equal(out[0, :, near], refined[0, :, near])
+    assert torch.equal(out[0, :, ~near], coarse[0, :, ~near])
