@@ -138,3 +138,23 @@ def test_calibrate_matches_the_labels_foreground_share(tmp_path: Path) -> None:
             marked.append(net(img).argmax(1)[lab != 255].float())
             share.append(lab[lab != 255].float())
     assert abs(torch.cat(marked).mean() - torch.cat(share).mean()) < 0.01
+
+
+def test_refiner_soup_is_the_mean_of_the_runs_weights(tmp_path: Path) -> None:
+    from research.refiner_soup import refiner_soup
+
+    runs = []
+    for i, w in enumerate((1.0, 2.0, 6.0)):
+        state = {"kind": "refiner", "iteration": 300 + i,
+                 "model": {"w": torch.full((2, 2), w),
+                           "bn.num_batches_tracked": torch.tensor(10 * (i + 1))}}
+        torch.save(state, tmp_path / f"r{i}.pt")
+        runs.append(tmp_path / f"r{i}.pt")
+    out = refiner_soup(tmp_path / "soup" / "checkpoint.pt", runs)
+    got = torch.load(out, weights_only=True)
+    assert torch.equal(got["model"]["w"], torch.full((2, 2), 3.0))
+    assert int(got["model"]["bn.num_batches_tracked"]) == 10  # the first run's counter
+    assert got["iteration"] == 300
+    torch.save({"kind": "coarse", "model": {"w": torch.zeros(2, 2)}}, tmp_path / "c.pt")
+    with pytest.raises(SystemExit, match="refiner run"):
+        refiner_soup(tmp_path / "x.pt", [runs[0], tmp_path / "c.pt"])

@@ -46,6 +46,15 @@ from idgbr_geo.chips import load_npz, sample_batches  # noqa: E402
 from idgbr_geo.registry import load_checkpoint, read_model  # noqa: E402
 
 
+def uniform_mean(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The plain mean of state dicts with the same keys, in the first one's dtypes (summed in
+    list order, so a recorded soup command gives the same bits); integer buffers (the norms'
+    batch counters) are the first one's."""
+    first, n = states[0], len(states)
+    return {k: (sum((s[k].to(v.dtype) for s in states[1:]), v) / n)
+            if v.is_floating_point() else v for k, v in first.items()}
+
+
 def soup(model: str, run: Path, out: Path, alpha: float, also: tuple[Path, ...] = ()) -> Path:
     """``alpha`` x the run's weights + (1 - alpha) x the model's; with ``also``, the plain
     mean of the model's, the run's and theirs."""
@@ -57,9 +66,7 @@ def soup(model: str, run: Path, out: Path, alpha: float, also: tuple[Path, ...] 
         if set(mine) != set(other) or any(v.shape != other[k].shape for k, v in mine.items()):
             raise SystemExit("the run and the model's segmentor have different networks")
     if others:
-        n = 2 + len(others)
-        state["model"] = {k: (sum((w[k].to(v.dtype) for w in (start, *others)), v) / n)
-                          if v.is_floating_point() else v for k, v in mine.items()}
+        state["model"] = uniform_mean([mine, start, *others])
     else:
         state["model"] = {k: (alpha * v + (1 - alpha) * start[k].to(v.dtype))
                           if v.is_floating_point() else v for k, v in mine.items()}
