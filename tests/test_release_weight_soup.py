@@ -158,3 +158,12 @@ def test_refiner_soup_is_the_mean_of_the_runs_weights(tmp_path: Path) -> None:
     torch.save({"kind": "coarse", "model": {"w": torch.zeros(2, 2)}}, tmp_path / "c.pt")
     with pytest.raises(SystemExit, match="refiner run"):
         refiner_soup(tmp_path / "x.pt", [runs[0], tmp_path / "c.pt"])
+
+
+def test_refiner_soup_refuses_runs_of_other_shapes(tmp_path: Path) -> None:
+    from research.refiner_soup import refiner_soup
+
+    for name, shape in (("a", (2, 2)), ("b", (3, 2))):
+        torch.save({"kind": "refiner", "model": {"w": torch.zeros(shape)}}, tmp_path / f"{name}.pt")
+    with pytest.raises(SystemExit, match="different networks"):
+        refiner_soup(tmp_path / "x.pt", [tmp_path / "a.pt", tmp_path / "b.pt"])

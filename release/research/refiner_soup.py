@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from idgbr_geo.checkpoints import weights_only  # noqa: E402
 from idgbr_geo.registry import load_checkpoint  # noqa: E402
-from research.weight_soup import uniform_mean  # noqa: E402
+from research.weight_soup import same_network, uniform_mean  # noqa: E402
 
 
 def refiner_soup(out: Path, runs: list[Path]) -> Path:
@@ -26,7 +26,7 @@ def refiner_soup(out: Path, runs: list[Path]) -> Path:
     states = [load_checkpoint(p) for p in runs]
     if any(s.get("kind") != "refiner" for s in states):
         raise SystemExit("every checkpoint must be a refiner run's")
-    if any(set(s["model"]) != set(states[0]["model"]) for s in states):
+    if not same_network([s["model"] for s in states]):
         raise SystemExit("the runs have different networks")
     state = states[0]
     state["model"] = uniform_mean([s["model"] for s in states])

@@ -46,6 +46,13 @@ from idgbr_geo.chips import load_npz, sample_batches  # noqa: E402
 from idgbr_geo.registry import load_checkpoint, read_model  # noqa: E402
 
 
+def same_network(states: list[dict[str, torch.Tensor]]) -> bool:
+    """Whether state dicts have the same keys and shapes (weights that can be averaged)."""
+    first = states[0]
+    return all(set(s) == set(first) and all(v.shape == s[k].shape for k, v in first.items())
+               for s in states[1:])
+
+
 def uniform_mean(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The plain mean of state dicts with the same keys, in the first one's dtypes (summed in
     list order, so a recorded soup command gives the same bits); integer buffers (the norms'
@@ -62,9 +69,8 @@ def soup(model: str, run: Path, out: Path, alpha: float, also: tuple[Path, ...] 
     start = model_stage(model, "coarse")[1]
     mine = state["model"]
     others = [load_checkpoint(p)["model"] for p in also]
-    for other in (start, *others):
-        if set(mine) != set(other) or any(v.shape != other[k].shape for k, v in mine.items()):
-            raise SystemExit("the run and the model's segmentor have different networks")
+    if not same_network([mine, start, *others]):
+        raise SystemExit("the run and the model's segmentor have different networks")
     if others:
         state["model"] = uniform_mean([mine, start, *others])
     else:
