@@ -1,7 +1,8 @@
 """Out-of-fold coarse maps for refiner training (developer script).
 
     OMP_NUM_THREADS=1 .venv/bin/python release/oof_maps.py buildings [--iterations 2500]
-        [--config JSON] [--folds N] [--jobs 2]
+        [--config JSON] [--crop 128] [--lr 2e-3] [--batch-size 8] [--folds N [--interleave]]
+        [--jobs 2]
 
 A coarse model is nearly perfect on its own training chips, so a refiner that learns from
 those maps learns to trust them; on new scenes the coarse maps are far worse. This script
@@ -40,11 +41,15 @@ def areas_of(scenes: np.ndarray) -> np.ndarray:
     return np.array([str(s).split("_")[0] for s in scenes])
 
 
-def folds_of(areas: np.ndarray, n: int | None) -> list[list[str]]:
-    """The areas, one fold each, or in ``n`` groups of neighbours in sorted order."""
+def folds_of(areas: np.ndarray, n: int | None, interleave: bool = False) -> list[list[str]]:
+    """The areas, one fold each, or in ``n`` groups: neighbours in sorted order, or with
+    ``interleave`` every n-th name (so that areas of one source, e.g. the two drone towns,
+    fall in different folds and each fold model still sees that source)."""
     names = sorted(set(areas.tolist()))
     if n is None:
         return [[a] for a in names]
+    if interleave:
+        return [names[i::n] for i in range(n) if names[i::n]]
     return [list(g) for g in np.array_split(np.array(names), n) if len(g)]
 
 
@@ -57,13 +62,14 @@ def _train_fold(args: argparse.Namespace, fold: list[str]) -> Path:
     data = load_npz(ROOT / f"{args.set}_train.npz")
     keep = ~np.isin(areas_of(data["scene"]), fold)
     subset = ROOT / f"{args.set}_train_without-{_fold_name(fold)}.npz"
-    np.savez(subset, images=data["images"][keep], labels=data["labels"][keep],
-             classes=np.array(data["classes"]), gsd=data["gsd"], source=data["source"],
-             scene=data["scene"][keep])
+    n = len(keep)  # every per-chip array (sampling weights, per-chip GSD, ...) is cut too
+    np.savez(subset, **{k: (np.array(v) if k == "classes" else
+                            v[keep] if np.ndim(v) and len(v) == n else v)
+                        for k, v in data.items()})
     return train_coarse(subset, ROOT / "runs" / f"{args.set}-oof-{_fold_name(fold)}",
-                        iterations=args.iterations, batch_size=8, crop=128, lr=2e-3, seed=0,
-                        device="auto", resume=args.resume, config=json.loads(args.config),
-                        progress=True)
+                        iterations=args.iterations, batch_size=args.batch_size,
+                        crop=args.crop, lr=args.lr, seed=0, device="auto",
+                        resume=args.resume, config=json.loads(args.config), progress=True)
 
 
 @torch.no_grad()
@@ -93,6 +99,11 @@ def main() -> None:
     ap.add_argument("--config", default='{"output_stride": 16, "widths": [16, 24, 32, 48]}',
                     help="coarse model config of the fold models [the second coarse model's]")
     ap.add_argument("--folds", type=int, default=None, help="groups of areas [one per area]")
+    ap.add_argument("--interleave", action="store_true",
+                    help="with --folds: every n-th area of the sorted names per fold")
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--jobs", type=int, default=2, help="fold models trained side by side")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--fold", default=None, help=argparse.SUPPRESS)  # a child: comma list
@@ -103,11 +114,12 @@ def main() -> None:
         return
     data = load_npz(ROOT / f"{args.set}_train.npz")
     areas = areas_of(data["scene"])
-    todo = folds_of(areas, args.folds)
+    todo = folds_of(areas, args.folds, args.interleave)
     if len(todo) < 2:
         raise SystemExit("out-of-fold maps need at least two folds")
     base = [sys.executable, __file__, args.set, "--iterations", str(args.iterations),
-            "--config", args.config] + (["--resume"] if args.resume else [])
+            "--config", args.config, "--crop", str(args.crop), "--lr", str(args.lr),
+            "--batch-size", str(args.batch_size)] + (["--resume"] if args.resume else [])
     running: list[subprocess.Popen] = []
     for fold in todo:  # fold models in child processes, --jobs at a time
         if len(running) >= args.jobs:
