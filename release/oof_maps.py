@@ -53,6 +53,11 @@ def folds_of(areas: np.ndarray, n: int | None, interleave: bool = False) -> list
     return [list(g) for g in np.array_split(np.array(names), n) if len(g)]
 
 
+def _save_arrays(path: Path, data: dict) -> None:
+    """Write training arrays as ``load_npz`` read them (its class list back to an array)."""
+    np.savez(path, **{k: np.array(v) if k == "classes" else v for k, v in data.items()})
+
+
 def _fold_name(fold: list[str]) -> str:
     return "+".join(a.replace("/", "-") for a in fold)
 
@@ -63,9 +68,8 @@ def _train_fold(args: argparse.Namespace, fold: list[str]) -> Path:
     keep = ~np.isin(areas_of(data["scene"]), fold)
     subset = ROOT / f"{args.set}_train_without-{_fold_name(fold)}.npz"
     n = len(keep)  # every per-chip array (sampling weights, per-chip GSD, ...) is cut too
-    np.savez(subset, **{k: (np.array(v) if k == "classes" else
-                            v[keep] if np.ndim(v) and len(v) == n else v)
-                        for k, v in data.items()})
+    _save_arrays(subset, {k: v[keep] if k != "classes" and np.ndim(v) and len(v) == n else v
+                          for k, v in data.items()})
     return train_coarse(subset, ROOT / "runs" / f"{args.set}-oof-{_fold_name(fold)}",
                         iterations=args.iterations, batch_size=args.batch_size,
                         crop=args.crop, lr=args.lr, seed=0, device="auto",
@@ -135,8 +139,7 @@ def main() -> None:
         print(f"{', '.join(fold)}: {len(sel)} chips mapped by the model trained without them",
               file=sys.stderr)
     out = ROOT / f"{args.set}_train_oof.npz"
-    np.savez(out, **{k: (np.array(v) if k == "classes" else v) for k, v in data.items()},
-             coarse=coarse)
+    _save_arrays(out, {**data, "coarse": coarse})
     print(out)
 
 

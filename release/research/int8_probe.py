@@ -28,9 +28,9 @@ import torch
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from idgbr_geo.lite_fpn import LiteFpnNet
-from idgbr_geo.networks import _load
-from idgbr_geo.registry import load_model, read_model
+from idgbr_geo.checkpoints import build_segmentor_net, model_stage
+from idgbr_geo.config import split_config
+from idgbr_geo.registry import load_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "gorinchem_rgb_025m.tif"
 
@@ -63,12 +63,12 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")  # torch.ao.quantization's deprecation notices
     torch.set_num_threads(args.threads)
-    card, _, weights = read_model(args.model)
-    cfg = card.segmentor["config"]
-    net = LiteFpnNet(card.bands, card.num_classes, variant=cfg["variant"],
-                     channels=cfg["channels"])
-    _load(net, {k[len("segmentor."):]: v for k, v in weights.items()
-                if k.startswith("segmentor.")}, "lite-fpn")
+    bundled = load_model(args.model, "cpu")
+    card = bundled.card
+    config, weights = model_stage(args.model, "coarse")
+    net = build_segmentor_net(split_config("coarse", config)[0], in_channels=card.bands,
+                              num_classes=card.num_classes)
+    net.load_state_dict(weights)
     net.eval()
     wins = windows(card)
     prepared = prepare_fx(copy.deepcopy(net.encoder), get_default_qconfig_mapping("x86"),
@@ -78,7 +78,6 @@ def main() -> None:
             prepared(x)
     q = copy.deepcopy(net)
     q.encoder = convert_fx(prepared)
-    bundled = load_model(args.model, "cpu")
     print(f"{len(wins)} windows of {EXAMPLE.name}, {args.threads} threads, ms per window:")
     print(f"  float32, eager, norms not folded: {ms_per_window(net, wins):.1f}")
     print(f"  int8 encoder, float32 decoder:    {ms_per_window(q, wins):.1f}")
