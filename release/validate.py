@@ -165,8 +165,10 @@ def write_raster(path: Path, data: np.ndarray, gsd: float | None) -> Path:
     return path
 
 
-#: the networks' arithmetic in every run (``--precision``; the engine's default: auto)
-PRECISION = {"precision": "auto"}
+#: RunOptions of every run: the networks' arithmetic (``--precision``; the engine's
+#: default: auto) and whether the coarse model reads its card's zoomed views
+#: (``--no-multiscale``, as ``refine --no-multiscale``)
+RUN_SETTINGS: dict[str, Any] = {"precision": "auto", "multiscale": True}
 
 
 def engine(scene: Path, out: Path, model: Model, coarse: Path | None = None,
@@ -174,7 +176,7 @@ def engine(scene: Path, out: Path, model: Model, coarse: Path | None = None,
     """The class raster :func:`refine_raster` writes for ``scene``, and the seconds it took."""
     t = time.perf_counter()
     refine_raster(scene, out, model=model, coarse=coarse,
-                  options=RunOptions(seed=0, device="cpu", **{**PRECISION, **options}),
+                  options=RunOptions(seed=0, device="cpu", **{**RUN_SETTINGS, **options}),
                   overwrite=True, quiet=True)
     with rasterio.open(out) as ds:
         return ds.read(1), time.perf_counter() - t
@@ -430,6 +432,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="the networks' arithmetic (the engine's --precision)")
+    ap.add_argument("--no-multiscale", action="store_true",
+                    help="the coarse model reads one view per window, without the card's "
+                         "zoomed views (the engine's --no-multiscale)")
     args = ap.parse_args()
     if (args.model is None) == (args.coarse_tag is None or args.refiner_tag is None):
         ap.error("give --model, or --coarse-tag and --refiner-tag")
@@ -445,7 +450,7 @@ def main() -> None:
             ap.error("second-arch needs --second-model")
         sources = [s for s in sources if s != "second-arch"]
     torch.set_num_threads(args.threads)
-    PRECISION["precision"] = args.precision
+    RUN_SETTINGS.update(precision=args.precision, multiscale=not args.no_multiscale)
     warnings.filterwarnings("ignore", category=NoCRSWarning)
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
@@ -508,7 +513,8 @@ def main() -> None:
                      "ablations": args.ablations, "passthrough": args.passthrough,
                      "soften": args.soften, "tta": args.tta, "assume_gsd": args.assume_gsd,
                      "no_crs": args.no_crs, "model_gsd": args.model_gsd,
-                     "precision": resolve_precision(args.precision, "cpu")})
+                     "precision": resolve_precision(args.precision, "cpu"),
+                     "multiscale": not args.no_multiscale})
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "windows); --no-gsd-search: always the card's GSD."),
         click.option("--multiscale/--no-multiscale", default=True, show_default=True,
                      help="Average the coarse model over the zoomed views of each window "
-                          "that its card lists (buildings, roads: 0.8x and 1.25x); "
-                          "--no-multiscale: one view, ~1.6x faster."),
+                          "that its card lists (buildings, roads: 0.8x); "
+                          "--no-multiscale: one view, faster."),
         click.option("--value-range", callback=_value_range, metavar="LOW,HIGH",
                      help="Raw input values mapped onto the model's range, e.g. 0,2047 for "
                           "11-bit data [the values as they are; a non-8-bit input that does "
