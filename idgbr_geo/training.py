@@ -232,15 +232,20 @@ def train_coarse(
 
     def step(img: torch.Tensor, lab: torch.Tensor, _pre: torch.Tensor | None
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = net(img)
-        ce = F.cross_entropy(logits, lab, ignore_index=255)
-        ce = ce if torch.isfinite(ce) else logits.sum() * 0
-        return ce + 0.5 * _soft_dice(logits, lab, k), {}
+        return coarse_loss(net(img), lab, k), {}
 
     val = load_npz(val_npz) if val_npz else None
     return _fit(run, net, step, progress=progress, workers=workers,
                 validate=None if val is None else
                 (lambda: _validate_coarse(net, val, run.norm, k, run.device)))
+
+
+def coarse_loss(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """The coarse stage's objective: cross-entropy (label 255 ignored; a batch with no
+    labelled pixel adds nothing) + 0.5 x soft Dice over ``k`` classes."""
+    ce = F.cross_entropy(logits, labels, ignore_index=255)
+    ce = ce if torch.isfinite(ce) else logits.sum() * 0
+    return ce + 0.5 * _soft_dice(logits, labels, k)
 
 
 def _load_init(net: torch.nn.Module, weights: Mapping[str, torch.Tensor],

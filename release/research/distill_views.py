@@ -31,7 +31,7 @@ from idgbr_geo.checkpoints import build_segmentor_net, checkpoint_settings
 from idgbr_geo.chips import load_npz
 from idgbr_geo.config import TrainingConfig, split_config
 from idgbr_geo.registry import load_checkpoint, load_model, read_model
-from idgbr_geo.training import _fit, _load_init, _Run, _soft_dice, _validate_coarse
+from idgbr_geo.training import _fit, _load_init, _Run, _validate_coarse, coarse_loss
 from idgbr_geo.views import multiscale_probabilities
 
 ROOT = Path(__file__).resolve().parents[2] / ".train"
@@ -78,9 +78,7 @@ def distill(teacher: str, init: Path, train_npz: Path, out_dir: Path, *,
         soft = -(target * F.log_softmax(logits, 1)).sum(1).mean()
         loss, parts = soft, {"soft": soft.item()}
         if label_weight > 0:
-            ce = F.cross_entropy(logits, lab, ignore_index=255)
-            ce = ce if torch.isfinite(ce) else logits.sum() * 0
-            loss = loss + label_weight * (ce + 0.5 * _soft_dice(logits, lab, k))
+            loss = loss + label_weight * coarse_loss(logits, lab, k)
         return loss, parts
 
     val = None if val_npz is None else load_npz(val_npz)
