@@ -30,7 +30,7 @@ from idgbr_geo.cards import Normalization
 from idgbr_geo.checkpoints import build_segmentor_net, checkpoint_settings
 from idgbr_geo.chips import load_npz
 from idgbr_geo.config import TrainingConfig, split_config
-from idgbr_geo.registry import load_checkpoint, load_model, read_model
+from idgbr_geo.registry import load_checkpoint, load_model
 from idgbr_geo.training import _fit, _load_init, _Run, _validate_coarse, coarse_loss
 from idgbr_geo.views import multiscale_probabilities
 
@@ -48,11 +48,11 @@ def distill(teacher: str, init: Path, train_npz: Path, out_dir: Path, *,
     targets, + ``label_weight`` x the labels' loss); return the checkpoint path.
     ``freeze_encoder``: only the decoder learns and every norm keeps its running statistics
     (a lite-fpn student)."""
-    card = read_model(teacher)[0]
-    zooms = list(card.coarse_zooms or [])
+    model = load_model(teacher, device="cpu")
+    zooms = list(model.card.coarse_zooms or [])
     if not zooms:
         raise ValueError(f"{teacher}: no coarse_zooms, nothing to distil")
-    segmentor = load_model(teacher, device="cpu").segmentor
+    segmentor = model.segmentor
     state = load_checkpoint(init)
     arch = checkpoint_settings(state, "coarse", init)[0]
     _, extra = split_config("coarse", config or {}, "config")
