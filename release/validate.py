@@ -420,7 +420,8 @@ def main() -> None:
                          "(the engine then assumes the card's GSD, or --assume-gsd's)")
     ap.add_argument("--model-gsd", type=float, default=None,
                     help="research: run the model at this GSD instead of its card's (the "
-                         "engine resamples every input to it)")
+                         "engine resamples every input to it; the card's per-scene "
+                         "choice of GSD is off)")
     ap.add_argument("--settings-from", default=None, metavar="CARD",
                     help="with --coarse-tag: this card's (or bundled model's) working settings "
                          f"({', '.join(WORKING_SETTINGS)}); default: none of them")
@@ -479,8 +480,9 @@ def main() -> None:
                 oneshot = (args.oneshot_tag, exported(
                     f"{args.set}-{args.coarse_tag}-{args.oneshot_tag}", ckpt(args.coarse_tag),
                     ckpt(args.oneshot_tag), sampling, work / "oneshot", like))
-        if args.model_gsd:
+        if args.model_gsd:  # that GSD alone: no per-scene choice around it
             model.card.gsd = args.model_gsd
+            model.card.gsd_choices = model.card.fine_gsd_choices = None
         if args.soften > 0:
             from research.soften import SoftenedRefiner
 

@@ -141,3 +141,26 @@ def test_band_probe_takes_the_refiner_only_near_the_coarse_boundary():
     near[:, 4:6] = True
     assert torch.equal(out[0, :, near], refined[0, :, near])
     assert torch.equal(out[0, :, ~near], coarse[0, :, ~near])
+
+
+def test_scene_errors_tell_a_too_wide_map_from_missed_objects():
+    import numpy as np
+    from research.scene_errors import counts, describe
+
+    label = np.zeros((20, 20), np.uint8)
+    label[5:11, 5:11] = 1
+    label[0, :] = 255  # ignored
+    wide = np.zeros_like(label)
+    wide[4:12, 4:12] = 1  # the square drawn one pixel too wide on every side
+    got = counts(wide, label, 1)
+    assert got["as is"].tolist() == [36, 64, 36]
+    assert got["eroded 1 px"].tolist() == [36, 36, 36]  # thinner by a pixel: exact
+    assert got["dilated 1 px"][1] == 100 - 4  # (a cross: the corners stay out)
+    assert describe(got["eroded 1 px"]).startswith("IoU 100.0 precision 100.0 recall 100.0")
+    label[14:20, 14:20] = 1  # a second object ...
+    found = (label == 1).astype(np.uint8)
+    found[14:20, 14:20] = 0  # ... missed whole: neither variant gets nearer
+    got = counts(found, label, 1)
+    iou = {v: c[0] / (c[1] + c[2] - c[0]) for v, c in got.items()}
+    assert iou["as is"] == 0.5
+    assert iou["eroded 1 px"] < 0.5 and iou["dilated 1 px"] < 0.5

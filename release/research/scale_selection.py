@@ -7,12 +7,15 @@ help both if the model could tell which scale suits a scene. The rule tried, fix
 any run: run the coarse model at each candidate GSD and keep the one whose map has the
 highest mean confidence (max class probability, over the valid pixels). Scored against
 every fixed GSD and against the oracle (per scene the GSD of the best IoU), coarse-only,
-through ``refine_raster`` (``--confidence`` band):
+through ``refine_raster`` (``--confidence`` band), with the card's own per-scene choice
+(``gsd_choices``, which the fixed GSDs switch off) as the last column:
 
     OMP_NUM_THREADS=1 .venv/bin/python release/research/scale_selection.py buildings \
         --gsds 0.25,0.3,0.375
     OMP_NUM_THREADS=1 .venv/bin/python release/research/scale_selection.py roads \
         --gsds 0.42,0.5,0.625
+    .venv/bin/python release/research/scale_selection.py buildings --groups xdomain \
+        --gsds 0.25,0.3,0.375,0.45,0.5,0.6 --per-scene --threads 2   # session 26
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ from idgbr_geo.options import OutputOptions, RunOptions  # noqa: E402
 from idgbr_geo.registry import load_model  # noqa: E402
 
 
-def run(path: Path, out: Path, model, gsd: float) -> tuple[np.ndarray, float]:
-    """The coarse class map of ``path`` with the model working at ``gsd`` m, and its mean
-    confidence (0..1) over the pixels the engine wrote."""
-    model.card.gsd = gsd
+def run(path: Path, out: Path, model, gsd: float | None,
+        card_gsd: float) -> tuple[np.ndarray, float]:
+    """The coarse class map of ``path`` with the model working at ``gsd`` m (None: as its
+    card runs it, the per-scene choice included), and its mean confidence (0..1) over the
+    pixels the engine wrote."""
+    model.card.gsd = card_gsd if gsd is None else gsd
     refine_raster(path, out, model=model, overwrite=True, quiet=True,
-                  options=RunOptions(coarse_only=True, device="cpu", seed=0),
+                  options=RunOptions(coarse_only=True, device="cpu", seed=0,
+                                     gsd_search=gsd is None),
                   outputs=OutputOptions(confidence=True))
     with rasterio.open(out) as ds:
         cls, conf = ds.read(1), ds.read(2).astype(np.float64) / 255.0
@@ -63,10 +69,14 @@ def main() -> None:
     ap.add_argument("--gsds", default="0.25,0.3,0.375")
     ap.add_argument("--groups", default=None, help="[all of the set's]")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--per-scene", action="store_true",
+                    help="also each scene's IoU at every GSD and as the card runs it")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     model = load_model(args.model or args.set, "cpu")
+    card_gsd = model.card.gsd
     classes, cls = list(model.card.classes), model.card.classes[1]
     gsds = [float(g) for g in args.gsds.split(",")]
     scenes = load_scenes(args.set, args.limit)
@@ -74,12 +84,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for group in groups:
-            keys = [*(f"{g:g} m" for g in gsds), "selected", "oracle"]
+            keys = [*(f"{g:g} m" for g in gsds), "selected", "oracle", "card"]
             acc = {k: MetricAccumulator(classes) for k in keys}
             picks: list[float] = []
             for s in scenes.get(group, []):
                 path = write_raster(work / "in.tif", s.image, s.gsd)
-                runs = {g: run(path, work / "out.tif", model, g) for g in gsds}
+                runs = {g: run(path, work / "out.tif", model, g, card_gsd) for g in gsds}
+                card_map, _ = run(path, work / "out.tif", model, None, card_gsd)
+                acc["card"].update(card_map, s.label)
+                if args.per_scene:
+                    ious = " ".join(f"{g:g} m {100 * scene_iou(runs[g][0], s.label):.1f}"
+                                    for g in gsds)
+                    print(f"  {s.name}: {ious}, card "
+                          f"{100 * scene_iou(card_map, s.label):.1f}", flush=True)
                 for g, (pred, _) in runs.items():
                     acc[f"{g:g} m"].update(pred, s.label)
                 best = max(gsds, key=lambda g: runs[g][1])
