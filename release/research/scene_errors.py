@@ -38,7 +38,7 @@ def counts(pred: np.ndarray, label: np.ndarray, cls: int) -> dict[str, np.ndarra
     truth = (label == cls) & ok
     mask = pred == cls
     maps = (mask, ndimage.binary_erosion(mask), ndimage.binary_dilation(mask))
-    return {v: np.array([(truth & m & ok).sum(), (m & ok).sum(), truth.sum()], np.float64)
+    return {v: np.array([(truth & m).sum(), (m & ok).sum(), truth.sum()], np.float64)
             for v, m in zip(VARIANTS, maps, strict=True)}
 
 
