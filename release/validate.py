@@ -166,9 +166,10 @@ def write_raster(path: Path, data: np.ndarray, gsd: float | None) -> Path:
 
 
 #: RunOptions of every run: the networks' arithmetic (``--precision``; the engine's
-#: default: auto) and whether the coarse model reads its card's zoomed views
-#: (``--no-multiscale``, as ``refine --no-multiscale``)
-RUN_SETTINGS: dict[str, Any] = {"precision": "auto", "multiscale": True}
+#: default: auto), whether the coarse model reads its card's zoomed views
+#: (``--no-multiscale``, as ``refine --no-multiscale``) and whether the card's working GSD
+#: is chosen per scene (off with ``--model-gsd``, as ``refine --no-gsd-search``)
+RUN_SETTINGS: dict[str, Any] = {"precision": "auto", "multiscale": True, "gsd_search": True}
 
 
 def engine(scene: Path, out: Path, model: Model, coarse: Path | None = None,
@@ -451,7 +452,8 @@ def main() -> None:
             ap.error("second-arch needs --second-model")
         sources = [s for s in sources if s != "second-arch"]
     torch.set_num_threads(args.threads)
-    RUN_SETTINGS.update(precision=args.precision, multiscale=not args.no_multiscale)
+    RUN_SETTINGS.update(precision=args.precision, multiscale=not args.no_multiscale,
+                        gsd_search=not args.model_gsd)
     warnings.filterwarnings("ignore", category=NoCRSWarning)
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
@@ -480,9 +482,8 @@ def main() -> None:
                 oneshot = (args.oneshot_tag, exported(
                     f"{args.set}-{args.coarse_tag}-{args.oneshot_tag}", ckpt(args.coarse_tag),
                     ckpt(args.oneshot_tag), sampling, work / "oneshot", like))
-        if args.model_gsd:  # that GSD alone: no per-scene choice around it
+        if args.model_gsd:  # that GSD alone (RUN_SETTINGS: no per-scene choice)
             model.card.gsd = args.model_gsd
-            model.card.gsd_choices = model.card.fine_gsd_choices = None
         if args.soften > 0:
             from research.soften import SoftenedRefiner
 
