@@ -274,6 +274,10 @@ class TrainingConfig(_Settings):
     #: colour jitter: "mild" (the bundled models until session 17) or "strong" (hue turns,
     #: grey chips, wider saturation, contrast and band gains: :mod:`idgbr_geo.chips`)
     colour_aug: str = "mild"
+    #: weight of the soft clDice term (Shit et al. 2021) in the coarse loss: it scores the
+    #: overlap of the maps' soft skeletons, so a break in a thin road costs as much as a
+    #: missing road (0: cross-entropy + soft Dice only)
+    cldice: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size", "crop", "checkpoint_every"):
@@ -283,6 +287,7 @@ class TrainingConfig(_Settings):
         if self.lr <= 0:
             raise ValueError(f"'lr' must be a number > 0, not {self.lr!r}")
         self._float("ema", 0.0, 1.0)
+        self._float("cldice", 0.0)
         sc = self.scale
         if (not isinstance(sc, (list, tuple)) or len(sc) != 2
                 or not all(_is_number(v) and v > 0 for v in sc) or sc[0] > sc[1]):
@@ -324,6 +329,8 @@ class RefinerTrainingConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.cldice:
+            raise ValueError("'cldice' is a setting of the coarse stage, not of the refiner")
         zooms = self.coarse_zooms
         if not isinstance(zooms, (list, tuple)) or not all(is_zoom(z) for z in zooms):
             raise ValueError("'coarse_zooms' must be a list of zooms between 0.5 and 2 other "
@@ -379,7 +386,8 @@ def split_config(stage: str, data: Mapping[str, Any] | None, what: str = "config
                         f"(known: {', '.join(archs)})")
     arch_cls, known_for = archs[name], f" for arch {name!r}"
     train_cls = TrainingConfig if stage == "coarse" else RefinerTrainingConfig
-    train_keys = [k for k in train_cls.keys() if k not in RUN_KEYS]
+    train_keys = [k for k in train_cls.keys() if k not in RUN_KEYS
+                  and not (stage == "refiner" and k == "cldice")]  # the coarse loss's
     run = [k for k in data if k in RUN_KEYS]
     if run:
         raise UserError(f"{what}: {run[0]!r} has its own option (${run[0]}), not a {what} key",

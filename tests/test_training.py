@@ -360,3 +360,56 @@ def test_colour_augmentation_reaches_the_batches_and_the_checkpoint(npz, tmp_pat
         assert states[colour]["training"]["colour_aug"] == colour
     a, b = (states[c]["model"] for c in ("mild", "strong"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def _road_logits(road: torch.Tensor) -> torch.Tensor:
+    """Confident two-class logits of a boolean road mask (N, H, W)."""
+    x = torch.where(road, 6.0, -6.0)
+    return torch.stack([-x, x], 1)
+
+
+def test_cldice_counts_a_break_in_a_thin_road():
+    """Soft clDice is ~0 for a perfect map, clearly higher for the same road cut through
+    (a few pixels of area, the whole connection), higher than the soft Dice's rise for the
+    cut, and the unlabelled pixels (255) do not count."""
+    from idgbr_geo.training import _soft_cldice, _soft_dice
+
+    lab = torch.zeros(1, 64, 64, dtype=torch.long)
+    lab[:, :, 28:34] = 1
+    road = lab == 1
+    cut = road.clone()
+    cut[:, 30:36] = False
+    perfect, broken = _road_logits(road), _road_logits(cut)
+    assert float(_soft_cldice(perfect, lab, 2)) < 0.01
+    rise_cl = float(_soft_cldice(broken, lab, 2) - _soft_cldice(perfect, lab, 2))
+    rise_dice = float(_soft_dice(broken, lab, 2) - _soft_dice(perfect, lab, 2))
+    assert rise_cl > 0.02 and rise_cl > rise_dice
+    ignored = lab.clone()
+    ignored[:, 30:36] = 255
+    assert float(_soft_cldice(broken, ignored, 2)) < 0.01
+    nothing = torch.zeros_like(lab)
+    assert float(_soft_cldice(broken, nothing, 2)) == 0.0  # no road labelled: adds nothing
+
+
+def test_cldice_is_a_coarse_training_setting(npz, tmp_path):
+    """``cldice`` > 0 changes what the segmentor learns (same seed and batches), is
+    recorded in the checkpoint, and is refused where it means nothing (refiner) or < 0."""
+    from idgbr_geo.training import coarse_loss
+
+    logits = torch.randn(2, 2, 32, 32, requires_grad=True)
+    lab = torch.zeros(2, 32, 32, dtype=torch.long)
+    lab[:, :, 10:14] = 1
+    coarse_loss(logits, lab, 2, cldice=0.5).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    kw = dict(iterations=2, batch_size=2, crop=32, progress=False, device="cpu")
+    states = {}
+    for w in (0.0, 1.0):
+        path = train_coarse(npz, tmp_path / str(w), config={**TINY, "cldice": w}, **kw)
+        states[w] = torch.load(path, weights_only=True)
+        assert states[w]["training"]["cldice"] == w
+    a, b = (states[w]["model"] for w in (0.0, 1.0))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="cldice"):
+        train_coarse(npz, tmp_path / "neg", config={**TINY, "cldice": -1}, **kw)
+    with pytest.raises(UserError, match="cldice"):
+        train_refiner(npz, tmp_path / "ref", config={**TINY_REF, "cldice": 0.5}, **kw)
