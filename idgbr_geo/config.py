@@ -327,6 +327,12 @@ class RefinerTrainingConfig(TrainingConfig):
     #: refiner's own copy (``encoder: "own"``)
     encoder_lr: float = 0.0
 
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The coarse settings less ``cldice``, a term of the coarse loss only: unknown
+        here, and not written into the refiner's checkpoints and cards."""
+        return [k for k in super().keys() if k != "cldice"]
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.cldice:
@@ -386,8 +392,7 @@ def split_config(stage: str, data: Mapping[str, Any] | None, what: str = "config
                         f"(known: {', '.join(archs)})")
     arch_cls, known_for = archs[name], f" for arch {name!r}"
     train_cls = TrainingConfig if stage == "coarse" else RefinerTrainingConfig
-    train_keys = [k for k in train_cls.keys() if k not in RUN_KEYS
-                  and not (stage == "refiner" and k == "cldice")]  # the coarse loss's
+    train_keys = [k for k in train_cls.keys() if k not in RUN_KEYS]
     run = [k for k in data if k in RUN_KEYS]
     if run:
         raise UserError(f"{what}: {run[0]!r} has its own option (${run[0]}), not a {what} key",
