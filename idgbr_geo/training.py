@@ -58,12 +58,19 @@ _T = TrainingConfig
 # ------------------------------------------------------------------------ helpers
 
 
+def _masked_probs_and_onehot(logits: torch.Tensor, labels: torch.Tensor, k: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities and one-hot labels ``(N, k, H, W)``, both 0 where the label is
+    255 (unlabelled), for the soft overlap losses."""
+    valid = (labels != 255)[:, None]
+    p = torch.softmax(logits, 1) * valid
+    onehot = F.one_hot(torch.where(labels != 255, labels, 0), k).permute(0, 3, 1, 2)
+    return p, onehot.float() * valid
+
+
 def _soft_dice(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """1 - mean soft Dice over classes present in the batch (helps thin, rare classes)."""
-    valid = (labels != 255)
-    p = torch.softmax(logits, 1) * valid[:, None]
-    onehot = F.one_hot(torch.where(valid, labels, 0), k).permute(0, 3, 1, 2).float()
-    onehot = onehot * valid[:, None]
+    p, onehot = _masked_probs_and_onehot(logits, labels, k)
     inter = (p * onehot).sum((0, 2, 3))
     denom = p.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
     present = onehot.sum((0, 2, 3)) > 0
@@ -207,10 +214,7 @@ def _soft_cldice(logits: torch.Tensor, labels: torch.Tensor, k: int,
     labelled skeleton is predicted. Thin structures (roads) keep their connectivity.
     Computed at half resolution (``iterations`` erosions there reach 2x as far): at full
     resolution it cost more than the network's own step."""
-    valid = (labels != 255)[:, None].float()
-    p = torch.softmax(logits, 1)[:, 1:] * valid
-    onehot = F.one_hot(torch.where(labels != 255, labels, 0), k).permute(0, 3, 1, 2)
-    y = onehot[:, 1:].float() * valid
+    p, y = (t[:, 1:] for t in _masked_probs_and_onehot(logits, labels, k))
     present = y.sum((0, 2, 3)) > 0
     if not present.any():
         return logits.sum() * 0
