@@ -145,9 +145,10 @@ def training_loss(net, image: torch.Tensor, coarse: torch.Tensor, labels: torch.
             src = use * to_latent(coarse) + (1 - use) * x0
         xt = q_sample(src, t, torch.randn_like(x0))
     logits4, h = denoise(net, xt, t, g4, coarse)
+    logits4 = logits4.float()  # the losses in float32, also under bfloat16 autocast
     target4 = (x0 + 1) / 2  # soft class shares of each 4x4 block
     loss4 = -(target4 * F.log_softmax(logits4, 1)).sum(1).mean()
-    logits = decode(net, h, logits4, g1, g2, coarse)
+    logits = decode(net, h, logits4, g1, g2, coarse).float()
     valid = labels != ignore_index
     if boundary_weight > 0:
         ce = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")

@@ -48,6 +48,7 @@ from .diffusion import training_loss
 from .errors import UserError, first_line
 from .lite_refiner import build_lite_refiner, encoder_state
 from .networks import build_refiner_net
+from .predict import resolve_precision
 from .registry import load_checkpoint, resolve_device
 from .views import multiscale_probabilities
 
@@ -244,6 +245,7 @@ def train_coarse(
     checkpoint_every: int = _T.checkpoint_every,
     init_weights: Mapping[str, torch.Tensor] | None = None,
     workers: int = 0,
+    precision: str = "float32",
 ) -> Path:
     """Train the coarse segmentor (cross-entropy + soft Dice); return the checkpoint path.
 
@@ -257,6 +259,9 @@ def train_coarse(
     ``segmentor.*`` tensors without the prefix) starts a new run from a trained network:
     fine-tuning, or a longer run whose checkpoint is gone. ``workers`` > 0 makes the
     augmented batches in that many processes, so that a GPU is not kept waiting.
+    ``precision``: ``float32``, ``bfloat16`` (mixed precision: the networks' convolutions in
+    bfloat16, weights, optimiser and losses in float32) or ``auto`` (bfloat16 where the CPU
+    runs it natively, see :func:`~idgbr_geo.predict.fast_bfloat16`).
     """
     arch, extra = split_config("coarse", config, "config")
     training = TrainingConfig.from_dict(
@@ -279,7 +284,7 @@ def train_coarse(
         return coarse_loss(net(img), lab, k, cldice=run.training.cldice), {}
 
     val = load_npz(val_npz) if val_npz else None
-    return _fit(run, net, step, progress=progress, workers=workers,
+    return _fit(run, net, step, progress=progress, workers=workers, precision=precision,
                 validate=None if val is None else
                 (lambda: _validate_coarse(net, val, run.norm, k, run.device)))
 
@@ -288,7 +293,8 @@ def coarse_loss(logits: torch.Tensor, labels: torch.Tensor, k: int, *,
                 cldice: float = 0.0) -> torch.Tensor:
     """The coarse stage's objective: cross-entropy (label 255 ignored; a batch with no
     labelled pixel adds nothing) + 0.5 x soft Dice over ``k`` classes (+ ``cldice`` x
-    soft clDice of the foreground classes)."""
+    soft clDice of the foreground classes). Computed in float32 whatever ``logits`` are."""
+    logits = logits.float()
     ce = F.cross_entropy(logits, labels, ignore_index=255)
     ce = ce if torch.isfinite(ce) else logits.sum() * 0
     loss = ce + 0.5 * _soft_dice(logits, labels, k)
@@ -319,7 +325,8 @@ def _fit(run: _Run, net: torch.nn.Module,
                         tuple[torch.Tensor, dict[str, float]]],
          *, progress: bool,
          validate: Callable[[], dict[str, float]] | None, workers: int = 0,
-         peaks: Mapping[torch.nn.Module, float] | None = None) -> Path:
+         peaks: Mapping[torch.nn.Module, float] | None = None,
+         precision: str = "float32") -> Path:
     """The loop both stages share: AdamW with the warm-up/cosine schedule, gradient clipping,
     and every ``checkpoint_every`` iterations a CSV row (mean loss, ``step``'s extra parts,
     optional validation) and a resumable checkpoint. ``peaks``: submodules of ``net`` whose
@@ -328,10 +335,18 @@ def _fit(run: _Run, net: torch.nn.Module,
     ``ema`` > 0 keeps an exponential moving average of the weights (and batch-norm
     statistics) with that decay, as diffusion models are usually trained: the averaged
     weights are validated and exported, smoothing out the last noisy optimiser steps.
-    ``workers`` > 0 makes the batches in that many processes (:func:`sample_batches`)."""
+    ``workers`` > 0 makes the batches in that many processes (:func:`sample_batches`).
+    ``precision`` ``bfloat16`` runs ``step`` under autocast (~1.2x faster per iteration on a
+    2-core AVX-512 BF16 CPU); validation stays in float32."""
     tc = run.training
     if workers < 0:
         raise UserError(f"workers must be >= 0, not {workers}")
+    try:
+        bf16 = resolve_precision(precision, run.device) == "bfloat16"
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16
+                else contextlib.nullcontext())
     iterations, batch_size, lr = tc.iterations, tc.batch_size, tc.lr
     checkpoint_every = tc.checkpoint_every
     groups: list[dict[str, Any]] = [
@@ -354,8 +369,9 @@ def _fit(run: _Run, net: torch.nn.Module,
             for g in opt.param_groups:
                 g["lr"] = _lr_at(it, iterations, g.get("peak", lr))
             img, lab, pre = next(batches)
-            loss, parts = step(img.to(run.device), lab.to(run.device),
-                               None if pre is None else pre.to(run.device))
+            with autocast:
+                loss, parts = step(img.to(run.device), lab.to(run.device),
+                                   None if pre is None else pre.to(run.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -426,6 +442,7 @@ def train_refiner(
     checkpoint_every: int = _T.checkpoint_every,
     init_weights: Mapping[str, torch.Tensor] | None = None,
     workers: int = 0,
+    precision: str = "float32",
 ) -> Path:
     """Train the guidance network + denoiser; return the checkpoint path.
 
@@ -441,7 +458,8 @@ def train_refiner(
     the non-iterative one. ``init_weights`` starts a new run from a trained refiner of the
     same architecture (a lite refiner's encoder comes from ``coarse`` all the same).
     ``workers``: as in :func:`train_coarse` (the coarse maps and degradations are made in
-    this process, on the training device).
+    this process, on the training device). ``precision``: as in :func:`train_coarse` (the
+    coarse model's maps are made under it too).
     """
     arch, extra = split_config("refiner", config, "config")
     training = RefinerTrainingConfig.from_dict(
@@ -494,9 +512,12 @@ def train_refiner(
 
     def step(img: torch.Tensor, lab: torch.Tensor, pre: torch.Tensor | None
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        probs = _coarse_maps(img, lab, k, coarse, p_model, gen, run.rng,
-                             perturb=tc.coarse_perturb, stored=pre, p_onehot=tc.p_onehot,
-                             zooms=tc.coarse_zooms)
+        # the coarse maps are the refiner's data: made in float32 under any precision
+        # (bfloat16 grouped convolutions of the degradations are slow on a CPU)
+        with torch.autocast(run.device.type, enabled=False):
+            probs = _coarse_maps(img, lab, k, coarse, p_model, gen, run.rng,
+                                 perturb=tc.coarse_perturb, stored=pre, p_onehot=tc.p_onehot,
+                                 zooms=tc.coarse_zooms)
         return training_loss(net, img, probs, lab, t_max=tc.t_max, p_uncond=tc.p_uncond,
                              p_coarse_x0=tc.p_coarse_x0, oneshot=oneshot,
                              boundary_weight=tc.boundary_weight,
@@ -504,6 +525,7 @@ def train_refiner(
 
     val = load_npz(val_npz) if val_npz else None
     return _fit(run, net, step, progress=progress, workers=workers, peaks=peaks,
+                precision=precision,
                 validate=None if val is None else
                 (lambda: _validate_refiner(net, val, run.norm, k, run.device, coarse,
                                            oneshot, tc.coarse_zooms)))

@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--workers", type=int, default=0,
                     help="processes making the training batches ahead (a GPU run) [0]")
+    ap.add_argument("--precision", default="float32", choices=["auto", "float32", "bfloat16"],
+                    help="bfloat16: mixed-precision training (AVX-512 BF16 / AMX CPUs) [float32]")
     ap.add_argument("--init-model", default=None,
                     help="start a new run from this model's network (a bundled model name or "
                          "a card path): its segmentor for coarse, its refiner for refiner")
@@ -55,7 +57,8 @@ def main() -> None:
     out = ROOT / "runs" / f"{args.set}-{tag}"
     common = dict(iterations=args.iterations, batch_size=args.batch_size, crop=args.crop,
                   lr=args.lr, seed=args.seed, device="auto", resume=args.resume,
-                  config=json.loads(args.config), progress=True, workers=args.workers)
+                  config=json.loads(args.config), progress=True, workers=args.workers,
+                  precision=args.precision)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True  # fixed crop size: pick the fastest kernels
     if args.init_model:

@@ -196,7 +196,7 @@ def test_train_coarse_then_refiner(tmp_path):
     ref_out = tmp_path / "ref"
     r = run(["refiner", "--data", str(out / "data"), "--coarse-model", str(out / "tiny.json"),
              "--out", str(ref_out), *small[:-3], "--config", '{"boundary_weight": 4}',
-             "--quiet"])
+             "--precision", "bfloat16", "--quiet"])
     assert r.exit_code == 0, r.output
     card = json.loads((ref_out / "ref.json").read_text())
     assert card["segmentor"] and card["refiner"]
@@ -205,6 +205,7 @@ def test_train_coarse_then_refiner(tmp_path):
     assert card["training"]["data"]["coarse_model"]["kind"] == "idgbr"
     # the coarse model's provenance comes along: its command, then the refiner's
     assert [c.split()[2] for c in card["training"]["commands"]] == ["coarse", "refiner"]
+    assert "--precision bfloat16" in card["training"]["commands"][-1]  # mixed precision
     model = load_model(ref_out / "ref.json", "cpu")
     coarse = load_model(out / "tiny.json", "cpu")
     x = torch.randn(1, 3, 32, 32)

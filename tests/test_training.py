@@ -413,3 +413,35 @@ def test_cldice_is_a_coarse_training_setting(npz, tmp_path):
         train_coarse(npz, tmp_path / "neg", config={**TINY, "cldice": -1}, **kw)
     with pytest.raises(UserError, match="cldice"):
         train_refiner(npz, tmp_path / "ref", config={**TINY_REF, "cldice": 0.5}, **kw)
+
+
+def test_bfloat16_training_runs_the_networks_in_bfloat16_and_keeps_float32_weights(
+        npz, tmp_path, monkeypatch):
+    """``precision="bfloat16"``: the convolutions run in bfloat16 (so the run differs from
+    float32's with the same seed), the losses stay finite, the weights stay float32 and the
+    checkpoint loads as any other; both stages; an unknown precision is a UserError."""
+    import idgbr_geo.training as tr
+
+    seen: list[torch.dtype] = []
+    real = tr.coarse_loss
+
+    def spy(logits, *a, **k):
+        seen.append(logits.dtype)
+        return real(logits, *a, **k)
+
+    monkeypatch.setattr(tr, "coarse_loss", spy)
+    kw = dict(iterations=3, batch_size=2, crop=32, config=TINY, progress=False, device="cpu",
+              checkpoint_every=3)
+    states = {p: torch.load(train_coarse(npz, tmp_path / p, precision=p, val_npz=npz, **kw),
+                            weights_only=True) for p in ("float32", "bfloat16")}
+    assert seen == [torch.float32] * 3 + [torch.bfloat16] * 3
+    a, b = states["float32"]["model"], states["bfloat16"]["model"]
+    assert all(v.dtype == a[k].dtype for k, v in b.items())
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    assert math.isfinite(float(_rows(tmp_path / "bfloat16" / "log.csv")[-1]["loss"]))
+    ref = train_refiner(npz, tmp_path / "ref", coarse=segmentor_from_checkpoint(
+        tmp_path / "bfloat16" / "checkpoint.pt", "cpu"), precision="bfloat16",
+        **{**kw, "config": TINY_REF})
+    assert math.isfinite(float(_rows(ref.parent / "log.csv")[-1]["loss"]))
+    with pytest.raises(UserError, match="precision"):
+        train_coarse(npz, tmp_path / "bad", precision="half", **kw)

@@ -23,6 +23,7 @@ from ..config import RefinerTrainingConfig
 from ..config import TrainingConfig as _T
 from ..errors import OutputError, UserError
 from ..files import check_distinct
+from ..options import PRECISIONS
 from ._common import user_errors
 
 
@@ -111,6 +112,11 @@ def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True),
         click.option("--resume", is_flag=True, help="Continue from --out's checkpoint."),
+        click.option("--precision", type=click.Choice(list(PRECISIONS)), default="float32",
+                     show_default=True,
+                     help="bfloat16: mixed precision (the convolutions in bfloat16, weights "
+                          "and losses in float32), ~1.2x faster on CPUs with AVX-512 BF16 or "
+                          "AMX; auto: bfloat16 on such CPUs."),
         click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Processes that make the augmented training batches ahead (keeps "
                           "a GPU busy); 0: in the training process, the reproducible stream."),
@@ -436,7 +442,7 @@ def coarse(ctx: click.Context, **opts: Any) -> None:
                         resume=opts["resume"], config=config,
                         progress=not opts["quiet"], crop=opts["crop"],
                         checkpoint_every=opts["checkpoint_every"], init_weights=init,
-                        workers=opts["workers"])
+                        workers=opts["workers"], precision=opts["precision"])
     card = _card(name, chips, info, _command_line(ctx), "coarse", opts)
     path = export_model(ckpt, None, card, out)
     if not opts["quiet"]:
@@ -503,7 +509,8 @@ def refiner(ctx: click.Context, **opts: Any) -> None:
                          config=config, progress=not opts["quiet"],
                          degradation=opts["degradation"], crop=opts["crop"],
                          normalization=norm, checkpoint_every=opts["checkpoint_every"],
-                         init_weights=init, workers=opts["workers"])
+                         init_weights=init, workers=opts["workers"],
+                         precision=opts["precision"])
     card = _card(name, chips, info, _command_line(ctx), "refiner", opts,
                  base=stage.card if stage else None)
     if stage is not None:
