@@ -459,7 +459,7 @@ def train_refiner(
     same architecture (a lite refiner's encoder comes from ``coarse`` all the same).
     ``workers``: as in :func:`train_coarse` (the coarse maps and degradations are made in
     this process, on the training device). ``precision``: as in :func:`train_coarse` (the
-    coarse model's maps are made under it too).
+    coarse maps and degradations stay float32: they are the refiner's data).
     """
     arch, extra = split_config("refiner", config, "config")
     training = RefinerTrainingConfig.from_dict(

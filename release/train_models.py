@@ -19,6 +19,7 @@ import torch
 
 from idgbr_geo.checkpoints import model_stage, segmentor_from_checkpoint
 from idgbr_geo.config import TrainingConfig
+from idgbr_geo.options import PRECISIONS
 from idgbr_geo.training import train_coarse, train_refiner
 
 ROOT = Path(__file__).resolve().parent.parent / ".train"
@@ -46,7 +47,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--workers", type=int, default=0,
                     help="processes making the training batches ahead (a GPU run) [0]")
-    ap.add_argument("--precision", default="float32", choices=["auto", "float32", "bfloat16"],
+    ap.add_argument("--precision", default="float32", choices=PRECISIONS,
                     help="bfloat16: mixed-precision training (AVX-512 BF16 / AMX CPUs) [float32]")
     ap.add_argument("--init-model", default=None,
                     help="start a new run from this model's network (a bundled model name or "
