@@ -164,3 +164,28 @@ def test_scene_errors_tell_a_too_wide_map_from_missed_objects():
     iou = {v: c[0] / (c[1] + c[2] - c[0]) for v, c in got.items()}
     assert iou["as is"] == 0.5
     assert iou["eroded 1 px"] < 0.5 and iou["dilated 1 px"] < 0.5
+
+
+def test_an_ensemble_checkpoint_holds_every_member_under_its_own_names(square_chips,
+                                                                        tmp_path, imagenet):
+    from research.ensemble import join
+
+    from idgbr_geo.training import train_coarse
+
+    kw = dict(batch_size=2, crop=32, progress=False, device="cpu", iterations=1)
+    a, b, wide = (train_coarse(square_chips, tmp_path / name, seed=seed,
+                               config={"arch": "lite-fpn", "channels": ch}, **kw)
+                  for name, seed, ch in (("a", 0, 8), ("b", 1, 8), ("wide", 0, 16)))
+    out = join(a, [b], tmp_path / "ens.pt")
+    state, first, other = (torch.load(p, weights_only=True) for p in (out, a, b))
+    assert state["config"]["members"] == 2 and "optimizer" not in state
+    assert set(state["model"]) == set(first["model"]) | {f"others.0.{k}"
+                                                          for k in other["model"]}
+    for k, v in other["model"].items():
+        assert torch.equal(state["model"][f"others.0.{k}"], v)
+    for k, v in first["model"].items():  # the first member keeps its names (its encoder
+        assert torch.equal(state["model"][k], v)  # is the one a refiner shares)
+    with pytest.raises(SystemExit, match="another network shape"):
+        join(a, [wide], tmp_path / "x.pt")
+    with pytest.raises(SystemExit, match="not a single lite-fpn"):
+        join(a, [out], tmp_path / "x.pt")
