@@ -189,3 +189,5 @@ def test_an_ensemble_checkpoint_holds_every_member_under_its_own_names(square_ch
         join(a, [wide], tmp_path / "x.pt")
     with pytest.raises(SystemExit, match="not a single lite-fpn"):
         join(a, [out], tmp_path / "x.pt")
+    with pytest.raises(SystemExit, match="not a single lite-fpn"):
+        join(out, [b], tmp_path / "x.pt")  # (its members would be miscounted)

@@ -35,20 +35,24 @@ from idgbr_geo.checkpoints import weights_only  # noqa: E402
 from idgbr_geo.registry import load_checkpoint  # noqa: E402
 
 
+def _single(path: Path) -> dict:
+    """A checkpoint of one lite-fpn network (not an ensemble already), or SystemExit."""
+    state = load_checkpoint(path)
+    if state.get("arch") != "lite-fpn" or state["config"].get("members", 1) != 1:
+        raise SystemExit(f"{path} is not a single lite-fpn coarse checkpoint")
+    return state
+
+
 def join(first: Path, others: list[Path], out: Path) -> Path:
     """Write the ensemble of ``first`` and ``others`` (single networks of one shape)."""
-    state = load_checkpoint(first)
-    if state.get("arch") != "lite-fpn":
-        raise SystemExit(f"{first} is not a lite-fpn coarse checkpoint")
-    shape = {k: v for k, v in state["config"].items() if k != "members"}
+    state = _single(first)
+    names = set(state["model"])
     model = dict(state["model"])
     for i, path in enumerate(others):
-        other = load_checkpoint(path)
-        if other.get("arch") != "lite-fpn" or other["config"].get("members", 1) != 1:
-            raise SystemExit(f"{path} is not a single lite-fpn coarse checkpoint")
-        if {k: v for k, v in other["config"].items() if k != "members"} != shape:
+        other = _single(path)
+        if {**other["config"], "members": 1} != {**state["config"], "members": 1}:
             raise SystemExit(f"{path} has another network shape than {first}")
-        if set(other["model"]) != {k for k in model if not k.startswith("others.")}:
+        if set(other["model"]) != names:
             raise SystemExit(f"{path} has other weights than {first}")
         model.update({f"others.{i}.{k}": v for k, v in other["model"].items()})
     state["config"] = {**state["config"], "members": len(others) + 1}
