@@ -188,6 +188,9 @@ def _common_problem(data: dict[str, Any]) -> str | None:
             return ("'fine_gsd_choices' must be a list of working GSDs in metres finer than "
                     f"every one of 'gsd_choices', within 4x of the model's 'gsd' (or null), "
                     f"not {fine!r}")
+    problem = _gsd_from_width_problem(data.get("gsd_from_width"), data)
+    if problem:
+        return problem
     zooms = data.get("coarse_zooms")
     if zooms is not None and not (isinstance(zooms, list) and zooms
                                   and all(is_zoom(z) for z in zooms)):
@@ -212,6 +215,20 @@ def _common_problem(data: dict[str, Any]) -> str | None:
             return f"{key!r} 'config' must be a JSON object"
     if not isinstance(data.get("extra", {}), dict):
         return "'extra' must be a JSON object"
+    return None
+
+
+def _gsd_from_width_problem(prior: Any, data: dict[str, Any]) -> str | None:
+    if prior is None:
+        return None
+    classes = data.get("classes") or []
+    if not (isinstance(prior, dict) and set(prior) == {"class", "width"}
+            and prior["class"] in classes[1:] and _is_number(prior["width"])
+            and math.isfinite(prior["width"]) and prior["width"] > 0):
+        return ("'gsd_from_width' must be {\"class\": one of the classes after the first, "
+                f"\"width\": metres > 0}} (or null), not {prior!r}")
+    if data.get("gsd") is None:
+        return "'gsd_from_width' needs the model's 'gsd'"
     return None
 
 
@@ -414,6 +431,12 @@ class ModelCard:
     #: the pixel size assumed for an input without a CRS (its GSD unknown; most such files
     #: are satellite exports) when none is given; None: the model's ``gsd``
     gsd_without_crs: float | None = None
+    #: for an input without a CRS and no given GSD: estimate its GSD from the image instead
+    #: of assuming ``gsd_without_crs`` (which the estimate starts from), as the one at which
+    #: the coarse map's objects of a class are as wide as that class in the training labels
+    #: (``{"class": "road", "width": 6.3}``: median metres; :func:`idgbr_geo.scale.estimate_gsd`);
+    #: None: no estimate
+    gsd_from_width: dict[str, Any] | None = None
     #: working GSDs the engine may run the model at instead of ``gsd``, chosen per scene by
     #: the coarse map's confidence on sample windows (:mod:`idgbr_geo.scale`); None: ``gsd``
     gsd_choices: list[float] | None = None

@@ -32,7 +32,7 @@ from .interfaces import Model
 from .options import OutputOptions, RunOptions, raise_problems
 from .predict import predict_windows, resolve_precision
 from .registry import load_model
-from .scale import ScaleChoice, choose_working_gsd
+from .scale import GsdEstimate, ScaleChoice, assume_estimated_gsd, choose_working_gsd
 from .stitching import RowStitcher, window_weights
 from .tiling import (
     Source,
@@ -84,6 +84,8 @@ class RefineSummary:
     seconds: float = 0.0
     megapixels: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    #: the GSD estimated for an input without a CRS (card ``gsd_from_width``), or None
+    gsd_estimate: GsdEstimate | None = None
     #: the working GSD chosen for the scene (card ``gsd_choices``), or None
     scale: ScaleChoice | None = None
 
@@ -94,8 +96,9 @@ class RefineSummary:
     def line(self) -> str:
         return (f"{self.output}: {self.windows} windows, {self.skipped} skipped (nodata), "
                 f"{self.refined} refined, {self.megapixels:.2f} MP in {self.seconds:.1f} s "
-                f"({self.mp_per_s:.2f} MP/s)" + (f"; {self.scale.describe()}" if self.scale
-                                                  else ""))
+                f"({self.mp_per_s:.2f} MP/s)"
+                + (f"; {self.gsd_estimate.describe()}" if self.gsd_estimate else "")
+                + (f"; {self.scale.describe()}" if self.scale else ""))
 
 
 @dataclass
@@ -363,8 +366,9 @@ def plan_run(card: ModelCard, options: RunOptions, *, coarse: bool, segmentor: b
              ) -> RunPlan:
     """Fill ``options`` left at None from the card and check them against it: what would
     fail every scene alike (a window not larger than twice the overlap, sizes off the
-    model's stride, no segmentor and no coarse map) is one :class:`UserError` before any
-    file is opened (:func:`idgbr_geo.batch.run_batch` checks it once for all scenes)."""
+    model's stride, no segmentor and no coarse map, a GSD estimate the card cannot make) is
+    one :class:`UserError` before any file is opened (:func:`idgbr_geo.batch.run_batch`
+    checks it once for all scenes)."""
     tile = card.tile_size if options.tile_size is None else options.tile_size
     overlap = card.overlap if options.overlap is None else options.overlap
     steps = card.sampling.steps if options.steps is None else options.steps
@@ -379,6 +383,10 @@ def plan_run(card: ModelCard, options: RunOptions, *, coarse: bool, segmentor: b
     if not coarse and not segmentor:
         found.append((("coarse",), f"model {card.name!r} has no segmentor: give a coarse "
                                    "map ($coarse)"))
+    if options.estimate_gsd and not coarse and card.gsd_from_width is None:
+        found.append((("estimate_gsd", "gsd"),
+                      f"model {card.name!r} cannot estimate an input's GSD (its card has no "
+                      "gsd_from_width): give the GSD with $gsd instead of $estimate_gsd"))
     raise_problems(found)
     zooms = tuple(card.coarse_zooms or ()) if options.multiscale and not coarse else ()
     return RunPlan(tile, overlap, steps, zooms)
@@ -458,6 +466,7 @@ def refine_raster(
                else options.model_workers)
     use_refiner = not options.coarse_only and m.refiner is not None and steps > 0
     precision = resolve_precision(options.precision, m.device)
+    estimating = options.estimate_gsd and coarse is None
     with contextlib.ExitStack() as stack:
         # each block is read and written once: GDAL's default cache (5% of RAM) would only
         # keep the decompressed scene around and make memory grow with the scene; in an
@@ -468,7 +477,8 @@ def refine_raster(
                           model_gsd=card.gsd, gsd=options.gsd,
                           gsd_without_crs=card.gsd_without_crs,
                           normalization=card.normalization, band_names=card.band_names,
-                          value_range=options.value_range)
+                          value_range=options.value_range,
+                          gsd_estimated=estimating)
         stack.callback(src.ds.close)
         if vector is not None:  # fail before the run, not after it
             from .polygonize import check_map_grid
@@ -478,6 +488,10 @@ def refine_raster(
         if coarse is not None:
             coarse_ds = open_coarse(coarse, src.ds)
             stack.callback(coarse_ds.close)
+        estimate = None
+        if estimating and src.gsd_assumed:
+            estimate = assume_estimated_gsd(src, m, tile_size=plan.tile_size,
+                                            overlap=plan.overlap, precision=precision)
         scale = None
         if options.gsd_search and coarse is None and card.gsd_choices:
             scale = choose_working_gsd(src, m, card.working_gsd_choices(src.gsd),
@@ -490,7 +504,7 @@ def refine_raster(
         summary = RefineSummary(output=str(out_path), windows=len(tiles),
                                 megapixels=src.width * src.height / 1e6,
                                 warnings=src.warnings,  # (one list: reading adds more)
-                                scale=scale)
+                                gsd_estimate=estimate, scale=scale)
         main_tmp = stack.enter_context(atomic_output(out_path, overwrite))
         prob_tmp = stack.enter_context(atomic_output(prob_path, overwrite)) if prob_path else None
         write_main = temporary_path(out_path) if cog else main_tmp

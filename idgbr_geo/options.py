@@ -127,7 +127,10 @@ class RunOptions:
     for this scene
     (:mod:`idgbr_geo.scale`; False: always the card's ``gsd``). ``multiscale``: average the
     coarse model over the card's ``coarse_zooms`` views of each window (False: one view,
-    faster).
+    faster). ``estimate_gsd``: for an input without a CRS and no ``gsd``, estimate its GSD
+    from the image (a card with ``gsd_from_width``: the bundled ``roads``;
+    :func:`idgbr_geo.scale.estimate_gsd`) instead of assuming the card's
+    ``gsd_without_crs``; off by default (docs/experiments.md, session 32).
     """
 
     coarse_only: bool = False
@@ -144,6 +147,7 @@ class RunOptions:
     precision: str = "auto"
     gsd_search: bool = True
     multiscale: bool = True
+    estimate_gsd: bool = False
 
     #: fields that never change an output's bytes (so a batch's finished scenes stay done)
     NEUTRAL: ClassVar[frozenset[str]] = frozenset({"device", "model_workers"})
@@ -153,7 +157,8 @@ class RunOptions:
             value = getattr(self, name)
             if isinstance(value, Sequence) and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
-        found = _flag_problems(self, ("coarse_only", "gsd_search", "multiscale"))
+        found = _flag_problems(self, ("coarse_only", "gsd_search", "multiscale",
+                                      "estimate_gsd"))
         if self.value_range is not None:
             bad = check_value_range(self.value_range)
             if bad:

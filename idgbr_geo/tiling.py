@@ -65,6 +65,8 @@ class Source:
     value_limits: tuple[float, float] | None = None
     #: raw values -> the card's range, for inputs that do not use it (:mod:`.stretch`)
     stretch: Stretch | None = None
+    #: ``gsd`` is the card's assumption for an input without a CRS, not the file's or a user's
+    gsd_assumed: bool = False
 
     @property
     def width(self) -> int:
@@ -167,11 +169,14 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
                 gsd_without_crs: float | None = None,
                 normalization: Normalization | None = None,
                 band_names: Sequence[str] | None = None,
-                value_range: Sequence[float] | None = None) -> Source:
+                value_range: Sequence[float] | None = None,
+                gsd_estimated: bool = False) -> Source:
     """Open and validate an input raster for a model reading ``model_bands`` bands.
 
     ``gsd`` overrides the file's pixel size; a file without a CRS and no ``gsd`` is taken to
-    have ``gsd_without_crs`` (the card's; None: ``model_gsd``, i.e. no resampling);
+    have ``gsd_without_crs`` (the card's; None: ``model_gsd``, i.e. no resampling), and
+    ``gsd_assumed`` is set: with ``gsd_estimated`` (the card estimates such a GSD, which the
+    caller then does) its warning says so instead;
     ``normalization`` (the card's) enables the :class:`ValueRangeWarning` checks;
     ``band_names`` (the card's) let :func:`select_bands` pick bands by colour. With
     ``normalization``, an input that does not use the card's value range gets a
@@ -209,8 +214,9 @@ def open_source(path: str | os.PathLike[str], *, model_bands: int, bands: Sequen
             warnings.warn(msg, NoCRSWarning, stacklevel=2)
         elif ds.crs is None:
             if gsd is None and gsd_without_crs is not None and model_gsd:
-                src.gsd = gsd_without_crs
-            msg = no_crs_message(src.path, model_gsd, gsd, gsd_without_crs)
+                src.gsd, src.gsd_assumed = gsd_without_crs, True
+            msg = no_crs_message(src.path, model_gsd, gsd, gsd_without_crs,
+                                 estimated=gsd_estimated and src.gsd_assumed)
             src.warnings.append(msg)
             warnings.warn(msg, NoCRSWarning, stacklevel=2)
         if model_gsd and src.gsd:
@@ -242,12 +248,15 @@ def resampling_factor(gsd: float, model_gsd: float) -> float | None:
 
 
 def no_crs_message(path: str, model_gsd: float | None, gsd: float | None,
-                   gsd_without_crs: float | None = None) -> str:
+                   gsd_without_crs: float | None = None, estimated: bool = False) -> str:
     """The :class:`NoCRSWarning` text: what the run does without a CRS and, unless a GSD is
     given, which one it assumes (warnings are shown as they are, not rendered per caller
     like a :class:`UserError`'s ``$option``: the option is named in words)."""
     msg = f"{path} has no CRS: continuing in pixel space (the output has no CRS either)"
-    if gsd is None and model_gsd:
+    if estimated:
+        msg += ("; its ground sample distance is unknown: estimating it from the image "
+                "(give the true one with the gsd option)")
+    elif gsd is None and model_gsd:
         assumed = (f"the model's default for images without a CRS, {gsd_without_crs:g} m"
                    if gsd_without_crs is not None else f"the model's {model_gsd:g} m")
         msg += (f"; its ground sample distance is unknown: assuming {assumed} per pixel "

@@ -97,8 +97,11 @@ def commands(name: str, log: dict, coarse_tag: str, refiner_tag: str, steps: int
              gsd_choices: list[float] | None = None,
              coarse_zooms: list[float] | None = None,
              fine_gsd_choices: list[float] | None = None,
-             edge_filter: bool = False, segmentor_note: str | None = None) -> list[str]:
+             edge_filter: bool = False, segmentor_note: str | None = None,
+             gsd_from_width: dict | None = None) -> list[str]:
     extra = f" --gsd-without-crs {gsd_without_crs:g}" if gsd_without_crs else ""
+    if gsd_from_width:
+        extra += f" --gsd-from-width {gsd_from_width['class']}:{gsd_from_width['width']:g}"
     if gsd_choices:
         extra += f" --gsd-choices {','.join(f'{g:g}' for g in gsd_choices)}"
     if fine_gsd_choices:
@@ -158,6 +161,11 @@ def main() -> None:
     ap.add_argument("--gate", type=json.loads, default=SamplingConfig().gate)
     ap.add_argument("--gsd-without-crs", type=float, default=None,
                     help="the GSD assumed for inputs without a CRS (default: the model's)")
+    ap.add_argument("--gsd-from-width", default=None, metavar="CLASS:METRES",
+                    type=lambda v: {"class": v.split(":")[0], "width": float(v.split(":")[1])},
+                    help="estimate the GSD of inputs without a CRS from this class's width, "
+                         "e.g. road:6.3 (its median in the training labels; card "
+                         "gsd_from_width; default: none, assume --gsd-without-crs)")
     ap.add_argument("--gsd-choices", default=None,
                     type=lambda v: [float(g) for g in v.split(",")],
                     help="working GSDs the engine chooses from per scene, e.g. 0.25,0.3,0.375 "
@@ -194,7 +202,8 @@ def main() -> None:
         card = ModelCard(
             name=name, classes=meta["classes"], colors=COLORS[name], bands=3,
             gsd=float(meta["gsd"]), gsd_without_crs=args.gsd_without_crs,
-            gsd_choices=args.gsd_choices, fine_gsd_choices=args.fine_gsd_choices,
+            gsd_from_width=args.gsd_from_width, gsd_choices=args.gsd_choices,
+            fine_gsd_choices=args.fine_gsd_choices,
             coarse_zooms=args.coarse_zooms, edge_filter=args.edge_filter,
             tile_size=512, overlap=64, stride_multiple=32,
             sampling=SamplingConfig(steps=args.steps, gate=args.gate),
@@ -209,7 +218,8 @@ def main() -> None:
                                                       args.coarse_zooms,
                                                       args.fine_gsd_choices,
                                                       args.edge_filter,
-                                                      args.segmentor_note)),
+                                                      args.segmentor_note,
+                                                      args.gsd_from_width)),
         )
         md = TRAIN / f"val-{name}.md"
         table = md.read_text() if md.is_file() else None

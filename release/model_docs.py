@@ -37,9 +37,9 @@ V1_TRAINING = ("t_max", "p_uncond", "p_model", "p_coarse_x0", "coarse_perturb",
                "boundary_weight", "boundary_radius", "ema", "lr", "iterations", "batch_size")
 #: card fields this generator knows (anything else is listed under "other fields")
 KNOWN = {"version", "name", "classes", "colors", "bands", "band_names", "normalization", "gsd",
-         "gsd_without_crs", "gsd_choices", "fine_gsd_choices", "coarse_zooms", "edge_filter",
-         "tile_size",
-         "overlap", "stride_multiple", "weights", "segmentor", "refiner", "architecture",
+         "gsd_without_crs", "gsd_from_width", "gsd_choices", "fine_gsd_choices", "coarse_zooms",
+         "edge_filter", "tile_size", "overlap", "stride_multiple", "weights", "segmentor",
+         "refiner", "architecture",
          "sampling", "training", "steps", "extra", "training_data", "training_commands",
          "validation", "licences", "description"}
 #: words in a licence text that make a model unfit for commercial use
@@ -103,6 +103,7 @@ def normalise(card: dict[str, Any]) -> dict[str, Any]:
         "normalization": _dict(card.get("normalization")),
         "gsd": card.get("gsd"),
         "gsd_without_crs": card.get("gsd_without_crs"),
+        "gsd_from_width": _dict(card.get("gsd_from_width")),
         "gsd_choices": card.get("gsd_choices"),
         "fine_gsd_choices": card.get("fine_gsd_choices"),
         "coarse_zooms": card.get("coarse_zooms"),
@@ -248,6 +249,11 @@ def render_card(card: dict[str, Any], card_path: Path) -> str:
          + (", and on the input's own grid (card `edge_filter`)" if c["edge_filter"] else "")),
         ("input without a CRS", f"assumed {_fmt(c['gsd_without_crs'] or c['gsd'])} m per pixel "
                                 "unless `--gsd` is given"
+         + (f"; with `--estimate-gsd`, estimated from the image instead: the GSD at which its "
+            f"{c['gsd_from_width'].get('class')} pixels come out "
+            f"{_fmt(c['gsd_from_width'].get('width'))} m wide (their median in the training "
+            "labels; the assumption stays where too little of the class shows)"
+            if c["gsd_from_width"] else "")
          + (" (the working GSD is then chosen as for any input)"
             if c["gsd_without_crs"] and c["gsd_choices"] else "") if c["gsd"] is not None
          else "run as it is"),

@@ -416,6 +416,9 @@ def main() -> None:
     ap.add_argument("--assume-gsd", type=float, default=None,
                     help="run scenes without a GSD with this --gsd (default: none, the engine "
                          "assumes the card's)")
+    ap.add_argument("--estimate-gsd", action="store_true",
+                    help="estimate the GSD of scenes without a CRS from the image (the "
+                         "engine's --estimate-gsd; the card needs gsd_from_width)")
     ap.add_argument("--no-crs", action="store_true",
                     help="write every scene without a CRS, as an un-georeferenced export "
                          "(the engine then assumes the card's GSD, or --assume-gsd's)")
@@ -453,6 +456,7 @@ def main() -> None:
         sources = [s for s in sources if s != "second-arch"]
     torch.set_num_threads(args.threads)
     RUN_SETTINGS.update(precision=args.precision, multiscale=not args.no_multiscale,
+                        estimate_gsd=args.estimate_gsd,
                         gsd_search=not args.model_gsd)
     warnings.filterwarnings("ignore", category=NoCRSWarning)
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)

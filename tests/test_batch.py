@@ -253,7 +253,8 @@ def test_fingerprint_covers_every_option_that_shapes_the_bytes(model):
     cli = SceneSettings(
         RunOptions(coarse_only=False, bands=None, tile_size=None, overlap=None, steps=None,
                    batch_size=None, model_workers=None, device="auto", seed=0, gsd=None,
-                   value_range=None, precision="auto", gsd_search=True, multiscale=True),
+                   value_range=None, precision="auto", gsd_search=True, multiscale=True,
+                   estimate_gsd=False),
         OutputOptions(confidence=False, cog=False, probabilities_dtype="uint8",
                       vectors=VectorOptions(simplify=None, regularize=False)))
     assert fp(cli) == base
@@ -262,7 +263,8 @@ def test_fingerprint_covers_every_option_that_shapes_the_bytes(model):
     assert RunOptions.NEUTRAL == {"device", "model_workers"}
     run = {"coarse_only": True, "bands": [3, 2, 1], "tile_size": 64, "overlap": 8, "steps": 5,
            "batch_size": 2, "seed": 1, "gsd": 0.5, "value_range": (0, 2047),
-           "precision": "float32", "gsd_search": False, "multiscale": False}
+           "precision": "float32", "gsd_search": False, "multiscale": False,
+           "estimate_gsd": True}
     assert set(run) == {f.name for f in fields(RunOptions)} - RunOptions.NEUTRAL
     for key, value in run.items():
         assert fp(SceneSettings(RunOptions(**{key: value}))) != base, key

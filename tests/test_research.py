@@ -191,3 +191,34 @@ def test_an_ensemble_checkpoint_holds_every_member_under_its_own_names(square_ch
         join(a, [out], tmp_path / "x.pt")
     with pytest.raises(SystemExit, match="not a single lite-fpn"):
         join(out, [b], tmp_path / "x.pt")  # (its members would be miscounted)
+
+
+def test_scale_rules_pool_the_candidates_each_rule_picks():
+    from research.scale_rules import RULES, pooled
+
+    def cand(conf, entropy, agree, inter, union):
+        return {"conf": conf, "entropy": entropy, "agree": agree, "inter": inter,
+                "union": union}
+
+    rows = [{"cands": {"0.25": cand(0.9, 0.3, 0.5, 10, 20), "0.3": cand(0.8, 0.1, 0.9, 30, 40)}},
+            {"cands": {"0.25": cand(0.7, 0.2, 0.8, 5, 10), "0.3": cand(0.6, 0.4, 0.7, 0, 10)}}]
+    assert [RULES["conf (engine)"](r["cands"]) for r in rows] == ["0.25", "0.25"]
+    assert [RULES["entropy"](r["cands"]) for r in rows] == ["0.3", "0.25"]
+    assert [RULES["agree"](r["cands"]) for r in rows] == ["0.3", "0.25"]
+    assert pooled(rows, ["0.25", "0.25"]) == pytest.approx(100 * 15 / 30)  # pixels, not means
+    assert pooled(rows, ["0.3", "0.25"]) == pytest.approx(100 * 35 / 50)
+
+
+def test_object_sizes_measure_areas_and_centre_line_widths():
+    import numpy as np
+    from research.gsd_estimates import object_sizes
+
+    mask = np.zeros((60, 60), bool)
+    mask[10:20, 10:20] = True  # 10 x 10 px at 0.5 m: 25 m2
+    mask[40, 40] = True  # 0.25 m2: below MIN_AREA, noise
+    assert object_sizes(mask, 0.5, "buildings") == [25.0]
+    road = np.zeros((60, 60), bool)
+    road[:, 20:26] = True  # a road 6 px wide, 6 m at 1 m; 5 px would read 6 (within a
+    assert np.median(object_sizes(road, 1.0, "roads")) == 6.0  # pixel, as in the labels)
+    road[:, 25] = False
+    assert np.median(object_sizes(road, 1.0, "roads")) == 6.0

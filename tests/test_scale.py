@@ -3,6 +3,7 @@ confident on sample windows, and the engine running exactly as at that GSD."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -230,4 +231,133 @@ def test_cards_check_their_fine_gsd_choices(tmp_path, fine, message):
     assert ModelCard.from_dict(data).fine_gsd_choices == [0.2]
     del data["gsd_choices"]
     with pytest.raises(UserError, match="'fine_gsd_choices' needs 'gsd_choices'"):
+        ModelCard.from_dict(data)
+
+
+# -- the GSD of an input without a CRS, estimated from the width of its roads ---------------
+
+ROAD_CARD = {"class": "road", "width": 6.0}
+
+
+class Bright:
+    """A segmentor that marks the bright pixels (above half the value range) as roads."""
+
+    num_classes = 2
+
+    def predict(self, image: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(20 * (image.mean(1, keepdim=True) - 0.5))
+        return torch.cat([1 - p, p], 1)
+
+
+def _road_grid(size: int, width: int, spacing: int = 80) -> np.ndarray:
+    """Dark ground crossed by bright roads ``width`` pixels wide every ``spacing`` pixels."""
+    img = np.full((3, size, size), 20, np.uint8)
+    for start in range(spacing // 2, size - width, spacing):
+        img[:, start:start + width, :] = 230
+        img[:, :, start:start + width] = 230
+    return img
+
+
+def _road_card(**kw) -> ModelCard:
+    return ModelCard(name="r", classes=["background", "road"], gsd=0.5, gsd_without_crs=0.5,
+                     gsd_from_width=ROAD_CARD, tile_size=128, overlap=16, **kw)
+
+
+@pytest.mark.parametrize(("width", "expected"), [(24, 0.25), (12, 0.5), (6, 1.0)])
+def test_the_estimate_makes_the_roads_as_wide_as_in_training(tmp_path, width, expected):
+    """Roads 24 px wide are 6 m wide at 0.25 m: the estimate lands there from the card's
+    0.5 m (within the one pixel a centre-line width measure adds), in both directions."""
+    from idgbr_geo.scale import estimate_gsd
+
+    card = _road_card()
+    path = write_raster(tmp_path / "in.tif", _road_grid(480, width), crs=None)
+    with pytest.warns(UserWarning, match="estimating it from the image"):
+        src = open_source(path, model_bands=3, bands=None, model_gsd=card.gsd,
+                          gsd_without_crs=card.gsd_without_crs,
+                          normalization=card.normalization, gsd_estimated=True)
+    assert src.gsd_assumed and src.gsd == 0.5
+    est = estimate_gsd(src, Model(card, Bright(), None), src.gsd, tile_size=128, overlap=16)
+    assert est is not None and est.class_name == "road" and est.width == 6.0
+    assert est.gsd == pytest.approx(expected, rel=0.15)
+    assert src.factor == 1.0 and src.gsd == 0.5  # (estimate_gsd only probes)
+    src.ds.close()
+
+
+def test_the_engine_runs_an_input_without_a_crs_at_the_estimate(tmp_path):
+    card = _road_card()
+    model = Model(card, Bright(), None)
+    nocrs = write_raster(tmp_path / "nocrs.tif", _road_grid(480, 24), crs=None)
+    asked = RunOptions(device="cpu", coarse_only=True, estimate_gsd=True)
+    with pytest.warns(UserWarning) as record:
+        summary = refine_raster(nocrs, tmp_path / "a.tif", model=model, quiet=True,
+                                options=asked)
+    said = [str(w.message) for w in record]
+    assert len(said) == 2 and "estimating it from the image" in said[0]
+    assert "GSD estimated at 0.2" in said[1]
+    assert summary.gsd_estimate is not None
+    assert summary.gsd_estimate.gsd == pytest.approx(0.25, rel=0.15)
+    assert "GSD estimated at" in summary.line()
+    with rasterio.open(tmp_path / "a.tif") as ds:
+        assert ds.shape == (480, 480) and ds.crs is None
+        assert ds.read(1).mean() == pytest.approx((_road_grid(480, 24)[0] > 100).mean(),
+                                                  abs=0.02)
+    # not asked for, a given GSD or a CRS: nothing estimated
+    with pytest.warns(UserWarning, match="assuming the model's default for images without a "
+                                         "CRS, 0.5 m per pixel"):
+        default = refine_raster(nocrs, tmp_path / "d.tif", model=model, quiet=True,
+                                options=RunOptions(device="cpu", coarse_only=True))
+    plain = r"no CRS: continuing in pixel space \(the output has no CRS either\)$"
+    with pytest.warns(UserWarning, match=plain):
+        given = refine_raster(nocrs, tmp_path / "b.tif", model=model, quiet=True,
+                              options=dataclasses.replace(asked, gsd=0.3))
+    geo = write_raster(tmp_path / "geo.tif", _road_grid(480, 24), res=1.0)
+    located = refine_raster(geo, tmp_path / "c.tif", model=model, quiet=True, options=asked)
+    for summary in (default, given, located):
+        assert summary.gsd_estimate is None and "GSD estimated" not in summary.line()
+
+
+def test_too_few_roads_keep_the_cards_assumption_and_say_so(tmp_path):
+    model = Model(_road_card(), Bright(), None)
+    dark = write_raster(tmp_path / "dark.tif", np.full((3, 200, 200), 20, np.uint8), crs=None)
+    with pytest.warns(UserWarning) as record:
+        summary = refine_raster(dark, tmp_path / "a.tif", model=model, quiet=True,
+                                options=RunOptions(device="cpu", coarse_only=True,
+                                                   estimate_gsd=True))
+    assert "too few road pixels to estimate its GSD from: assuming the model's default, " \
+           "0.5 m per pixel" in str(record[-1].message)
+    assert summary.gsd_estimate is None
+    with rasterio.open(tmp_path / "a.tif") as ds:
+        assert ds.shape == (200, 200) and not ds.read(1).any()
+
+
+def test_a_card_without_the_width_cannot_estimate_one_error_line(tmp_path):
+    card = conv_model(tmp_path / "m", gsd=0.3)
+    src = write_raster(tmp_path / "in.tif", synthetic_scene(64, 64, seed=6), crs=None)
+    with pytest.raises(UserError, match="cannot estimate an input's GSD .* no gsd_from_width"):
+        refine_raster(src, tmp_path / "o.tif", model=load_model(card, "cpu"), quiet=True,
+                      options=RunOptions(device="cpu", estimate_gsd=True))
+    assert not (tmp_path / "o.tif").exists()
+    out = CliRunner().invoke(main, ["refine", str(src), str(tmp_path / "o.tif"), "-m",
+                                    str(card), "--estimate-gsd"])
+    assert out.exit_code != 0
+    assert out.output.strip().splitlines()[-1].startswith("Error: ")
+    assert "--gsd instead of --estimate-gsd" in out.output
+    with pytest.raises(UserError, match="estimate_gsd must be True or False"):
+        RunOptions(estimate_gsd="yes")
+
+
+@pytest.mark.parametrize("prior", [
+    {"class": "background", "width": 6}, {"class": "lake", "width": 6},
+    {"class": "road", "width": 0}, {"class": "road"}, {"class": "road", "width": 6, "x": 1},
+    [6.0],
+])
+def test_cards_check_their_gsd_from_width(tmp_path, prior):
+    data = _road_card().to_dict()
+    assert ModelCard.from_dict(data).gsd_from_width == ROAD_CARD  # (round trip)
+    data["gsd_from_width"] = prior
+    with pytest.raises(UserError, match="'gsd_from_width' must be"):
+        ModelCard.from_dict(data)
+    data["gsd_from_width"], data["gsd"] = ROAD_CARD, None
+    data["gsd_without_crs"] = None
+    with pytest.raises(UserError, match="'gsd_from_width' needs the model's 'gsd'"):
         ModelCard.from_dict(data)

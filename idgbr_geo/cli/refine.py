@@ -18,7 +18,7 @@ from .vectorize import pop_vector_options, vector_options
 #: flags that fill :class:`~idgbr_geo.options.RunOptions` and ``OutputOptions``
 RUN_KEYS = ("coarse_only", "bands", "tile_size", "overlap", "steps", "batch_size",
             "model_workers", "device", "seed", "gsd", "value_range", "precision", "gsd_search",
-            "multiscale")
+            "multiscale", "estimate_gsd")
 OUTPUT_KEYS = ("confidence", "cog")
 
 
@@ -69,6 +69,10 @@ def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "bit)."),
         click.option("--gsd", type=float,
                      help="Input ground sample distance in metres (overrides the file)."),
+        click.option("--estimate-gsd", is_flag=True,
+                     help="For an input without a CRS and no --gsd: estimate its GSD from the "
+                          "image (roads: from the width of its roads) instead of assuming the "
+                          "model's default."),
         click.option("--gsd-search/--no-gsd-search", default=True, show_default=True,
                      help="Let the model work at the GSD, of those its card lists, that its "
                           "coarse map is most confident at for this scene (a few sample "
