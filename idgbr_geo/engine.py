@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +23,18 @@ from typing import Any
 import numpy as np
 import rasterio
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .cards import ModelCard
 from .files import atomic_output, check_distinct, check_output, temporary_path
+from .input_grid import keep_user_map, to_input_grid
 from .interfaces import Model
 from .options import OutputOptions, RunOptions, raise_problems
+from .pipeline import DONE, StripWriter, WindowItem, batches, read_windows
 from .predict import predict_windows, resolve_precision
 from .registry import load_model
 from .scale import GsdEstimate, ScaleChoice, assume_estimated_gsd, choose_working_gsd
-from .stitching import RowStitcher, window_weights
+from .stitching import RowStitcher
 from .tiling import (
     Source,
     Tile,
@@ -41,15 +42,10 @@ from .tiling import (
     open_coarse,
     open_source,
     plan_tiles,
-    read_window,
 )
-from .tuning import background_priority
-from .upsampling import MIN_FACTOR, own_grid_colour, radius_for, upsample_probabilities
-from .user_maps import UserMap, nearest, read_user_map
+from .upsampling import MIN_FACTOR, radius_for
 from .writing import BLOCK, ResultWriter, to_cog
 
-_DONE = object()
-_ABORT = object()
 #: GDAL block cache during a run (MB), unless GDAL_CACHEMAX is set in the environment
 GDAL_CACHE_MB = 32
 #: Edge-aware upsampling of the results onto an input finer than the model's GSD by more
@@ -61,16 +57,6 @@ _JOINT_UPSAMPLING = True
 #: reader's queue: fewer windows wait when they are large (a 16x finer float32 input holds
 #: 0.8 GB per 512 px window); at least two, so that reading still overlaps the network.
 NATIVE_QUEUE_MB = 256
-#: Where a user's coarse map (``coarse=``) is resampled onto the model grid, the model pixels
-#: the refiner changed can be widened by this many model pixels before the refined map
-#: replaces the user's own there (see :func:`_keep_user_map`), so that a boundary the
-#: refiner moves is drawn by the edge-aware upsampling on both sides. Measured on Banepa
-#: (release/validate.py buildings --limit 2: 2 scenes at 0.066 m, bundled 0.25 m model, 1
-#: step; IoU / BF@2 of smooth-0.5m, erode1, stride8 maps refined): margin 0 95.2 / 78.5,
-#: 94.2 / 85.3, 89.6 / 56.0; 1: 91.8 / 60.3, 90.7 / 61.9, 87.3 / 45.6; 2: 89.8 / 54.1,
-#: 88.4 / 53.9, 85.9 / 41.6 (the maps alone: 98.0 / 89.5, 97.1 / 100, 90.9 / 59.3): every
-#: pixel more taken from the refiner loses, so none is.
-CHANGED_MARGIN = 0
 
 
 @dataclass
@@ -99,238 +85,6 @@ class RefineSummary:
                 f"({self.mp_per_s:.2f} MP/s)"
                 + (f"; {self.gsd_estimate.describe()}" if self.gsd_estimate else "")
                 + (f"; {self.scale.describe()}" if self.scale else ""))
-
-
-@dataclass
-class _Item:
-    tile: Tile
-    data: np.ndarray  # normalised network input (bands, mh, mw), model grid, 0 where no data
-    mask: np.ndarray  # (mh, mw) bool
-    coarse: np.ndarray | None  # (K, mh, mw) float32 probabilities from a user's map
-    #: the window's raw pixels (bands, h, w) on the input grid and their validity (None:
-    #: all valid), kept when the results are upsampled edge-aware; else None
-    native: np.ndarray | None = None
-    native_valid: np.ndarray | None = None
-    #: a user's coarse map at the input's resolution, when it is resampled (else None)
-    user: UserMap | None = None
-    #: every pixel valid / any pixel valid (worked out here, in the reader thread)
-    full: bool = field(init=False)
-    any: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.full = bool(self.mask.all())
-        self.any = self.full or bool(self.mask.any())
-
-
-def _reader(src: Source, tiles: Sequence[Tile], coarse_ds: Any, card: ModelCard,
-            out: queue.Queue, stop: threading.Event, native: bool = False) -> None:
-    """Background reader: windows in order onto ``out``, normalised for the network (off
-    the model's thread), then _DONE (or the exception); with ``native`` each window's
-    pixels at the input's resolution too (the queue bounds how many are held, as raw
-    values: uint8 stays uint8), and a user's coarse map at the input's resolution whenever
-    the window is resampled (:func:`_keep_user_map`). In its own rasterio Env, so that
-    GDAL's messages about the file (``Warning 1: ...``) go to Python logging, where the
-    CLI shows them as one ``Warning:`` line (or not at all with --quiet)."""
-    background_priority()
-    keep_user = coarse_ds is not None and src.factor != 1.0
-    try:
-        torch.set_num_threads(1)  # torch ops here (resampling) stay serial
-        with rasterio.Env():
-            for tile in tiles:
-                if stop.is_set():
-                    break  # _DONE below wakes a model worker waiting for windows
-                got = read_window(src, tile, native=native, native_mask=keep_user)
-                mask = got.mask
-                coarse = user = None
-                if coarse_ds is not None:
-                    coarse, cvalid, user = read_user_map(coarse_ds, tile, src,
-                                                         card.num_classes, native=keep_user)
-                    mask = mask & cvalid
-                    if user is not None and got.native_valid is not None:  # the image's
-                        user.valid = (got.native_valid if user.valid is None
-                                      else user.valid & got.native_valid)
-                item = _Item(tile, card.normalization.apply(got.data, src.dtype), mask, coarse,
-                             got.native, got.native_valid, user)
-                if not item.full:
-                    item.data[:, ~mask] = 0.0
-                out.put(item)
-        out.put(_DONE)
-    except BaseException as exc:  # forwarded to the consumer
-        out.put(exc)
-
-
-def _batches(q: queue.Queue, batch_size: int) -> Iterator[list[_Item]]:
-    """Group consecutive same-shape items into batches."""
-    batch: list[_Item] = []
-    while True:
-        item = q.get()
-        if item is _DONE:
-            break
-        if isinstance(item, BaseException):
-            raise item
-        if batch and (len(batch) >= batch_size or item.tile.model_size != batch[0].tile.model_size):
-            yield batch
-            batch = []
-        batch.append(item)
-    if batch:
-        yield batch
-
-
-class _Writer(threading.Thread):
-    """Background blending + writing of finished row strips."""
-
-    def __init__(self, stitcher: RowStitcher, src: Source, overlap_px: float) -> None:
-        super().__init__(daemon=True)
-        self.q: queue.Queue = queue.Queue(maxsize=8)
-        self.stitcher, self.src, self.overlap_px = stitcher, src, overlap_px
-        self.error: BaseException | None = None
-        self.row = -1
-
-    def run(self) -> None:
-        background_priority()
-        pending: dict[int, list[tuple[Tile, np.ndarray | None, np.ndarray | None]]] = {}
-        next_seq = 0
-        try:
-            while True:
-                item = self.q.get()
-                if item is _DONE:
-                    break
-                if item is _ABORT:  # the run failed: stop without finishing the file
-                    return
-                seq, results = item
-                pending[seq] = results
-                # model workers finish batches out of order: stitch them in reading order,
-                # so the sums (and so the output) do not depend on thread timing
-                while next_seq in pending:
-                    for tile, probs, valid in pending.pop(next_seq):
-                        self._add(tile, probs, valid)
-                    next_seq += 1
-            if pending:
-                raise RuntimeError(f"batches {sorted(pending)} arrived without batch {next_seq}")
-            self.stitcher.close()
-        except BaseException as exc:
-            self.error = exc
-
-    def _add(self, tile: Tile, probs: np.ndarray | None, valid: np.ndarray | None) -> None:
-        win = clip(tile.window, self.src.width, self.src.height)
-        if tile.row != self.row:
-            self.stitcher.finish_before(int(win.row_off))
-            self.row = tile.row
-        if probs is None:
-            return
-        r0, c0, h, w = int(win.row_off), int(win.col_off), int(win.height), int(win.width)
-        weight = window_weights(r0, c0, h, w, self.src.height, self.src.width, self.overlap_px)
-        self.stitcher.add(r0, c0, probs, weight, valid)
-
-    def abort(self) -> None:
-        """Stop the thread after the strip it is writing and wait for it, so that nothing
-        writes to the output while the failed run closes it (GDAL datasets are not
-        thread-safe; a write racing the close could crash the process at exit)."""
-        while self.is_alive():
-            try:
-                self.q.put(_ABORT, timeout=0.1)
-                break
-            except queue.Full:
-                continue
-        self.join()
-
-    def put(self, item: Any) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.q.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-
-def _to_input_grid(probs: torch.Tensor, valid: np.ndarray | None, h: int, w: int,
-                   item: _Item | None = None, card: ModelCard | None = None,
-                   dtype: str = "uint8", radius: int | None = None
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
-    """A window's probabilities (K, mh, mw) and validity (None: all valid) on the model
-    grid, resampled onto its (h, w) input window. (On the model's thread: torch ops in a
-    background thread start a second OpenMP team that fights the network's.)
-
-    When the reader kept the window's native pixels (``item.native``: an input finer than
-    the model by more than :data:`~idgbr_geo.upsampling.MIN_FACTOR`, or from 1x for a card
-    with ``edge_filter``), the upsampling is edge-aware, guided by them
-    (:func:`~idgbr_geo.upsampling.upsample_probabilities`; on one grid, the guided filter),
-    for the refined and the ``coarse_only`` map alike; else bilinear. The validity is the
-    model grid's, upsampled (nearest) either way. ``radius``: the filter's, in model pixels
-    (None: :data:`~idgbr_geo.upsampling.RADIUS`)."""
-    guided = item is not None and item.native is not None and card is not None
-    if probs.shape[1:] == (h, w) and not guided:
-        return probs.cpu().numpy(), valid
-    if guided:
-        p = _guided(probs, item, card, dtype, radius)
-    else:
-        p = F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    if valid is not None:
-        vt = torch.from_numpy(valid[None, None].astype(np.float32))
-        valid = F.interpolate(vt, size=(h, w), mode="nearest")[0, 0].numpy() > 0.5
-    return p.cpu().numpy(), valid
-
-
-def _guided(probs: torch.Tensor, item: _Item, card: ModelCard, dtype: str,
-            radius: int | None) -> torch.Tensor:
-    """Edge-aware upsampling of one window's probabilities (K, mh, mw), guided by its native
-    pixels scaled to [0, 1] by the card's value range; the low-resolution guide is the
-    image the model saw (its normalisation undone)."""
-    assert item.native is not None
-    dev = probs.device
-    norm = card.normalization
-    mean = torch.tensor(norm.mean, dtype=torch.float32, device=dev)[:, None, None]
-    std = torch.tensor(norm.std, dtype=torch.float32, device=dev)[:, None, None]
-    low = torch.from_numpy(item.data).to(dev) * std + mean
-    native = item.native
-    if native.dtype.kind == "u" and native.dtype != np.uint8:  # (torch < 2.3 lacks them)
-        native = native.astype(np.float32)
-    return upsample_probabilities(
-        probs, low, torch.from_numpy(native).to(dev), scale=1.0 / norm.divisor(dtype),
-        valid_low=None if item.full else torch.from_numpy(item.mask).to(dev),
-        valid_high=(None if item.native_valid is None
-                    else torch.from_numpy(item.native_valid).to(dev)),
-        radius=radius, colour=own_grid_colour(native.shape[-1] / probs.shape[-1]))
-
-
-def _classes(probs: torch.Tensor) -> torch.Tensor:
-    """Class ids (h, w) of probabilities (K, h, w), as the output's (ties: the lower)."""
-    if probs.shape[0] == 2:
-        return (probs[1] > probs[0]).to(torch.int64)
-    return probs.max(0).indices
-
-
-def _keep_user_map(probs: torch.Tensor, item: _Item, h: int, w: int, card: ModelCard,
-                   dtype: str = "uint8", radius: int | None = None
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
-    """A window's results on its (h, w) input window when a user's coarse map was resampled
-    onto the model grid (``item.user``): the user's own map, at its own resolution, wherever
-    the refiner left the class of the model grid's coarse map alone, and the refined
-    probabilities (``probs`` (K, mh, mw), brought to the input grid by
-    :func:`_to_input_grid`) only in the model pixels whose class it changed (widened by
-    :data:`CHANGED_MARGIN` model pixels, within the valid ones). A window nothing changed
-    in (not refined: one class, ``coarse_only``, 0 steps, no refiner) is the user's map
-    as it is. Returns (probabilities, validity: the map's and the image's, on the input
-    grid; None: all valid).
-
-    Where overlapping windows all keep a pixel, their blend (a weighted mean of one and the
-    same one-hot vector) is that class again, so the stitched map keeps it exactly."""
-    user = item.user
-    assert user is not None and item.coarse is not None
-    dev = probs.device
-    valid_low = torch.from_numpy(item.mask).to(dev)
-    changed = (_classes(probs) != _classes(torch.from_numpy(item.coarse).to(dev))) & valid_low
-    if not bool(changed.any()):  # (and no upsampling at all)
-        return user.fill(np.empty((card.num_classes, h, w), np.float32)), user.valid
-    if CHANGED_MARGIN > 0:
-        k = 2 * CHANGED_MARGIN + 1
-        grown = F.max_pool2d(changed[None, None].float(), k, stride=1, padding=CHANGED_MARGIN)
-        changed = (grown[0, 0] > 0) & valid_low
-    refined, _ = _to_input_grid(probs, None, h, w, item, card, dtype, radius)
-    keep = ~nearest(changed.cpu().numpy(), (h, w))
-    return user.fill(refined, where=keep), user.valid
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -430,12 +184,12 @@ def refine_raster(
     resolution as well, and a pixel keeps the user's own class (or probabilities) unless
     the refiner changed the class of its model pixel (the refined class differs from the
     model-grid copy of the map's). Only in those model pixels (widened by
-    :data:`CHANGED_MARGIN`, 0 by default) do the refined probabilities, brought to the
-    input grid as above, replace it. So with 0 steps, a model without a refiner, or
-    ``coarse_only``, and in every window the refiner leaves alone, the output is the user's
-    map exactly, at its own resolution; the output has data where both the map and the
-    input do. Overlapping windows are blended as always; where all of them keep a pixel,
-    the blend is the user's class again.
+    :data:`~idgbr_geo.input_grid.CHANGED_MARGIN`, 0 by default) do the refined
+    probabilities, brought to the input grid as above, replace it. So with 0 steps, a model
+    without a refiner, or ``coarse_only``, and in every window the refiner leaves alone, the
+    output is the user's map exactly, at its own resolution; the output has data where both
+    the map and the input do. Overlapping windows are blended as always; where all of them
+    keep a pixel, the blend is the user's class again.
 
     A call changes no process-wide state: for long runs the CLI also calls
     :func:`idgbr_geo.tuning.tune_process` first.
@@ -553,9 +307,9 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
     binary = k == 2 and (coarse_ds is None or coarse_ds.count == 1)
     stitcher = RowStitcher(src.width, src.height, k, capacity=tile_rows_in + BLOCK,
                            block=BLOCK, flush=writer_out.write, binary=binary)
-    writer = _Writer(stitcher, src, overlap * src.factor)
+    writer = StripWriter(stitcher, src, overlap * src.factor)
     writer.start()
-    # (a user's map on the model's own grid stays as it is: see _keep_user_map)
+    # (a user's map on the model's own grid stays as it is: see keep_user_map)
     own_grid = card.edge_filter and (src.factor > 1.0 if coarse_ds is not None
                                      else src.factor >= 1.0)
     native = _JOINT_UPSAMPLING and (src.factor > MIN_FACTOR or own_grid)
@@ -571,14 +325,14 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
         depth = max(2, min(depth, NATIVE_QUEUE_MB * 2**20 // max(1, window_bytes)))
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
-    reader = threading.Thread(target=_reader, args=(src, tiles, coarse_ds, card, q, stop,
-                                                    native), daemon=True)
+    reader = threading.Thread(target=read_windows, args=(src, tiles, coarse_ds, card, q, stop,
+                                                         native), daemon=True)
     reader.start()
     bar = tqdm(total=len(tiles), unit="win", disable=True if quiet else None,
                desc=Path(src.path).name, leave=False)
     threads = torch.get_num_threads()
     per_worker = max(1, threads // workers)
-    batches = enumerate(_batches(q, batch_size))
+    numbered = enumerate(batches(q, batch_size))
     lock = threading.Lock()
     errors: list[BaseException] = []
 
@@ -589,7 +343,7 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
             with torch.inference_mode():
                 while not stop.is_set():
                     with lock:  # the batch generator is not thread-safe
-                        got = next(batches, None)
+                        got = next(numbered, None)
                     if got is None:
                         return
                     seq, batch = got
@@ -614,7 +368,7 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
             h.result()
         if errors:
             raise errors[0]
-        writer.put(_DONE)
+        writer.put(DONE)
         writer.join()
         if writer.error is not None:
             raise writer.error
@@ -649,7 +403,7 @@ def _helper_pool(n: int) -> ThreadPoolExecutor:
     return _HELPERS[0]
 
 
-def _process(batch: list[_Item], m: Model, src: Source, *, use_refiner: bool, steps: int,
+def _process(batch: list[WindowItem], m: Model, src: Source, *, use_refiner: bool, steps: int,
              seed: int, precision: str, radius: int | None = None,
              zooms: Sequence[float] = ()
              ) -> tuple[list[tuple[Tile, np.ndarray | None, np.ndarray | None]], int, int]:
@@ -694,11 +448,11 @@ def _process(batch: list[_Item], m: Model, src: Source, *, use_refiner: bool, st
             mh, mw = it.mask.shape
             win = clip(it.tile.window, src.width, src.height)
             if it.user is not None:
-                results[it.tile.index] = _keep_user_map(probs[i, :, :mh, :mw], it,
+                results[it.tile.index] = keep_user_map(probs[i, :, :mh, :mw], it,
                                                         int(win.height), int(win.width),
                                                         card, src.dtype, radius)
                 continue
-            results[it.tile.index] = _to_input_grid(probs[i, :, :mh, :mw],
+            results[it.tile.index] = to_input_grid(probs[i, :, :mh, :mw],
                                                     None if it.full else it.mask,
                                                     int(win.height), int(win.width),
                                                     it, card, src.dtype, radius)

@@ -1,6 +1,6 @@
 """A user's coarse map (``coarse=``) on an input whose GSD is not the model's: the engine
 runs on the model grid, but every pixel the refiner leaves alone keeps the user's own class
-at the input's resolution (engine._keep_user_map)."""
+at the input's resolution (idgbr_geo.input_grid.keep_user_map)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import rasterio
 import torch
 from synth import class_blobs, conv_model, synthetic_scene, write_raster
 
-from idgbr_geo import engine
+from idgbr_geo import engine, input_grid
 from idgbr_geo.engine import refine_raster
 from idgbr_geo.errors import InputError
 from idgbr_geo.options import OutputOptions, RunOptions
@@ -150,7 +150,7 @@ def test_only_what_the_refiner_changed_replaces_the_users_map(tmp_path, monkeypa
     """A refiner that changes one rectangle (across several windows and their overlaps):
     outside it (widened by CHANGED_MARGIN model pixels) the output is the user's map
     exactly; inside, away from its edge, the refiner's class."""
-    monkeypatch.setattr(engine, "CHANGED_MARGIN", margin)
+    monkeypatch.setattr(input_grid, "CHANGED_MARGIN", margin)
     monkeypatch.setattr(engine, "predict_windows", _flipping_predict(engine.predict_windows))
     f = 4  # input pixels per model pixel
     h, w = 80 * f, 90 * f
