@@ -76,7 +76,7 @@ class ScaleChoice:
         return f"model at {self.gsd:g} m (the most confident of {tried} m)"
 
 
-def _sample_windows(src: Source, model: Model, factor: float, tile_size: int, overlap: int,
+def sample_windows(src: Source, model: Model, factor: float, tile_size: int, overlap: int,
                     precision: str, samples: int | None = None
                     ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
     """The coarse probabilities (K, h, w) and validity (h, w) of windows spread over the
@@ -120,7 +120,7 @@ def choose_working_gsd(src: Source, model: Model, choices: Sequence[float], *,
         if factor is None:
             continue
         total, count = 0.0, 0
-        for probs, mask in _sample_windows(src, model, factor, tile_size, overlap, precision,
+        for probs, mask in sample_windows(src, model, factor, tile_size, overlap, precision,
                                            samples):
             conf = probs.amax(0).numpy()
             total += float(conf[mask].sum())
@@ -177,7 +177,7 @@ def estimate_gsd(src: Source, model: Model, start: float, *, tile_size: int, ove
         factor = resampling_factor(s, card.gsd)
         assert factor is not None
         widths = [centreline_widths((probs.argmax(0).numpy() == k) & mask)
-                  for probs, mask in _sample_windows(src, model, factor, tile_size, overlap,
+                  for probs, mask in sample_windows(src, model, factor, tile_size, overlap,
                                                      precision)]
         found = np.concatenate(widths) if widths else np.empty(0)
         if found.size < MIN_CENTRELINE:

@@ -21,7 +21,6 @@ every held-out scene of a set and several models, not on the chip that raised th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -37,10 +36,9 @@ from validate import load_scenes, write_raster  # noqa: E402
 
 from idgbr_geo.engine import refine_raster  # noqa: E402
 from idgbr_geo.options import RunOptions  # noqa: E402
-from idgbr_geo.predict import predict_windows  # noqa: E402
 from idgbr_geo.registry import load_model  # noqa: E402
-from idgbr_geo.scale import sample_count  # noqa: E402
-from idgbr_geo.tiling import open_source, plan_tiles, read_tile, resampling_factor  # noqa: E402
+from idgbr_geo.scale import sample_windows  # noqa: E402
+from idgbr_geo.tiling import open_source, resampling_factor  # noqa: E402
 
 
 def sampled_stats(path: Path, model, gsd: float) -> dict[str, float] | None:
@@ -53,26 +51,11 @@ def sampled_stats(path: Path, model, gsd: float) -> dict[str, float] | None:
         factor = resampling_factor(src.gsd, gsd)
         if factor is None:
             return None
-        probe = dataclasses.replace(src, factor=factor, warnings=[], value_limits=None)
-        tiles = plan_tiles(src.width, src.height, tile_size=card.tile_size,
-                           overlap=card.overlap, factor=factor, multiple=card.stride_multiple)
-        pick = sorted({int(i) for i in np.linspace(0, len(tiles) - 1,
-                                                   sample_count(len(tiles)))})
         conf = ent = fg = 0.0
         count = 0
-        for i in pick:
-            data, mask = read_tile(probe, tiles[i])
-            if not mask.any():
-                continue
-            x = card.normalization.apply(data, src.dtype)
-            x[:, ~mask] = 0.0
-            h, w = mask.shape
-            th, tw = tiles[i].model_size
-            img = np.zeros((1, card.bands, th, tw), np.float32)
-            img[0, :, :h, :w] = x
-            probs, _ = predict_windows(model, torch.from_numpy(img), origins=[(0, 0)],
-                                       refine=False)
-            p = probs[0, :, :h, :w].numpy().astype(np.float64)[:, mask]
+        for probs, mask in sample_windows(src, model, factor, card.tile_size, card.overlap,
+                                          "auto"):
+            p = probs.numpy().astype(np.float64)[:, mask]
             conf += float(p.max(0).sum())
             ent += float(-(p * np.log(np.clip(p, 1e-8, 1))).sum())
             fg += float((p.argmax(0) == 1).sum())
