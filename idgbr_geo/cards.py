@@ -224,7 +224,7 @@ def _gsd_from_width_problem(prior: Any, data: dict[str, Any]) -> str | None:
     classes = data.get("classes") or []
     if not (isinstance(prior, dict) and set(prior) == {"class", "width"}
             and prior["class"] in classes[1:] and _is_number(prior["width"])
-            and math.isfinite(prior["width"]) and prior["width"] > 0):
+            and prior["width"] > 0):
         return ("'gsd_from_width' must be {\"class\": one of the classes after the first, "
                 f"\"width\": metres > 0}} (or null), not {prior!r}")
     if data.get("gsd") is None:

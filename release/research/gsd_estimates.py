@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from idgbr_geo.registry import load_model
+from idgbr_geo.scale import centreline_widths
 from idgbr_geo.tiling import open_source
 
 ROOT = Path(__file__).resolve().parents[2] / ".train"
@@ -193,7 +194,6 @@ def object_sizes(mask: np.ndarray, gsd: float, name: str) -> list[float]:
     """Building areas (m2) of the components of at least MIN_AREA, or road widths (m) at
     skeleton pixels (none for fewer than 100 road pixels)."""
     import scipy.ndimage as ndi
-    from skimage.morphology import skeletonize
 
     if name == "buildings":
         lab, n = ndi.label(mask)
@@ -203,8 +203,7 @@ def object_sizes(mask: np.ndarray, gsd: float, name: str) -> list[float]:
         return area[area >= MIN_AREA].tolist()
     if mask.sum() < 100:
         return []
-    dist = ndi.distance_transform_edt(mask)
-    return (2.0 * dist[skeletonize(mask)] * gsd).tolist()
+    return (centreline_widths(mask) * gsd).tolist()
 
 
 def size_estimate(src, m, name: str, typical: float, start: float) -> float:
