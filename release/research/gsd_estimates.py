@@ -1,10 +1,11 @@
-"""Estimating the pixel size of inputs without a CRS from the image (research; not shipped).
+"""Estimating the pixel size of inputs without a CRS from the image (research; the ``size``
+way became the engine's ``--estimate-gsd``).
 
     OMP_NUM_THREADS=1 .venv/bin/python release/research/gsd_estimates.py buildings \
-        [--method head|confidence] [--per-source 240] [--seed 0]
+        [--method head|confidence|size|engine] [--per-source 240] [--seed 0] [--own-set]
 
-Scenes without a CRS run at the model's GSD unless ``--gsd`` is given. Two ways to estimate
-it instead, scored on every validation scene of all sets (``.train/<set>_val_scenes.npz``,
+Scenes without a CRS run at the card's assumed GSD unless ``--gsd`` is given. Ways to
+estimate it instead, scored on every validation scene of all sets (``.train/<set>_val_scenes.npz``,
 each written as a GeoTIFF without a CRS and read through :func:`idgbr_geo.tiling.open_source`,
 3 x 3 windows of up to 512 px spread over the scene):
 
@@ -15,6 +16,11 @@ each written as a GeoTIFF without a CRS and read through :func:`idgbr_geo.tiling
   leave-one-source-out error (printed); the scene's estimate is the median over its windows.
 * ``confidence``: the candidate GSD (0.5, 1, 2, 4 x the model's) at which the segmentor is
   most confident (mean max probability), each window resampled to the model grid.
+* ``size`` (session 32): the GSD at which the segmentor's objects have the training labels'
+  typical size (buildings: median area; roads: median width along the centre lines), by a
+  few rescaling steps from the card's assumption (:func:`size_estimate`).
+* ``engine``: the engine's own estimate, :func:`idgbr_geo.scale.estimate_gsd` (``size`` for
+  roads on the engine's sample windows, the card's ``gsd_from_width``).
 
 Per source: the median estimate, the known GSD, and the median |log2| error of the estimate
 and of assuming the model's GSD (what the engine does).
@@ -35,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from idgbr_geo.registry import load_model
-from idgbr_geo.scale import centreline_widths
+from idgbr_geo.scale import centreline_widths, estimate_gsd
 from idgbr_geo.tiling import open_source
 
 ROOT = Path(__file__).resolve().parents[2] / ".train"
@@ -235,10 +241,18 @@ def size_estimate(src, m, name: str, typical: float, start: float) -> float:
     return s
 
 
+def engine_estimate(src, m) -> float:
+    """The engine's own estimate (:func:`idgbr_geo.scale.estimate_gsd`, from the card's
+    ``gsd_without_crs``, on the engine's sample windows); the assumption where it has none."""
+    start = m.card.gsd_without_crs or m.card.gsd
+    est = estimate_gsd(src, m, start, tile_size=m.card.tile_size, overlap=m.card.overlap)
+    return start if est is None else est.gsd
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("set", choices=SETS)
-    ap.add_argument("--method", choices=("head", "confidence", "size"), default="head")
+    ap.add_argument("--method", choices=("head", "confidence", "size", "engine"), default="head")
     ap.add_argument("--per-source", type=int, default=240)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--own-set", action="store_true",
@@ -275,7 +289,9 @@ def main() -> None:
                     src = open_source(tif, model_bands=m.card.bands, bands=None,
                                       model_gsd=m.card.gsd)
                 try:
-                    if args.method == "size":
+                    if args.method == "engine":  # what --estimate-gsd does (the card's width)
+                        est = engine_estimate(src, m)
+                    elif args.method == "size":
                         est = size_estimate(src, m, args.set, typical,
                                             m.card.gsd_without_crs or m.card.gsd)
                     else:
