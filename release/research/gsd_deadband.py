@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
-import rasterio
 
 from idgbr_geo.registry import load_model
 from idgbr_geo.scale import estimate_gsd
-from idgbr_geo.tiling import open_source
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gsd_estimates import open_without_crs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2] / ".train"
 
@@ -65,13 +66,7 @@ def main() -> None:
         tif = Path(tmp) / "mosaic.tif"
         for source in args.sources.split(","):
             for scene, img, true in mosaics(data, source, args.per_source, rng):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    with rasterio.open(tif, "w", driver="GTiff", width=img.shape[2],
-                                       height=img.shape[1], count=3, dtype=img.dtype) as dst:
-                        dst.write(img)
-                    src = open_source(tif, model_bands=m.card.bands, bands=None,
-                                      model_gsd=m.card.gsd)
+                src = open_without_crs(tif, img, m.card)
                 try:
                     est = estimate_gsd(src, m, start, tile_size=m.card.tile_size,
                                        overlap=m.card.overlap)

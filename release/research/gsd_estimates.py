@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from idgbr_geo.registry import load_model
 from idgbr_geo.scale import centreline_widths, estimate_gsd
-from idgbr_geo.tiling import open_source
+from idgbr_geo.tiling import Source, open_source
 
 ROOT = Path(__file__).resolve().parents[2] / ".train"
 SETS = ("buildings", "roads", "landcover")
@@ -241,6 +241,17 @@ def size_estimate(src, m, name: str, typical: float, start: float) -> float:
     return s
 
 
+def open_without_crs(tif: Path, img: np.ndarray, card) -> Source:
+    """``img`` (bands, H, W) written to ``tif`` as an export without a CRS and opened as the
+    engine opens an input (the card's bands and GSD; its no-CRS warning silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(tif, "w", driver="GTiff", width=img.shape[2], height=img.shape[1],
+                           count=img.shape[0], dtype=img.dtype) as dst:
+            dst.write(img)
+        return open_source(tif, model_bands=card.bands, bands=None, model_gsd=card.gsd)
+
+
 def engine_estimate(src, m) -> float:
     """The engine's own estimate (:func:`idgbr_geo.scale.estimate_gsd`, from the card's
     ``gsd_without_crs``, on the engine's sample windows); the assumption where it has none."""
@@ -279,15 +290,7 @@ def main() -> None:
                     continue
                 seen.add(scene)
                 img, gsd = z[f"image_{i}"], float(z[f"gsd_{i}"])
-                tif = Path(tmp) / "scene.tif"
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    with rasterio.open(tif, "w", driver="GTiff", width=img.shape[2],
-                                       height=img.shape[1], count=img.shape[0],
-                                       dtype=img.dtype) as dst:
-                        dst.write(img)
-                    src = open_source(tif, model_bands=m.card.bands, bands=None,
-                                      model_gsd=m.card.gsd)
+                src = open_without_crs(Path(tmp) / "scene.tif", img, m.card)
                 try:
                     if args.method == "engine":  # what --estimate-gsd does (the card's width)
                         est = engine_estimate(src, m)
