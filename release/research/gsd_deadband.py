@@ -40,7 +40,7 @@ def mosaics(data: dict, source: str, count: int, rng: np.random.Generator
     scenes = list(by_scene)
     out = []
     for j in range(count):
-        scene = scenes[j % len(scenes)] if j < len(scenes) else scenes[rng.integers(len(scenes))]
+        scene = scenes[j] if j < len(scenes) else scenes[rng.integers(len(scenes))]
         chips = by_scene[scene]
         pick = rng.choice(chips, 4, replace=len(chips) < 4)
         im = [data["images"][i] for i in pick]
