@@ -289,3 +289,20 @@ def test_transient_errors_retried_user_errors_not(tmp_path, model, monkeypatch):
     res = run_batch(ind, out, model=model, quiet=True, retries=0, pattern="flaky.tif")
     assert res.scenes[0].status == "failed" and "stale NFS" in res.scenes[0].error
     assert manifest(out)["flaky.tif"]["state"] == "failed"
+
+
+def test_local_cluster_closes_its_workers_before_its_scheduler(monkeypatch):
+    """A worker that outlives the scheduler logs a heartbeat traceback on the user's terminal
+    (seen once in CI under load): `dask_client` stops the workers while the scheduler runs."""
+    seen: list[int] = []
+    real = dist._close_workers_first
+
+    def spy(cluster):
+        real(cluster)
+        assert cluster.scheduler.status.name == "running"
+        seen.append(len(cluster.scheduler.workers))
+
+    monkeypatch.setattr(dist, "_close_workers_first", spy)
+    with dist.dask_client(workers=2, dashboard_address=None, quiet=True) as cl:
+        assert len(cl.scheduler_info()["workers"]) == 2
+    assert seen == [0]

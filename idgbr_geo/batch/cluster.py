@@ -162,7 +162,23 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, *,
         with Client(cluster) as cl:
             yield cl
     finally:
+        _close_workers_first(cluster)
         cluster.close()
+
+
+def _close_workers_first(cluster: Any) -> None:
+    """Stop a local cluster's workers (through their nannies) while its scheduler still runs:
+    a worker whose heartbeat finds the scheduler gone logs a traceback on the terminal."""
+    import asyncio
+
+    async def close_all() -> None:
+        await asyncio.gather(*(w.close() for w in list(cluster.workers.values())),
+                             return_exceptions=True)
+
+    try:
+        cluster.sync(close_all)
+    except (OSError, TimeoutError, RuntimeError):  # going anyway: close() cleans up
+        pass
 
 
 def dashboard_address(client: Any) -> str | None:
