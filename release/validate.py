@@ -23,6 +23,8 @@ Coarse maps (``--sources``), each scored as it is and refined by the model under
 refiner (``.train/runs/<set>-<oneshot-tag>/checkpoint.pt``, with ``--coarse-tag``).
 ``--passthrough`` adds, on the external maps, a 0-step run: what the engine's resampling of a
 map to the model grid and back alone does to it (nothing when the scene is at the model GSD).
+``--image-shift NAME`` changes every scene's pixels first, as another camera or pipeline
+would deliver them (:mod:`research.image_shifts`), labels unchanged.
 
 Rows: IoU, BF@2 (boundary F-score, 2 px) and IoU_imp in %, for the foreground class (binary)
 or the mean over classes 1..K-1 (class 0 left out); ΔIoU, ΔBF@2 = refined minus coarse;
@@ -67,6 +69,7 @@ import torch
 from degradations import DEGRADATIONS, degrade  # noqa: I001  (release/ is on sys.path)
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
+from research.image_shifts import SHIFTS, shift_image
 
 from idgbr_geo.cards import ModelCard, Normalization
 from idgbr_geo.checkpoints import export_model
@@ -437,12 +440,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="the networks' arithmetic (the engine's --precision)")
+    ap.add_argument("--image-shift", default=None, metavar="NAME",
+                    help="research: each scene's pixels as another camera or pipeline would "
+                         "deliver them (research/image_shifts.py: jpeg40, blur2, haze0.4, "
+                         "gamma1.8, cast, noise0.05, grey, uint16, autogamma; joined by +: "
+                         "one after the other)")
     ap.add_argument("--no-multiscale", action="store_true",
                     help="the coarse model reads one view per window, without the card's "
                          "zoomed views (the engine's --no-multiscale)")
     args = ap.parse_args()
     if (args.model is None) == (args.coarse_tag is None or args.refiner_tag is None):
         ap.error("give --model, or --coarse-tag and --refiner-tag")
+    if args.image_shift is not None and not set(args.image_shift.split("+")) <= set(SHIFTS):
+        ap.error(f"unknown --image-shift {args.image_shift!r}; known: {', '.join(SHIFTS)}")
     if args.settings_from is not None and args.model is not None:
         ap.error("--settings-from is for --coarse-tag / --refiner-tag (a card has its own)")
     sources = (list(SOURCES) if args.sources is None else
@@ -512,6 +522,9 @@ def main() -> None:
         for group, scenes in load_scenes(args.set, args.limit).items():
             if args.no_crs:  # as a user's un-georeferenced export of the same imagery
                 scenes = [dataclasses.replace(s, gsd=None) for s in scenes]
+            if args.image_shift:
+                scenes = [dataclasses.replace(s, image=shift_image(args.image_shift, s.image))
+                          for s in scenes]
             if groups is None or group in groups:
                 v.run_group(group, scenes, sources)
         v.pooled()
@@ -520,6 +533,7 @@ def main() -> None:
                      "ablations": args.ablations, "passthrough": args.passthrough,
                      "soften": args.soften, "tta": args.tta, "assume_gsd": args.assume_gsd,
                      "no_crs": args.no_crs, "model_gsd": args.model_gsd,
+                     "image_shift": args.image_shift,
                      "precision": resolve_precision(args.precision, "cpu"),
                      "multiscale": not args.no_multiscale})
 

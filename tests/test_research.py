@@ -222,3 +222,32 @@ def test_object_sizes_measure_areas_and_centre_line_widths():
     assert np.median(object_sizes(road, 1.0, "roads")) == 6.0  # pixel, as in the labels)
     road[:, 25] = False
     assert np.median(object_sizes(road, 1.0, "roads")) == 6.0
+
+
+def test_image_shifts_change_pixels_as_named_and_repeat_exactly():
+    import numpy as np
+    from research.image_shifts import SHIFTS, shift_image
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(20, 236, (3, 48, 40)).astype(np.uint8)
+    img[:, 10:30, 5:25] = np.array([200, 60, 40])[:, None, None]  # a red roof, for blur and JPEG
+    for name in SHIFTS:
+        out = shift_image(name, img)
+        assert out.shape == img.shape and not np.array_equal(out.astype(int), img.astype(int))
+        assert np.array_equal(out, shift_image(name, img)), name
+        assert out.dtype == (np.uint16 if name == "uint16" else np.uint8)
+    assert np.array_equal(shift_image("grey+cast", img),
+                          shift_image("cast", shift_image("grey", img)))
+    grey = shift_image("grey", img)
+    assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[1], grey[2])
+    assert shift_image("haze0.4", img).min() >= int(0.4 * 0.8 * 255)
+    assert shift_image("gamma1.8", img).mean() < img.mean()
+    assert np.abs(np.diff(shift_image("blur2", img).astype(int), axis=2)).mean() < \
+        np.abs(np.diff(img.astype(int), axis=2)).mean() / 2
+    assert shift_image("uint16", img).max() == int(img.max()) * 16 + 8 <= 4095
+    c = shift_image("cast", img).astype(float)
+    assert c[0].mean() > img[0].mean() and c[2].mean() < img[2].mean()
+    luma = np.tensordot([0.299, 0.587, 0.114], shift_image("gamma1.8+autogamma", img), axes=1)
+    assert abs(luma.mean() / 255 - 0.42) < 0.03  # a dark scene brought back to the target
+    with pytest.raises(ValueError, match="unknown image shift 'fog'"):
+        shift_image("grey+fog", img)
