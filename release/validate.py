@@ -520,13 +520,14 @@ def main() -> None:
                                               else ""), flush=True)
         groups = None if args.groups is None else set(args.groups.split(","))
         for group, scenes in load_scenes(args.set, args.limit).items():
+            if groups is not None and group not in groups:
+                continue
             if args.no_crs:  # as a user's un-georeferenced export of the same imagery
                 scenes = [dataclasses.replace(s, gsd=None) for s in scenes]
             if args.image_shift:
                 scenes = [dataclasses.replace(s, image=shift_image(args.image_shift, s.image))
                           for s in scenes]
-            if groups is None or group in groups:
-                v.run_group(group, scenes, sources)
+            v.run_group(group, scenes, sources)
         v.pooled()
     report(args, v, {"model": describe(model), "sources": sources, "limit": args.limit,
                      "second_model": describe(second) if second else None,

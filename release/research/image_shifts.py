@@ -16,12 +16,16 @@ uint8, except ``uint16``, which returns the 12-bit values a satellite product st
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image
+import torch
 from scipy.ndimage import gaussian_filter
+
+from idgbr_geo.chips import jpeg as jpeg_unit
+
+#: RGB -> luma (BT.601)
+LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
 
 
 def _unit(img: np.ndarray) -> np.ndarray:
@@ -32,12 +36,13 @@ def _u8(x: np.ndarray) -> np.ndarray:
     return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def _luma(x: np.ndarray) -> np.ndarray:
+    return np.tensordot(LUMA, x, axes=1)
+
+
 def jpeg(img: np.ndarray, quality: int = 40) -> np.ndarray:
-    """A JPEG round trip (4:2:0 chroma, as most exporters write)."""
-    buf = io.BytesIO()
-    Image.fromarray(np.moveaxis(img, 0, -1)).save(buf, "JPEG", quality=quality)
-    buf.seek(0)
-    return np.moveaxis(np.asarray(Image.open(buf).convert("RGB")), -1, 0).copy()
+    """A JPEG round trip (the training augmentation's codec, Pillow's defaults)."""
+    return _u8(jpeg_unit(torch.from_numpy(_unit(img)), quality).numpy())
 
 
 def blur(img: np.ndarray, sigma: float = 2.0) -> np.ndarray:
@@ -69,8 +74,7 @@ def noise(img: np.ndarray, sigma: float = 0.05, seed: int = 0) -> np.ndarray:
 
 def grey(img: np.ndarray) -> np.ndarray:
     """A panchromatic product delivered as RGB: BT.601 luma in all three bands."""
-    luma = np.tensordot(np.asarray([0.299, 0.587, 0.114], np.float32), _unit(img), axes=1)
-    return _u8(np.repeat(luma[None], 3, axis=0))
+    return _u8(np.repeat(_luma(_unit(img))[None], 3, axis=0))
 
 
 def uint16(img: np.ndarray) -> np.ndarray:
@@ -84,7 +88,7 @@ def autogamma(img: np.ndarray, target: float = 0.42, limits: tuple[float, float]
     scene's mean luma to ``target`` (the median chip's of the buildings and roads training
     arrays: 0.43 and 0.41), applied to every band."""
     x = _unit(img)
-    luma = float(np.tensordot(np.asarray([0.299, 0.587, 0.114], np.float32), x, axes=1).mean())
+    luma = float(_luma(x).mean())
     g = float(np.clip(np.log(target) / np.log(min(max(luma, 1e-3), 0.999)), *limits))
     return _u8(x ** g)
 
