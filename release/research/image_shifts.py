@@ -79,7 +79,7 @@ def grey(img: np.ndarray) -> np.ndarray:
 
 def uint16(img: np.ndarray) -> np.ndarray:
     """The same picture as 12-bit values in uint16, as many satellite products store it."""
-    return (img.astype(np.uint16) * 16 + 8).astype(np.uint16)
+    return img.astype(np.uint16) * 16 + 8
 
 
 def autogamma(img: np.ndarray, target: float = 0.42, limits: tuple[float, float] = (0.5, 2.0)
