@@ -278,6 +278,10 @@ class TrainingConfig(_Settings):
     #: overlap of the maps' soft skeletons, so a break in a thin road costs as much as a
     #: missing road (0: cross-entropy + soft Dice only)
     cldice: float = 0.0
+    #: weight of the Lovász-softmax term (Berman et al. 2018) in the coarse loss: a convex
+    #: surrogate of the thresholded maps' IoU over the batch, the number the models are
+    #: judged by, which soft Dice only approximates (0: none)
+    lovasz: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size", "crop", "checkpoint_every"):
@@ -288,6 +292,7 @@ class TrainingConfig(_Settings):
             raise ValueError(f"'lr' must be a number > 0, not {self.lr!r}")
         self._float("ema", 0.0, 1.0)
         self._float("cldice", 0.0)
+        self._float("lovasz", 0.0)
         sc = self.scale
         if (not isinstance(sc, (list, tuple)) or len(sc) != 2
                 or not all(_is_number(v) and v > 0 for v in sc) or sc[0] > sc[1]):
@@ -295,6 +300,10 @@ class TrainingConfig(_Settings):
         object.__setattr__(self, "scale", (float(sc[0]), float(sc[1])))
         self._bool("sensor_aug")
         self._choice("colour_aug", COLOUR_AUGMENTATIONS)
+
+
+#: the coarse loss's optional terms, no settings of the refiner
+_COARSE_LOSS_TERMS = ("cldice", "lovasz")
 
 
 @dataclass(frozen=True)
@@ -329,14 +338,16 @@ class RefinerTrainingConfig(TrainingConfig):
 
     @classmethod
     def keys(cls) -> list[str]:
-        """The coarse settings less ``cldice``, a term of the coarse loss only: unknown
-        here, and not written into the refiner's checkpoints and cards."""
-        return [k for k in super().keys() if k != "cldice"]
+        """The coarse settings less ``cldice`` and ``lovasz``, terms of the coarse loss only:
+        unknown here, and not written into the refiner's checkpoints and cards."""
+        return [k for k in super().keys() if k not in _COARSE_LOSS_TERMS]
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.cldice:
-            raise ValueError("'cldice' is a setting of the coarse stage, not of the refiner")
+        for name in _COARSE_LOSS_TERMS:
+            if getattr(self, name):
+                raise ValueError(f"'{name}' is a setting of the coarse stage, not of the "
+                                 "refiner")
         zooms = self.coarse_zooms
         if not isinstance(zooms, (list, tuple)) or not all(is_zoom(z) for z in zooms):
             raise ValueError("'coarse_zooms' must be a list of zooms between 0.5 and 2 other "

@@ -87,7 +87,7 @@ def test_lite_fpn_without_the_train_extra_is_one_error(square_chips, tmp_path, m
     ({"arch": ["lite-fpn"]}, "unknown coarse architecture ['lite-fpn']"),
     ({"arch": "lite-fpn", "widths": [4, 8, 8, 8]},
      "config: unknown coarse setting 'widths' (known for arch 'lite-fpn': arch, variant, "
-     "channels, ema, scale, sensor_aug, colour_aug, cldice)"),
+     "channels, ema, scale, sensor_aug, colour_aug, cldice, lovasz)"),
     ({"variant": "lite0"}, "unknown coarse setting 'variant' (known for arch 'idgbr-coarse'"),
     ({"arch": "lite-fpn", "variant": "lite9"}, "'variant' must be one of lite0, lite1, lite2"),
 ])

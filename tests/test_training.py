@@ -391,28 +391,55 @@ def test_cldice_counts_a_break_in_a_thin_road():
     assert float(_soft_cldice(broken, nothing, 2)) == 0.0  # no road labelled: adds nothing
 
 
-def test_cldice_is_a_coarse_training_setting(npz, tmp_path):
-    """``cldice`` > 0 changes what the segmentor learns (same seed and batches), is
-    recorded in the checkpoint, and is refused where it means nothing (refiner) or < 0."""
+@pytest.mark.parametrize("term", ["cldice", "lovasz"])
+def test_loss_terms_are_coarse_training_settings(npz, tmp_path, term):
+    """``cldice`` or ``lovasz`` > 0 changes what the segmentor learns (same seed and
+    batches), is recorded in the checkpoint, and is refused where it means nothing
+    (refiner) or < 0."""
     from idgbr_geo.training import coarse_loss
 
     logits = torch.randn(2, 2, 32, 32, requires_grad=True)
     lab = torch.zeros(2, 32, 32, dtype=torch.long)
     lab[:, :, 10:14] = 1
-    coarse_loss(logits, lab, 2, cldice=0.5).backward()
+    coarse_loss(logits, lab, 2, **{term: 0.5}).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     kw = dict(iterations=2, batch_size=2, crop=32, progress=False, device="cpu")
     states = {}
     for w in (0.0, 1.0):
-        path = train_coarse(npz, tmp_path / str(w), config={**TINY, "cldice": w}, **kw)
+        path = train_coarse(npz, tmp_path / str(w), config={**TINY, term: w}, **kw)
         states[w] = torch.load(path, weights_only=True)
-        assert states[w]["training"]["cldice"] == w
+        assert states[w]["training"][term] == w
     a, b = (states[w]["model"] for w in (0.0, 1.0))
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(UserError, match="cldice"):
-        train_coarse(npz, tmp_path / "neg", config={**TINY, "cldice": -1}, **kw)
-    with pytest.raises(UserError, match="cldice"):
-        train_refiner(npz, tmp_path / "ref", config={**TINY_REF, "cldice": 0.5}, **kw)
+    with pytest.raises(UserError, match=term):
+        train_coarse(npz, tmp_path / "neg", config={**TINY, term: -1}, **kw)
+    with pytest.raises(UserError, match=term):
+        train_refiner(npz, tmp_path / "ref", config={**TINY_REF, term: 0.5}, **kw)
+
+
+def test_lovasz_is_one_minus_the_iou_of_hard_maps():
+    """On confident maps the Lovász-softmax term is exactly 1 - IoU of the foreground
+    classes pooled over the batch (mean over the classes labelled), unlabelled pixels do not
+    count, and a batch without foreground adds nothing."""
+    from idgbr_geo.training import _lovasz_softmax
+
+    gen = torch.Generator().manual_seed(0)
+    lab = torch.randint(0, 3, (2, 24, 24), generator=gen)
+    pred = torch.randint(0, 3, (2, 24, 24), generator=gen)
+    logits = torch.where(pred[:, None] == torch.arange(3)[None, :, None, None], 30.0, -30.0)
+
+    def iou(c: int, keep: torch.Tensor) -> float:
+        p, y = (pred == c) & keep, (lab == c) & keep
+        return float((p & y).sum()) / float((p | y).sum())
+
+    everything = torch.ones_like(lab, dtype=torch.bool)
+    want = 1 - (iou(1, everything) + iou(2, everything)) / 2
+    assert float(_lovasz_softmax(logits, lab, 3)) == pytest.approx(want, abs=1e-5)
+    masked = lab.clone()
+    masked[:, :8] = 255
+    want = 1 - (iou(1, masked != 255) + iou(2, masked != 255)) / 2
+    assert float(_lovasz_softmax(logits, masked, 3)) == pytest.approx(want, abs=1e-5)
+    assert float(_lovasz_softmax(logits, torch.zeros_like(lab), 3)) == 0.0
 
 
 def test_bfloat16_training_runs_the_networks_in_bfloat16_and_keeps_float32_weights(
