@@ -30,8 +30,9 @@ from idgbr_geo.cards import Normalization
 from idgbr_geo.checkpoints import build_segmentor_net, checkpoint_settings
 from idgbr_geo.chips import load_npz
 from idgbr_geo.config import TrainingConfig, split_config
+from idgbr_geo.losses import coarse_loss
 from idgbr_geo.registry import load_checkpoint, load_model
-from idgbr_geo.training import _fit, _load_init, _Run, _validate_coarse, coarse_loss
+from idgbr_geo.training import _fit, _load_init, _Run, _validate_coarse
 from idgbr_geo.views import multiscale_probabilities
 
 ROOT = Path(__file__).resolve().parents[2] / ".train"
