@@ -9,13 +9,13 @@ appears under the output name unless the whole run succeeded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,8 +336,9 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
     lock = threading.Lock()
     errors: list[BaseException] = []
 
-    def work() -> None:
+    def work(began: threading.Event, finished: threading.Event) -> None:
         """One model worker: take the next batch, run the networks, hand over the result."""
+        began.set()  # before it looks at ``stop``: see _wait_for_workers
         torch.set_num_threads(per_worker)
         try:
             with torch.inference_mode():
@@ -359,13 +360,19 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
             with lock:
                 errors.append(exc)
             stop.set()
+        finally:
+            finished.set()
 
+    # The model workers run on their own threads, and this thread only waits for them: a Ctrl-C or
+    # SIGTERM (raised here, in the main thread) then never lands inside a queue's or lock's
+    # own Python code, where it could leave a lock held that a worker waits on forever.
+    began = [threading.Event() for _ in range(workers)]
+    finished = [threading.Event() for _ in range(workers)]
+    pool = _model_threads()
     try:
-        helpers = ([_helper_pool(workers - 1).submit(work) for _ in range(workers - 1)]
-                   if workers > 1 else [])
-        work()  # this thread is a worker too
-        for h in helpers:
-            h.result()
+        for b, f in zip(began, finished, strict=True):
+            pool.submit(workers, functools.partial(work, b, f))
+        _wait_for_workers(finished)
         if errors:
             raise errors[0]
         writer.put(DONE)
@@ -376,7 +383,7 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
         stop.set()
         raise
     finally:
-        torch.set_num_threads(threads)
+        _wait_for_workers(finished, began)  # stop is set, or they are done
         bar.close()
         while reader.is_alive():  # drain so the reader can finish and release the file
             try:
@@ -387,20 +394,56 @@ def _run(src: Source, m: Model, tiles: Sequence[Tile], coarse_ds: Any, summary: 
         writer_out.close()
 
 
-_HELPERS: tuple[ThreadPoolExecutor, int] | None = None
+def _wait_for_workers(finished: Sequence[threading.Event],
+                      began: Sequence[threading.Event] | None = None) -> None:
+    """Sleep until every worker (with ``began``: every one that began) has finished,
+    touching no lock (``is_set`` reads a flag), so that an interrupt raised meanwhile cannot
+    leave one held. A worker that had not begun by then (an interrupt between two
+    submissions) sees ``stop``, set before this wait, and returns at once without touching
+    the writer."""
+    while any(not f.is_set() and (began is None or began[i].is_set())
+              for i, f in enumerate(finished)):
+        time.sleep(0.01)
 
 
-def _helper_pool(n: int) -> ThreadPoolExecutor:
-    """Threads for the extra model workers, kept between runs: a fresh thread's first
-    forward passes are ~50% slower (its allocator arena and the networks' per-thread
-    buffers start cold), which a batch of small scenes would pay scene after scene."""
-    global _HELPERS
-    if _HELPERS is None or _HELPERS[1] < n:
-        if _HELPERS is not None:
-            _HELPERS[0].shutdown(wait=False)
-        _HELPERS = (ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="idgbr-model"),
-                    max(1, n))
-    return _HELPERS[0]
+class _ModelThreads:
+    """Daemon threads that run the model workers, kept between runs: a fresh thread's
+    first forward passes are ~50% slower (its allocator arena and the networks' per-thread
+    buffers start cold), which a batch of small scenes would pay scene after scene. Not a
+    ``ThreadPoolExecutor``: an interrupt that lands while it starts a thread can leave that
+    thread unregistered, and its non-daemon thread then blocks the interpreter's exit. One
+    set per calling thread, so that runs in concurrent threads do not queue behind each
+    other; they end with it."""
+
+    def __init__(self) -> None:
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.count = 0
+
+    def submit(self, n: int, task: Callable[[], None]) -> None:
+        """Run ``task`` on one of at least ``n`` threads."""
+        while self.count < n:
+            threading.Thread(target=_serve, args=(self.tasks,), daemon=True,
+                             name=f"idgbr-model-{self.count}").start()
+            self.count += 1
+        self.tasks.put(task)
+
+    def __del__(self) -> None:
+        for _ in range(self.count):
+            self.tasks.put(None)
+
+
+def _serve(tasks: queue.SimpleQueue) -> None:
+    while (task := tasks.get()) is not None:
+        task()
+
+
+_THREADS = threading.local()
+
+
+def _model_threads() -> _ModelThreads:
+    if not hasattr(_THREADS, "pool"):
+        _THREADS.pool = _ModelThreads()
+    return _THREADS.pool
 
 
 def _process(batch: list[WindowItem], m: Model, src: Source, *, use_refiner: bool, steps: int,

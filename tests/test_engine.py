@@ -127,6 +127,60 @@ def test_a_failing_model_worker_fails_the_run_without_output(tmp_path, toy_model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif", "model", "scene.tif"]
 
 
+@pytest.mark.parametrize("where", ["waiting", "between submissions"])
+def test_an_interrupt_in_the_calling_thread_unwinds_without_a_hang(tmp_path, toy_model,
+                                                                   monkeypatch, where):
+    """Ctrl-C or SIGTERM arrive in the main thread, wherever it is. It only waits (the model
+    workers run on their own threads), so the interrupt cannot leave a lock held that a
+    worker needs (seen as a hung ``refine`` after SIGTERM under load); an interrupt
+    between two submissions waits for the worker that began and not for the one that did
+    not. Either way: the interrupt, promptly, with no output and every worker done."""
+    import threading
+
+    import idgbr_geo.engine as engine
+
+    if where == "waiting":
+        def wait(finished, began=None):
+            if began is None:  # the run's wait, not the clean-up's
+                raise KeyboardInterrupt
+            real_wait(finished, began)
+
+        real_wait = engine._wait_for_workers
+        monkeypatch.setattr(engine, "_wait_for_workers", wait)
+    else:
+        real_submit = engine._ModelThreads.submit
+        calls = {"n": 0}
+
+        def submit(self, n, task):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            real_submit(self, n, task)
+
+        monkeypatch.setattr(engine._ModelThreads, "submit", submit)
+    big = write_raster(tmp_path / "big.tif", synthetic_scene(400, 400))
+    before = threading.active_count()
+    done = threading.Event()
+    caught: list[BaseException] = []
+
+    def run():
+        try:
+            refine_raster(big, tmp_path / "out.tif", model=toy_model, quiet=True,
+                          options=RunOptions(model_workers=2, tile_size=64, overlap=16))
+        except BaseException as exc:  # noqa: BLE001 - the interrupt is the result
+            caught.append(exc)
+        done.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert done.wait(60), "the run hung after the interrupt"
+    t.join()
+    assert len(caught) == 1 and isinstance(caught[0], KeyboardInterrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif", "model"]
+    busy = [th.name for th in threading.enumerate() if th.name.startswith("idgbr-model")]
+    assert threading.active_count() - before <= len(busy)  # idle model threads at most
+
+
 def test_output_is_georeferenced_with_classes_and_colours(tmp_path, toy_model, scene):
     out = tmp_path / "out.tif"
     refine_raster(scene, out, model=toy_model, quiet=True, options=RunOptions(device="cpu"),
