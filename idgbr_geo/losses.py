@@ -78,12 +78,13 @@ def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.
     losses = []
     for c in range(1, k):
         fg = (y == c).float()
-        if fg.sum() == 0:
+        total = fg.sum()
+        if total == 0:
             continue
         errors, order = (fg - p[:, c]).abs().sort(descending=True)
         fg_sorted = fg[order]
-        inter = fg_sorted.sum() - fg_sorted.cumsum(0)
-        union = fg_sorted.sum() + (1 - fg_sorted).cumsum(0)
+        inter = total - fg_sorted.cumsum(0)
+        union = total + (1 - fg_sorted).cumsum(0)
         jaccard = 1 - inter / union
         grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
         losses.append(torch.dot(errors, grad))
