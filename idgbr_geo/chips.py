@@ -65,7 +65,7 @@ class ChipSampler:
 
     def __init__(self, data: dict[str, Any], norm: Normalization, crop: int,
                  rng: np.random.Generator, scale: tuple[float, float] = (0.7, 1.4),
-                 colour: bool | str = True, sensor: bool = False) -> None:
+                 colour: bool | str = True, sensor: bool | str = False) -> None:
         self.images, self.labels = data["images"], data["labels"]
         n = len(self.images)
         self.coarse = data.get("coarse")
@@ -91,7 +91,11 @@ class ChipSampler:
                             f"not {colour!r}")
         #: False (none), True or "mild" (:meth:`_jitter`), "strong" (:meth:`_strong_colour`)
         self.colour = "mild" if colour is True else colour
-        self.sensor = sensor
+        if sensor not in SENSOR_RANGES and not isinstance(sensor, bool):
+            raise UserError(f"sensor augmentation must be one of {tuple(SENSOR_RANGES)}, "
+                            f"not {sensor!r}")
+        #: False (none), True or "mild", "wide" (:data:`SENSOR_RANGES`)
+        self.sensor = "mild" if sensor is True else sensor
         valid = (self.labels != 255).reshape(n, -1).mean(1)
         self.candidates = np.flatnonzero(valid > 0.05)
         if len(self.candidates) == 0:
@@ -147,23 +151,28 @@ class ChipSampler:
         return torch.stack(imgs), torch.stack(labs), torch.stack(pres) if pres else None
 
     def _sensor(self, img: torch.Tensor) -> torch.Tensor:
-        """What other cameras and pipelines do to [0, 1] values: gamma, haze, blur, noise and
-        JPEG compression, each at random and of random strength."""
+        """What other cameras and pipelines do to [0, 1] values: gamma, haze, blur, noise,
+        JPEG compression and ("wide") band gains, each at random and of random strength
+        (:data:`SENSOR_RANGES`)."""
         from .degrade import gaussian_blur
 
-        rng = self.rng
-        if rng.random() < 0.3:
-            img = img.clamp(0, 1) ** float(np.exp(rng.uniform(-0.4, 0.4)))
-        if rng.random() < 0.2:
-            a = float(rng.uniform(0.1, 0.4))
+        rng, r = self.rng, SENSOR_RANGES[self.sensor]
+        if rng.random() < r["gamma"][0]:
+            g = r["gamma"][1]
+            img = img.clamp(0, 1) ** float(np.exp(rng.uniform(-g, g)))
+        if rng.random() < r["haze"][0]:
+            a = float(rng.uniform(*r["haze"][1]))
             img = img * (1 - a) + a * float(rng.uniform(0.6, 0.9))
-        if rng.random() < 0.3:
-            img = gaussian_blur(img[None], float(rng.uniform(0.4, 1.5)))[0]
-        if rng.random() < 0.2:
-            img = img + torch.from_numpy(rng.normal(0, rng.uniform(0.01, 0.04), img.shape)
+        if rng.random() < r["blur"][0]:
+            img = gaussian_blur(img[None], float(rng.uniform(*r["blur"][1])))[0]
+        if rng.random() < r["noise"][0]:
+            img = img + torch.from_numpy(rng.normal(0, rng.uniform(*r["noise"][1]), img.shape)
                                          ).float()
-        if rng.random() < 0.3 and img.shape[0] in (1, 3):
-            img = jpeg(img, int(rng.integers(30, 90)))
+        if rng.random() < r["jpeg"][0] and img.shape[0] in (1, 3):
+            img = jpeg(img, int(rng.integers(*r["jpeg"][1])))
+        if "gains" in r and rng.random() < r["gains"][0]:
+            lo, hi = r["gains"][1]
+            img = img * torch.from_numpy(rng.uniform(lo, hi, (img.shape[0], 1, 1))).float()
         return img.clamp(0, 1)
 
     def _jitter(self, img: torch.Tensor) -> torch.Tensor:
@@ -199,6 +208,18 @@ class ChipSampler:
 #: RGB -> luma (BT.601): the grey a colour chip becomes
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
+#: the sensor augmentation's draws, per kind: (probability, range). "mild": the bundled
+#: models' (gamma exp(+-0.4), haze 0.1-0.4, blur sigma 0.4-1.5 px, noise sigma 0.01-0.04,
+#: JPEG quality 30-89); "wide" reaches past where the held-out scenes under other cameras'
+#: pixels lost most (docs/experiments.md, session 34) and adds per-band gains
+SENSOR_RANGES: dict[str, dict[str, tuple[float, Any]]] = {
+    "mild": {"gamma": (0.3, 0.4), "haze": (0.2, (0.1, 0.4)), "blur": (0.3, (0.4, 1.5)),
+             "noise": (0.2, (0.01, 0.04)), "jpeg": (0.3, (30, 90))},
+    "wide": {"gamma": (0.4, 0.7), "haze": (0.3, (0.1, 0.5)), "blur": (0.4, (0.4, 2.5)),
+             "noise": (0.3, (0.01, 0.07)), "jpeg": (0.4, (20, 90)),
+             "gains": (0.3, (0.7, 1.3))},
+}
+
 
 def _turn_hue(img: torch.Tensor, angle: float) -> torch.Tensor:
     """(3, H, W) RGB turned by ``angle`` radians about the grey axis (Rodrigues' rotation
@@ -216,7 +237,7 @@ class _SamplerStream(torch.utils.data.IterableDataset):
     worker with its own random stream (``seed``, ``start`` and its id)."""
 
     def __init__(self, data: dict[str, Any], norm: Normalization, crop: int, batch: int,
-                 seed: int, start: int, scale: tuple[float, float], sensor: bool,
+                 seed: int, start: int, scale: tuple[float, float], sensor: bool | str,
                  colour: bool | str = True) -> None:
         self.args = (data, norm, crop)
         self.batch, self.seed, self.start = batch, seed, start
@@ -233,7 +254,7 @@ class _SamplerStream(torch.utils.data.IterableDataset):
 
 
 def sample_batches(data: dict[str, Any], norm: Normalization, crop: int, batch: int,
-                   rng: np.random.Generator, *, scale: tuple[float, float], sensor: bool,
+                   rng: np.random.Generator, *, scale: tuple[float, float], sensor: bool | str,
                    colour: bool | str = True, workers: int = 0, seed: int = 0, start: int = 0
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Endless training batches: drawn with ``rng`` in this process (``workers`` 0, the

@@ -251,6 +251,8 @@ def gate_thresholds(gate: Any, num_classes: int) -> list[float]:
 
 #: the training-time colour augmentations (:mod:`idgbr_geo.chips`)
 COLOUR_AUGMENTATIONS = ("mild", "strong")
+#: the sensor augmentations besides true / false (:data:`idgbr_geo.chips.SENSOR_RANGES`)
+SENSOR_AUGMENTATIONS = ("mild", "wide")
 
 
 @dataclass(frozen=True)
@@ -269,8 +271,9 @@ class TrainingConfig(_Settings):
     #: random zoom of the training crops relative to the model GSD (min, max): users' scenes
     #: come at other GSDs, and inputs without a CRS at an unknown one
     scale: tuple[float, float] = (0.7, 1.4)
-    #: sensor augmentation on top of colour jitter: blur, haze, noise, gamma, JPEG
-    sensor_aug: bool = False
+    #: sensor augmentation on top of colour jitter: blur, haze, noise, gamma, JPEG; true or
+    #: "mild" (the bundled models'), "wide" (stronger, with band gains: :mod:`idgbr_geo.chips`)
+    sensor_aug: bool | str = False
     #: colour jitter: "mild" (the bundled models until session 17) or "strong" (hue turns,
     #: grey chips, wider saturation, contrast and band gains: :mod:`idgbr_geo.chips`)
     colour_aug: str = "mild"
@@ -298,7 +301,8 @@ class TrainingConfig(_Settings):
                 or not all(_is_number(v) and v > 0 for v in sc) or sc[0] > sc[1]):
             raise ValueError(f"'scale' must be [min, max] with 0 < min <= max, not {sc!r}")
         object.__setattr__(self, "scale", (float(sc[0]), float(sc[1])))
-        self._bool("sensor_aug")
+        if not isinstance(self.sensor_aug, bool):
+            self._choice("sensor_aug", SENSOR_AUGMENTATIONS)
         self._choice("colour_aug", COLOUR_AUGMENTATIONS)
 
 

@@ -104,6 +104,28 @@ def test_sensor_augmentation_keeps_values_in_range_and_changes_images():
     assert not torch.allclose(plain, aug)
 
 
+def test_wide_sensor_augmentation_reaches_further_than_mild():
+    """"wide" adds band gains (another white balance) and darker gammas; mild keeps a grey
+    chip's bands together; the setting is checked like the colour one."""
+    data = {"images": np.full((4, 3, 32, 32), 128, np.uint8),
+            "labels": np.zeros((4, 32, 32), np.uint8), "classes": ["a", "b"],
+            "gsd": np.float64(0.5)}
+    norm = Normalization(mean=[0, 0, 0], std=[1, 1, 1])
+    out = {k: ChipSampler(data, norm, 16, np.random.default_rng(0), colour=False,
+                          sensor=k).sample(300)[0] for k in ("mild", "wide")}
+    spread = {k: (v.mean((2, 3))[:, 0] - v.mean((2, 3))[:, 2]).abs().max().item()
+              for k, v in out.items()}
+    assert spread["mild"] < 0.05 < 0.15 < spread["wide"]
+    assert out["wide"].mean((1, 2, 3)).min() < out["mild"].mean((1, 2, 3)).min()
+    assert out["wide"].min() >= 0 and out["wide"].max() <= 1
+    assert TrainingConfig.from_dict({"sensor_aug": "wide"}, "c").sensor_aug == "wide"
+    assert TrainingConfig.from_dict({"sensor_aug": True}, "c").sensor_aug is True
+    with pytest.raises(UserError, match="c: 'sensor_aug' must be one of mild, wide"):
+        TrainingConfig.from_dict({"sensor_aug": "strong"}, "c")
+    with pytest.raises(UserError, match="sensor augmentation"):
+        ChipSampler(data, norm, 16, np.random.default_rng(0), sensor="strong")
+
+
 def test_worker_batches_are_reproducible_and_differ_between_workers():
     data = _gradient_chips(4)
     data["labels"][:, 8:40, 8:40] = 1
