@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .cards import Normalization
-from .config import COLOUR_AUGMENTATIONS
+from .config import COLOUR_AUGMENTATIONS, SENSOR_AUGMENTATIONS
 from .errors import UserError
 
 #: ImageNet statistics of 8-bit RGB on [0, 1]: the input scaling of pretrained encoders
@@ -91,8 +91,8 @@ class ChipSampler:
                             f"not {colour!r}")
         #: False (none), True or "mild" (:meth:`_jitter`), "strong" (:meth:`_strong_colour`)
         self.colour = "mild" if colour is True else colour
-        if sensor not in SENSOR_RANGES and not isinstance(sensor, bool):
-            raise UserError(f"sensor augmentation must be one of {tuple(SENSOR_RANGES)}, "
+        if sensor not in SENSOR_AUGMENTATIONS and not isinstance(sensor, bool):
+            raise UserError(f"sensor augmentation must be one of {SENSOR_AUGMENTATIONS}, "
                             f"not {sensor!r}")
         #: False (none), True or "mild", "wide" (:data:`SENSOR_RANGES`)
         self.sensor = "mild" if sensor is True else sensor

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from idgbr_geo.cards import Normalization
-from idgbr_geo.chips import ChipSampler, _turn_hue, fit_normalization, sample_batches
-from idgbr_geo.config import TrainingConfig
+from idgbr_geo.chips import (
+    SENSOR_RANGES,
+    ChipSampler,
+    _turn_hue,
+    fit_normalization,
+    sample_batches,
+)
+from idgbr_geo.config import SENSOR_AUGMENTATIONS, TrainingConfig
 from idgbr_geo.errors import UserError
 
 
@@ -118,6 +124,7 @@ def test_wide_sensor_augmentation_reaches_further_than_mild():
     assert spread["mild"] < 0.05 < 0.15 < spread["wide"]
     assert out["wide"].mean((1, 2, 3)).min() < out["mild"].mean((1, 2, 3)).min()
     assert out["wide"].min() >= 0 and out["wide"].max() <= 1
+    assert tuple(SENSOR_RANGES) == SENSOR_AUGMENTATIONS
     assert TrainingConfig.from_dict({"sensor_aug": "wide"}, "c").sensor_aug == "wide"
     assert TrainingConfig.from_dict({"sensor_aug": True}, "c").sensor_aug is True
     with pytest.raises(UserError, match="c: 'sensor_aug' must be one of mild, wide"):
