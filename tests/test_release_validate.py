@@ -19,7 +19,8 @@ from idgbr_geo.config import SamplingConfig  # noqa: E402
 from idgbr_geo.training import train_coarse  # noqa: E402
 
 
-def test_exported_takes_the_working_settings_of_a_card(tmp_path: Path) -> None:
+def tiny_checkpoint(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A one-iteration coarse checkpoint of a tiny network, and the chips it saw."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(2, 3, 64, 64)).astype(np.uint8)
     npz = tmp_path / "chips.npz"
@@ -28,6 +29,11 @@ def test_exported_takes_the_working_settings_of_a_card(tmp_path: Path) -> None:
              source=np.array("generated"))
     ckpt = train_coarse(npz, tmp_path / "run", iterations=1, batch_size=2, crop=32,
                         progress=False, device="cpu", config={"widths": [4, 8, 8, 8]})
+    return ckpt, images
+
+
+def test_exported_takes_the_working_settings_of_a_card(tmp_path: Path) -> None:
+    ckpt, _ = tiny_checkpoint(tmp_path)
     like = ModelCard(name="shipped", classes=["bg", "fg"], gsd=0.5, gsd_without_crs=0.8,
                      gsd_choices=[0.4, 0.5, 0.6], fine_gsd_choices=[0.3],
                      coarse_zooms=[0.8, 1.25], edge_filter=True)
@@ -43,14 +49,7 @@ def test_a_card_without_a_refiner_makes_each_scene_once(tmp_path: Path, monkeypa
     """Its refined row is its coarse map: scored twice, made once per scene."""
     import validate
 
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 255, size=(2, 3, 64, 64)).astype(np.uint8)
-    npz = tmp_path / "chips.npz"
-    np.savez(npz, images=images, labels=(images[:, 0] > 127).astype(np.uint8),
-             classes=np.array(["bg", "fg"]), gsd=np.float64(0.5),
-             source=np.array("generated"))
-    ckpt = train_coarse(npz, tmp_path / "run", iterations=1, batch_size=2, crop=32,
-                        progress=False, device="cpu", config={"widths": [4, 8, 8, 8]})
+    ckpt, images = tiny_checkpoint(tmp_path)
     model = exported("plain", ckpt, None, SamplingConfig(steps=0), tmp_path / "a")
     calls: list[dict] = []
     real = validate.engine
