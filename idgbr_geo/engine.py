@@ -146,6 +146,13 @@ def plan_run(card: ModelCard, options: RunOptions, *, coarse: bool, segmentor: b
     return RunPlan(tile, overlap, steps, zooms)
 
 
+def uses_refiner(model: Model, options: RunOptions) -> bool:
+    """Whether :func:`refine_raster` runs ``model``'s refiner with ``options``; when not,
+    the map it writes is the coarse map (ours, or the given one on the input's grid)."""
+    steps = model.card.sampling.steps if options.steps is None else options.steps
+    return not options.coarse_only and model.refiner is not None and steps > 0
+
+
 def refine_raster(
     input: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -218,7 +225,7 @@ def refine_raster(
                   else options.batch_size)
     workers = (default_workers(m.device) if options.model_workers is None
                else options.model_workers)
-    use_refiner = not options.coarse_only and m.refiner is not None and steps > 0
+    use_refiner = uses_refiner(m, options)
     precision = resolve_precision(options.precision, m.device)
     estimating = options.estimate_gsd and coarse is None
     with contextlib.ExitStack() as stack:

@@ -74,7 +74,7 @@ from research.image_shifts import SHIFTS, shift_image
 from idgbr_geo.cards import ModelCard, Normalization
 from idgbr_geo.checkpoints import export_model
 from idgbr_geo.config import SamplingConfig
-from idgbr_geo.engine import refine_raster
+from idgbr_geo.engine import refine_raster, uses_refiner
 from idgbr_geo.interfaces import Model
 from idgbr_geo.metrics import MetricAccumulator
 from idgbr_geo.options import RunOptions
@@ -337,10 +337,9 @@ class Validator:
                 maps.append(cm)
                 coarse_secs.append(secs)
             for j, (method, model, opts) in enumerate(self.methods(source)):
-                # our coarse map without a refiner run is what refine_raster writes for
-                # this row too (engine: no refiner, or 0 steps): scored, not made twice
-                same = source == "ours" and (model.refiner is None or opts.get(
-                    "steps", model.card.sampling.steps) == 0)
+                # without a refiner run, refine_raster writes our coarse map for this row
+                # too: scored, not made twice
+                same = source == "ours" and not uses_refiner(model, RunOptions(**opts))
                 for i, (s, p) in enumerate(zip(scenes, paths, strict=True)):
                     given = None if source == "ours" else self.workdir / f"coarse_{i}.tif"
                     if same:

@@ -11,7 +11,7 @@ import torch
 from rasterio.enums import Compression
 from synth import conv_model, synthetic_scene, write_raster
 
-from idgbr_geo.engine import refine_raster
+from idgbr_geo.engine import refine_raster, uses_refiner
 from idgbr_geo.options import OutputOptions, RunOptions
 from idgbr_geo.registry import load_model
 
@@ -556,3 +556,18 @@ def test_vector_output_of_an_input_without_crs_fails_before_the_run(tmp_path, mo
         refine_raster(src, tmp_path / "o.tif", model=model, vector=tmp_path / "o.gpkg",
                       quiet=True, options=RunOptions(device="cpu"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "nocrs.tif"]
+
+
+@pytest.mark.parametrize(("refiner", "options", "refines"), [
+    (True, RunOptions(), True), (True, RunOptions(steps=0), False),
+    (True, RunOptions(coarse_only=True), False), (False, RunOptions(), False)])
+def test_uses_refiner_says_when_the_map_is_the_coarse_map(tmp_path, scene, refiner, options,
+                                                          refines) -> None:
+    m = load_model(conv_model(tmp_path / "m", refiner=refiner), "cpu")
+    assert uses_refiner(m, options) is refines
+    refine_raster(scene, tmp_path / "a.tif", model=m, options=options)
+    refine_raster(scene, tmp_path / "c.tif", model=m, options=RunOptions(coarse_only=True))
+    with rasterio.open(tmp_path / "a.tif") as a, rasterio.open(tmp_path / "c.tif") as c:
+        assert (a.tags()["IDGBR_STEPS"] != "0") is refines
+        if not refines:
+            np.testing.assert_array_equal(a.read(), c.read())
