@@ -18,6 +18,7 @@ x 255) that carry the errors of a model on unseen imagery.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -59,7 +60,13 @@ def _save_arrays(path: Path, data: dict) -> None:
 
 
 def _fold_name(fold: list[str]) -> str:
-    return "+".join(a.replace("/", "-") for a in fold)
+    """The fold's areas joined; a long list (e.g. dozens of tiles) as its first area, its
+    size and a digest, to stay within file-name limits."""
+    name = "+".join(a.replace("/", "-") for a in fold)
+    if len(name) <= 80:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{fold[0].replace('/', '-')}+{len(fold) - 1}-more-{digest}"
 
 
 def _train_fold(args: argparse.Namespace, fold: list[str]) -> Path:

@@ -251,3 +251,22 @@ def test_image_shifts_change_pixels_as_named_and_repeat_exactly():
     assert abs(luma.mean() / 255 - 0.42) < 0.03  # a dark scene brought back to the target
     with pytest.raises(ValueError, match="unknown image shift 'fog'"):
         shift_image("grey+fog", img)
+
+
+def test_small_parts_drops_specks_and_fills_pinholes_but_keeps_larger_ones():
+    import numpy as np
+    from research.small_parts import drop_small, fill_small, variants
+
+    mask = np.zeros((30, 30), bool)
+    mask[2:12, 2:12] = True  # 100 px
+    mask[5, 5] = False  # a 1 px hole
+    mask[20, 20] = mask[21, 21] = True  # 2 px, joined only diagonally (8-connected)
+    mask[25:28, 25:28] = True  # 9 px
+    assert drop_small(mask, 3).sum() == 99 + 9  # the diagonal pair goes
+    assert drop_small(mask, 10).sum() == 99
+    assert fill_small(mask, 2).sum() == mask.sum() + 1
+    assert fill_small(mask, 1).sum() == mask.sum()  # the hole is not under 1 px
+    got = variants(mask, 0.25, [1.0])  # 1 m2 = 4 px at 0.5 m
+    assert got["drop < 1 m2"].sum() == 99 + 9
+    assert got["drop+fill < 1 m2"].sum() == 100 + 9
+    assert np.array_equal(got["as is"], mask)
