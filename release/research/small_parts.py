@@ -4,9 +4,9 @@ The vector output drops features and fills holes below a minimum area; the class
 keeps every pixel the models mark. Per held-out group, the foreground IoU and BF@2 of a
 card's maps through ``refine_raster`` (as ``validate.py`` runs them) after dropping
 8-connected parts and filling holes smaller than each area in ``--areas`` (m^2 on the
-ground; scenes without a GSD use the card's), and after a closing by a disc of radius 1-2
-px (roads: gaps bridged). Maps are cached in ``--cache`` so that variants cost no network
-time.
+ground; scenes without a GSD at the GSD the engine assumes for them), and after a
+closing by a disc of radius 1-2 px (roads: gaps bridged). Maps are cached in ``--cache``
+so that variants cost no network time.
 
     .venv/bin/python release/research/small_parts.py roads --threads 2
     .venv/bin/python release/research/small_parts.py buildings --threads 2
@@ -25,6 +25,7 @@ import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from degradations import disk  # noqa: E402
 from validate import engine, load_scenes, summarise, write_raster  # noqa: E402
 
 from idgbr_geo.metrics import MetricAccumulator  # noqa: E402
@@ -51,18 +52,13 @@ def fill_small(mask: np.ndarray, min_px: float) -> np.ndarray:
     return ~drop_small(~mask, min_px, None)
 
 
-def disc(r: int) -> np.ndarray:
-    y, x = np.mgrid[-r:r + 1, -r:r + 1]
-    return x * x + y * y <= r * r
-
-
 def variants(mask: np.ndarray, px_m2: float, areas: list[float]) -> dict[str, np.ndarray]:
     out = {"as is": mask}
     for a in areas:
         out[f"drop < {a:g} m2"] = drop_small(mask, a / px_m2)
         out[f"drop+fill < {a:g} m2"] = fill_small(out[f"drop < {a:g} m2"], a / px_m2)
     for r in (1, 2):
-        out[f"closing r{r}"] = ndimage.binary_closing(mask, disc(r), border_value=0)
+        out[f"closing r{r}"] = ndimage.binary_closing(mask, disk(r), border_value=0)
     return out
 
 
@@ -90,16 +86,20 @@ def main() -> None:
         work = Path(tmp)
         for group in groups:
             acc: dict[str, MetricAccumulator] = {}
+            fresh = False
             for s in scenes.get(group, []):
                 key = f"{group}/{s.name}"
                 if key not in maps:
                     path = write_raster(work / "in.tif", s.image, s.gsd)
                     maps[key], _ = engine(path, work / "out.tif", model)
-                    np.savez_compressed(cache, **maps)
-                gsd = s.gsd or model.card.gsd
+                    fresh = True
+                # without a CRS the engine assumes the card's GSD for such inputs
+                gsd = s.gsd or model.card.gsd_without_crs or model.card.gsd
                 for v, m in variants(maps[key] == 1, gsd * gsd, areas).items():
                     acc.setdefault(v, MetricAccumulator(classes)).update(
                         m.astype(np.uint8), s.label)
+            if fresh:  # once per group: every map is compressed again on each write
+                np.savez_compressed(cache, **maps)
             n = len(scenes.get(group, []))
             for v, a in acc.items():
                 r = summarise(a.result(), classes)
